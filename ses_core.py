@@ -1,0 +1,224 @@
+"""Spectral Entropy Shaping (SES): the penalty, the activation collector, periodic SES.
+
+For a hooked layer l with pooled activations a of shape (n, d_l):
+
+    X = a - mean(a, 0)                    centred batch, (n, d)
+    Sigma = X^T X / (n - 1)               covariance, (d, d); eigenvalues lam_i >= 0
+    p_i = lam_i / sum_j lam_j             normalised spectrum (scale-free: the 1/(n-1) cancels)
+    H_l = -sum_i p_i log p_i              spectral entropy in nats, 0 <= H_l <= log(min(n - 1, d))
+    R = sum_l (H_l - beta * log d_l)^2    the SES penalty; training loss = CE + lam * R
+
+Gram identity: the non-zero eigenvalues of X^T X (d x d) and X X^T (n x n) coincide, so the
+entropy is computed on whichever matrix is smaller (ResNet-50 layer4: n = 256 << d = 2048).
+Float32 rule: the eigen-math always runs in float32 with autocast disabled, whatever dtype the
+activations come in (bf16/fp16 under AMP). Only eigenvalues are differentiated (`eigvalsh`),
+never eigenvectors, so the gradient is stable even with repeated eigenvalues. Round-off
+negatives are clamped to 0, 0 log 0 = 0, and an all-zero spectrum gives H = 0 with finite
+gradients. Nothing here synchronises with the host.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
+           "ActivationCollector", "SES", "check_beta"]
+
+
+def check_beta(beta: float) -> float:
+    """Return beta as a float, or raise ValueError unless 0 < beta < 1."""
+    beta = float(beta)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in the open interval (0, 1), got {beta}")
+    return beta
+
+
+def _entropy_of_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Spectral entropy of a batch of PSD matrices (..., k, k) float32 -> (...,)."""
+    lam = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+    total = lam.sum(-1, keepdim=True)
+    p = lam / total.clamp_min(torch.finfo(torch.float32).tiny)
+    positive = p > 0
+    # where() keeps the gradient finite at p = 0 (d/dp p log p diverges there).
+    plogp = torch.where(positive, p * torch.log(torch.where(positive, p, torch.ones_like(p))),
+                        torch.zeros_like(p))
+    return -plogp.sum(-1)
+
+
+def _centred_gram(a: torch.Tensor) -> torch.Tensor:
+    """(n, d) activations -> float32 Gram (n x n) or covariance (d x d), whichever is smaller."""
+    x = a.float()
+    x = x - x.mean(0, keepdim=True)
+    n, d = x.shape
+    return x @ x.T if n < d else x.T @ x
+
+
+def spectral_entropy(a: torch.Tensor) -> torch.Tensor:
+    """Spectral entropy H (nats, 0-d float32, differentiable) of activations `a` of shape (n, d)."""
+    if a.dim() != 2:
+        raise ValueError(f"spectral_entropy expects an (n, d) tensor, got shape {tuple(a.shape)}")
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        return _entropy_of_gram(_centred_gram(a))
+
+
+def spectral_entropies(activations: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """H of every (n, d) tensor in `activations`, in order.
+
+    Matrices of equal size are stacked and decomposed in one batched `eigvalsh` call (ResNet-18's
+    nine hooks need three calls instead of nine; ResNet-50's four need one).
+    """
+    out: list[torch.Tensor | None] = [None] * len(activations)
+    groups: dict[int, list[int]] = {}
+    if not activations:
+        return []
+    with torch.autocast(device_type=activations[0].device.type, enabled=False):
+        grams = [_centred_gram(a) for a in activations]
+        for i, g in enumerate(grams):
+            groups.setdefault(g.shape[0], []).append(i)
+        for idx in groups.values():
+            h = _entropy_of_gram(torch.stack([grams[i] for i in idx]))
+            for j, i in enumerate(idx):
+                out[i] = h[j]
+    return out  # type: ignore[return-value]
+
+
+def _penalty_terms(acts: Sequence[torch.Tensor], beta: float):
+    """(R, [H_l]) for a list of (n, d_l) tensors. Targets stay Python floats: no host->device copy."""
+    if not acts:
+        raise ValueError("no activations to penalise: is the collector enabled and hooked?")
+    hs = spectral_entropies(acts)
+    r = torch.stack([(h - beta * math.log(a.shape[1])) ** 2 for h, a in zip(hs, acts)]).sum()
+    return r, hs
+
+
+def ses_penalty(activations: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+                beta: float) -> torch.Tensor:
+    """R = sum_l (H_l - beta * log d_l)^2 over (n, d_l) tensors (a mapping name -> tensor, or a list)."""
+    acts = list(activations.values()) if isinstance(activations, Mapping) else list(activations)
+    return _penalty_terms(acts, check_beta(beta))[0]
+
+
+def pool_activation(out: torch.Tensor) -> torch.Tensor:
+    """In-hook pooling: (n, C, H, W) -> mean over H, W; (n, T, D) -> mean over T; (n, d) kept."""
+    if out.dim() == 4:
+        return out.mean(dim=(2, 3))
+    if out.dim() == 3:
+        return out.mean(dim=1)
+    if out.dim() == 2:
+        return out
+    raise ValueError(f"cannot pool an activation of shape {tuple(out.shape)} to (n, d)")
+
+
+class ActivationCollector:
+    """Forward hooks on named modules that store each module's pooled (n, d) output, graph kept.
+
+    Disabled collectors store nothing (evaluation must always run disabled: storing activations
+    in an eval pass was an OOM bug). `.activations` is an OrderedDict in hook order; `clear()`
+    empties it, `remove()` detaches every hook. If a module runs twice in one forward, the later
+    output wins (tap distinct modules instead).
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Sequence[str], enabled: bool = True):
+        modules = dict(model.named_modules())
+        for name in layer_names:
+            if name not in modules:
+                near = difflib.get_close_matches(name, [k for k in modules if k], n=5, cutoff=0.5)
+                hint = f"; nearest: {', '.join(near)}" if near else ""
+                raise ValueError(f"unknown layer name {name!r}{hint}")
+        self.layer_names = list(layer_names)
+        self.enabled = enabled
+        self.activations: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layer_names]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self.enabled:
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                self.activations[name] = pool_activation(out)
+        return hook
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def disable(self) -> None:
+        self.enabled = False
+        self.activations.clear()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Disable (and empty) the collector inside the block; restore the previous state after."""
+        was = self.enabled
+        self.disable()
+        try:
+            yield self
+        finally:
+            self.enabled = was
+
+    def clear(self) -> None:
+        self.activations.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.disable()
+
+
+class SES:
+    """Periodic SES: on steps with step % every == 0 the hooks collect and lam * R is returned.
+
+    Per training step:
+        ses.begin_step()                       # enables the hooks on due steps
+        logits = model(x)
+        loss = ce + ses.penalty()              # lam * R on due steps, 0.0 otherwise
+    Other steps cost what a plain CE step costs. `applied_steps` counts the steps where the
+    penalty was applied; `last_entropy` holds the last per-layer H (detached, on the device).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = 0.01,
+                 beta: float = 0.7, every: int = 1):
+        if not (lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"lam (the SES weight) must be a finite number >= 0, got {lam}")
+        if int(every) != every or every < 1:
+            raise ValueError(f"every (the SES period k) must be an integer >= 1, got {every}")
+        self.lam, self.beta, self.every = float(lam), check_beta(beta), int(every)
+        self.collector = ActivationCollector(model, layers, enabled=False)
+        self.step = 0            # training steps seen so far
+        self.applied_steps = 0   # steps on which the penalty was added
+        self.last_entropy: dict[str, torch.Tensor] = {}
+
+    def begin_step(self) -> bool:
+        """Enable the hooks if this step is due; return whether it is."""
+        due = self.step % self.every == 0
+        if due:
+            self.collector.clear()
+            self.collector.enable()
+        return due
+
+    def penalty(self) -> torch.Tensor | float:
+        """lam * R for a due step (hooks then disabled and emptied), else 0.0. Advances the step."""
+        due = self.collector.enabled
+        self.step += 1
+        if not due:
+            return 0.0
+        acts = self.collector.activations
+        r, hs = _penalty_terms(list(acts.values()), self.beta)
+        self.last_entropy = {n: h.detach() for n, h in zip(acts, hs)}
+        self.collector.disable()
+        self.applied_steps += 1
+        return self.lam * r
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "applied_steps": self.applied_steps}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.step, self.applied_steps = int(state["step"]), int(state["applied_steps"])
+
+    def remove(self) -> None:
+        self.collector.remove()
