@@ -538,11 +538,10 @@ def run_sweep(experiment: str, grid: dict, configs: list[str], seeds: list[int],
     failures = []
     for config in configs:
         for seed in seeds:
-            cfg = dict(DEFAULTS, **setup, **grid[config], **overrides, experiment=experiment,
-                       config=config, seed=seed)
-            if args.smoke:
-                cfg.update(epochs=SMOKE["epochs"], batch_size=SMOKE["batch_size"],
-                           eval_batch_size=SMOKE["eval_batch_size"], smoke_sizes=SMOKE)
+            smoke = dict(epochs=SMOKE["epochs"], batch_size=SMOKE["batch_size"],
+                         eval_batch_size=SMOKE["eval_batch_size"], smoke_sizes=SMOKE) if args.smoke else {}
+            cfg = {**DEFAULTS, **setup, **grid[config], **smoke, **overrides,
+                   "experiment": experiment, "config": config, "seed": seed}
             run_dir = exp_dir / f"{config}_seed{seed}"
             if args.force and run_dir.exists():
                 shutil.rmtree(run_dir)

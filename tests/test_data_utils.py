@@ -1,0 +1,238 @@
+"""Loaders on small files generated in the exact published layouts (no dataset is downloaded)."""
+import hashlib
+import io
+import pickle
+import random
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_utils as du
+
+
+# ----------------------------------------------------------------------------- CIFAR
+def write_cifar100(root: Path, n_train=20, n_test=10):
+    """cifar-100-python/{train,test,meta}: every pixel of image i equals 2 * its fine label."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = [i % 100 for i in range(n)]
+        data = np.repeat(np.array(labels, dtype=np.uint8)[:, None] * 2, 3072, axis=1)
+        with open(folder / split, "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * n}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f)
+    return folder
+
+
+def write_cifar10(root: Path, per_batch=4):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [random.Random(name).randrange(10) for _ in range(per_batch)]
+        data = np.stack([np.full(3072, 10 * y, dtype=np.uint8) for y in labels])
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"k{i}".encode() for i in range(10)]}, f)
+
+
+def md5(path):
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def test_cifar100_folder_layout(tmp_path):
+    write_cifar100(tmp_path)
+    tx, ty, vx, vy, classes = du.load_dataset("cifar100", tmp_path, download=False)
+    assert tx.shape == (20, 3, 32, 32) and tx.dtype == torch.uint8 and ty.dtype == torch.int64
+    assert vx.shape == (10, 3, 32, 32) and len(classes) == 100 and classes[3] == "c3"
+    assert torch.equal(tx[:, 0, 0, 0].long(), 2 * ty) and torch.equal(tx.amax((1, 2, 3)), tx.amin((1, 2, 3)))
+
+
+def test_cifar10_batches_and_archive_extraction(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_cifar10(src)
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setitem(du.CIFAR_SOURCES["cifar10"], "md5", md5(archive))
+    tx, ty, vx, vy, classes = du.load_dataset("cifar10", tmp_path / "data", download=False)
+    assert tx.shape == (20, 3, 32, 32) and vx.shape == (4, 3, 32, 32)
+    assert torch.equal(tx[:, 2, 5, 7].long(), 10 * ty)
+    assert (tmp_path / "data" / "cifar-10-batches-py").is_dir()
+    assert not list((tmp_path / "data").glob(".extract-*"))
+
+
+def test_cifar_archive_with_wrong_md5_is_refused(tmp_path):
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(du.DataError, match="md5"):
+        du.load_dataset("cifar100", tmp_path, download=False)
+    assert not (tmp_path / "cifar-100-python").exists()
+
+
+def test_missing_data_without_download_says_what_to_do(tmp_path):
+    with pytest.raises(du.DataError, match=r"cifar-100-python.tar.gz.*--no-download"):
+        du.load_dataset("cifar100", tmp_path, download=False)
+
+
+def test_download_checks_md5_and_leaves_no_partial_file(tmp_path):
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"x" * 5000)
+    good = du.download(payload.as_uri(), tmp_path / "out" / "a.bin", md5(payload))
+    assert good.read_bytes() == payload.read_bytes()
+    with pytest.raises(du.DataError, match="md5"):
+        du.download(payload.as_uri(), tmp_path / "out" / "b.bin", "0" * 32)
+    with pytest.raises(du.DataError, match="could not download"):
+        du.download((tmp_path / "missing.zip").as_uri(), tmp_path / "out" / "c.bin", "0" * 32)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.bin"]
+
+
+# ----------------------------------------------------------------------------- Tiny-ImageNet
+WNIDS = ["n09999999", "n01443537", "n04067472"]  # deliberately unsorted, as in the real wnids.txt
+
+
+def colour(label):  # a solid colour survives JPEG within a few levels
+    return 40 + 80 * label
+
+
+def jpeg(value, gray=False):
+    buf = io.BytesIO()
+    Image.new("L" if gray else "RGB", (64, 64), value if gray else (value,) * 3).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def tiny_files(per_class=3, n_val=6):
+    """relative path -> bytes, in the cs231n layout; one val image is grayscale."""
+    sorted_ids = sorted(WNIDS)
+    files = {"wnids.txt": ("\n".join(WNIDS) + "\n").encode(),
+             "words.txt": "".join(f"{w}\tthing {w}\n" for w in WNIDS).encode()}
+    for w in WNIDS:
+        for i in range(per_class):
+            files[f"train/{w}/images/{w}_{i}.JPEG"] = jpeg(colour(sorted_ids.index(w)))
+        files[f"train/{w}/{w}_boxes.txt"] = b""
+    lines = []
+    for i in range(n_val):
+        w = WNIDS[i % 3]
+        files[f"val/images/val_{i}.JPEG"] = jpeg(colour(sorted_ids.index(w)), gray=(i == 4))
+        lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
+    random.Random(0).shuffle(lines)
+    files["val/val_annotations.txt"] = ("\n".join(lines) + "\n").encode()
+    files["test/images/test_0.JPEG"] = jpeg(0)
+    return files
+
+
+def write_tiny_folder(root: Path):
+    for rel, data in tiny_files().items():
+        p = root / "tiny-imagenet-200" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def write_tiny_zip(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        for rel, data in tiny_files().items():
+            z.writestr("tiny-imagenet-200/" + rel, data)
+    return path
+
+
+def check_tiny(tx, ty, vx, vy, classes):
+    assert classes == sorted(WNIDS)
+    assert tx.shape == (9, 3, 64, 64) and vx.shape == (6, 3, 64, 64) and tx.dtype == torch.uint8
+    for x, y in ((tx, ty), (vx, vy)):
+        expect = torch.tensor([colour(int(c)) for c in y], dtype=torch.float32)
+        assert (x.float().mean((1, 2, 3)) - expect).abs().max() < 4
+
+
+def test_tinyimagenet_extracted_folder(tmp_path):
+    write_tiny_folder(tmp_path)
+    out = du.load_dataset("tinyimagenet", tmp_path, download=False)
+    check_tiny(*out)
+    assert (tmp_path / du.TINY_CACHE).is_file()
+
+
+def test_tinyimagenet_zip_is_decoded_once_then_cached(tmp_path, monkeypatch):
+    z = write_tiny_zip(tmp_path / "tiny-imagenet-200.zip")
+    monkeypatch.setattr(du, "TINY_MD5", md5(z))
+    check_tiny(*du.load_dataset("tinyimagenet", tmp_path, download=False))
+    z.unlink()  # the cache alone must now be enough
+    check_tiny(*du.load_dataset("tinyimagenet", tmp_path, download=False))
+
+
+def test_tinyimagenet_zip_with_wrong_md5_leaves_no_cache(tmp_path):
+    write_tiny_zip(tmp_path / "tiny-imagenet-200.zip")
+    with pytest.raises(du.DataError, match="md5"):
+        du.load_dataset("tinyimagenet", tmp_path, download=False)
+    assert not (tmp_path / du.TINY_CACHE).exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_truncated_cache_is_rebuilt(tmp_path):
+    write_tiny_folder(tmp_path)
+    (tmp_path / du.TINY_CACHE).write_bytes(b"\x80garbage")
+    check_tiny(*du.load_dataset("tinyimagenet", tmp_path, download=False))
+
+
+# ----------------------------------------------------------------------------- loader
+def make_loader(train=True, seed=0, n=50, bs=16):
+    x = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 8, 8).contiguous()
+    y = torch.arange(n)
+    aug = (lambda xb, g: du.random_crop_flip(xb, g, pad=2)) if train else None
+    return du.GpuLoader(x, y, bs, "cpu", train=train, augment=aug, seed=seed)
+
+
+def test_loader_is_deterministic_per_seed_and_epoch():
+    a = [(x.clone(), y.clone()) for x, y in make_loader().epoch(3)]
+    b = [(x.clone(), y.clone()) for x, y in make_loader().epoch(3)]
+    c = [y for _, y in make_loader().epoch(4)]
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not all(torch.equal(y1, y2) for (_, y1), y2 in zip(a, c))
+
+
+def test_loader_shapes_drop_last_and_eval_coverage():
+    train = list(make_loader().epoch(0))
+    assert len(train) == 3 and all(x.shape == (16, 3, 8, 8) for x, _ in train)
+    x, _ = train[0]
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    ys = torch.cat([y for _, y in make_loader(train=False).epoch()])
+    assert torch.equal(ys, torch.arange(50))  # eval: every sample once, in order
+
+
+def test_random_crop_flip_is_a_padded_crop_or_its_mirror():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8)
+    out = du.random_crop_flip(x, g, pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    flips = 0
+    for i in range(len(x)):
+        crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        plain = any(torch.equal(out[i], c) for c in crops)
+        mirrored = any(torch.equal(out[i], c.flip(2)) for c in crops)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 10 < flips < 54  # about half flipped
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixers_give_soft_targets(kind):
+    torch.manual_seed(0)
+    mix = du.make_mixer(kind, 10)
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    xm, t = mix(x, y)
+    assert xm.shape == x.shape and t.shape == (8, 10)
+    assert torch.allclose(t.sum(1), torch.ones(8))
+    assert du.make_mixer("none", 10) is None
+
+
+def test_synthetic_set_is_learnable_by_nearest_prototype():
+    tx, ty, vx, vy, _ = du.synthetic_dataset(5, 16, 200, 100, seed=0)
+    means = torch.stack([tx[ty == c].float().mean(0) for c in range(5)])
+    pred = ((vx.float()[:, None] - means[None]) ** 2).sum((2, 3, 4)).argmin(1)
+    assert (pred == vy).float().mean() > 0.9
