@@ -354,6 +354,21 @@ def environment(device: torch.device) -> dict:
                 argv=sys.argv, host=platform.node())
 
 
+def save_code(dest: Path) -> None:
+    """Copy the code that produces a run next to it: the script and the local modules it loaded
+    (a bundle is one file holding all of them)."""
+    here = Path(__file__).resolve().parent
+    files = {Path(m.__file__) for m in list(sys.modules.values())
+             if str(getattr(m, "__file__", None) or "").endswith(".py") and Path(m.__file__).is_absolute()
+             and Path(m.__file__).parent.resolve() == here and Path(m.__file__).is_file()}
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        files.add(Path(main_file).resolve())
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(files):
+        shutil.copy2(f, dest / f.name)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -411,10 +426,9 @@ class Data:
 def load_data(cfg: dict, args, device) -> Data:
     info = dict(DATASETS[cfg["dataset"]])
     if args.smoke:
-        if "synthetic" in info:
-            tensors = info["synthetic"](SMOKE["n_train"], SMOKE["n_test"])
-        else:
-            tensors = synthetic_dataset(info["num_classes"], info["image_size"], SMOKE["n_train"], SMOKE["n_test"])
+        n_train, n_test = cfg["smoke_sizes"]["n_train"], cfg["smoke_sizes"]["n_test"]
+        make = info.get("synthetic") or partial(synthetic_dataset, info["num_classes"], info["image_size"])
+        tensors = make(n_train, n_test)
     else:
         tensors = load_dataset(cfg["dataset"], args.data_dir, download=not args.no_download)
     train_x, train_y, test_x, test_y, _ = tensors
@@ -538,10 +552,13 @@ def run_sweep(experiment: str, grid: dict, configs: list[str], seeds: list[int],
     failures = []
     for config in configs:
         for seed in seeds:
-            smoke = dict(epochs=SMOKE["epochs"], batch_size=SMOKE["batch_size"],
-                         eval_batch_size=SMOKE["eval_batch_size"], smoke_sizes=SMOKE) if args.smoke else {}
-            cfg = {**DEFAULTS, **setup, **grid[config], **smoke, **overrides,
-                   "experiment": experiment, "config": config, "seed": seed}
+            smoke = {}
+            if args.smoke:  # same code path; only data size, image count and steps shrink
+                sizes = {**SMOKE, **setup.get("smoke", {})}
+                smoke = dict(epochs=sizes["epochs"], batch_size=sizes["batch_size"],
+                             eval_batch_size=sizes["eval_batch_size"], smoke_sizes=sizes)
+            cfg = {**DEFAULTS, **{k: v for k, v in setup.items() if k != "smoke"}, **grid[config], **smoke,
+                   **overrides, "experiment": experiment, "config": config, "seed": seed}
             run_dir = exp_dir / f"{config}_seed{seed}"
             if args.force and run_dir.exists():
                 shutil.rmtree(run_dir)
@@ -555,6 +572,7 @@ def run_sweep(experiment: str, grid: dict, configs: list[str], seeds: list[int],
                     datasets.clear()  # one dataset on the device at a time
                     datasets[cfg["dataset"]] = load_data(cfg, args, device)
                 if not (run_dir / "config.json").is_file():
+                    save_code(run_dir / "code")
                     write_json(run_dir / "config.json", dict(config=cfg, environment=environment(device),
                                                              amp=amp_policy(device).name))
                 print(f"== {experiment} / {run_dir.name} on {device_name(device)} ({amp_policy(device).name})")
@@ -668,7 +686,8 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict) -> argparse
 
 def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None) -> int:
     """Parse the shared flags for one experiment script and run its sweep; returns the exit code."""
-    experiment = Path(script).stem
+    # a bundle (tools/bundle.py) records its experiment name, so a renamed upload keeps its folder
+    experiment = getattr(sys.modules["__main__"], "BUNDLE_EXPERIMENT", None) or Path(script).stem
     parser = build_parser(experiment, doc, grid, setup)
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs if c not in grid]

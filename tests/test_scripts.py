@@ -1,0 +1,93 @@
+"""Every experiment script end to end with --smoke, the rerun skip, --help, and the one-file bundle."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {
+    "exp10_periodic_ses": ["baseline", "ses_k1", "ses_k3", "ses_k5", "ses_k10"],
+    "exp11_resnet50_tinyimagenet": ["baseline", "ses_k1"],
+    "exp12_mixup_cutmix_cifar100": ["baseline", "ses", "mixup", "mixup_ses", "cutmix", "cutmix_ses"],
+}
+RESULT_FIELDS = {"experiment", "config", "seed", "acc", "rob", "robustness", "train_acc", "gap", "entropy",
+                 "entropy_target", "ses_steps", "total_steps", "epochs", "epoch_time_s", "images_per_s",
+                 "peak_mem_bytes"}
+
+
+def run(cmd, cwd, timeout=600):
+    return subprocess.run([sys.executable, *map(str, cmd)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def check_experiment(exp_dir: Path, name: str, configs: list[str]):
+    for config in configs:
+        run_dir = exp_dir / f"{config}_seed0"
+        for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "result.json"):
+            assert (run_dir / f).is_file(), f"{run_dir / f} missing"
+        assert (run_dir / "code" / f"{name}.py").is_file() or list((run_dir / "code").glob("*.py"))
+        r = json.loads((run_dir / "result.json").read_text())
+        assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)
+        assert r["experiment"] == name and r["config"] == config and r["epochs"] == 2
+        assert set(r["robustness"]) == {"gauss_0.05", "gauss_0.1", "fgsm_1/255", "fgsm_2/255"}
+        assert r["rob"] == r["robustness"]["gauss_0.1"] and abs(r["gap"] - (r["train_acc"] - r["acc"])) < 1e-12
+        assert set(r["entropy"]) == set(r["entropy_target"]) and r["entropy"]
+        is_ses = config != "baseline" and ("ses" in config)
+        assert (r["ses_steps"] > 0) == is_ses and r["ses_steps"] <= r["total_steps"]
+        if name == "exp10_periodic_ses" and config != "baseline":
+            k = int(config.split("k")[1])
+            assert r["ses_steps"] == len(range(0, r["total_steps"], k)) and "overhead" in r
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    assert [r["config"] for r in summary["runs"]] == configs and summary["unfinished"] == []
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_smoke_end_to_end_then_rerun_skips(name, tmp_path):
+    p = run([ROOT / f"{name}.py", "--smoke", "--out-dir", tmp_path], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_experiment(tmp_path / "smoke" / name, name, SCRIPTS[name])
+    assert "acc%" in p.stdout  # the printed table
+    again = run([ROOT / f"{name}.py", "--smoke", "--out-dir", tmp_path], cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == len(SCRIPTS[name])
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_help_is_complete(name):
+    p = run([ROOT / f"{name}.py", "--help"], cwd=ROOT)
+    assert p.returncode == 0
+    for flag in ("--smoke", "--configs", "--seeds", "--epochs", "--data-dir", "--out-dir", "--device",
+                 "--lam", "--beta", "--every", "--layers", "--no-download", "--force", "--batch-size", "--lr"):
+        assert flag in p.stdout
+    for config in SCRIPTS[name]:
+        assert config in p.stdout
+
+
+def test_exp12_bundle_runs_alone_from_an_empty_folder(tmp_path):
+    out = tmp_path / "dist" / "exp12_mixup_cutmix_cifar100.py"
+    p = run([ROOT / "tools" / "bundle.py", ROOT / "exp12_mixup_cutmix_cifar100.py", "-o", out], cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    alone = tmp_path / "kaggle_working"
+    alone.mkdir()
+    shutil.copy(out, alone / "uploaded.py")  # nothing else of the repository is there
+    p = subprocess.run([sys.executable, "-I", "uploaded.py", "--smoke"], cwd=alone, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_experiment(alone / "results" / "smoke" / "exp12_mixup_cutmix_cifar100", "exp12_mixup_cutmix_cifar100",
+                     SCRIPTS["exp12_mixup_cutmix_cifar100"])
+    cfg = json.loads((alone / "results" / "smoke" / "exp12_mixup_cutmix_cifar100" / "baseline_seed0" /
+                      "config.json").read_text())
+    assert cfg["environment"]["git_commit"]  # recorded from the bundle
+
+
+def test_bundle_embeds_modules_verbatim():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bundle
+    mods = bundle.collect(ROOT / "exp10_periodic_ses.py")
+    assert list(mods) == ["ses_core", "data_utils", "train_utils"] or set(mods) >= {"ses_core", "data_utils", "train_utils"}
+    text = bundle.bundle(ROOT / "exp10_periodic_ses.py")
+    for name, src in mods.items():
+        assert bundle.literal(src) in text
