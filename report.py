@@ -1,0 +1,259 @@
+"""Results folder -> the paper's tables (Markdown + LaTeX booktabs) and plots.
+
+    python report.py results                 # writes results/report.md, results/tables.tex, results/plots/
+    python report.py results --reference results/paper_reference.json
+
+Reads every <experiment>/<config>_seed<N>/result.json (and metrics.jsonl) under RESULTS_DIR.
+Per experiment, one row per config: acc, rob, gap as mean +- std over seeds (std with n - 1,
+omitted for a single seed), n, delta acc / delta rob vs that experiment's baseline in percentage
+points, overhead where measured, and the paper's figure beside ours where one exists. Final-epoch
+numbers only: nothing is selected on the test set. Unfinished runs are listed, never averaged in.
+Plots (matplotlib, optional): test accuracy and training loss per epoch for every config, and the
+per-layer spectral entropy per epoch against the dashed beta*log d targets, baseline vs SES.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+CAPTIONS = {
+    "exp10_periodic_ses": "Periodic SES on CIFAR-100 (ResNet-18): SES applied every $k$-th step.",
+    "exp11_resnet50_tinyimagenet": "ResNet-50 on Tiny-ImageNet: baseline vs SES on layer4 + avgpool.",
+    "exp12_mixup_cutmix_cifar100": "SES combined with Mixup and CutMix on CIFAR-100 (ResNet-18).",
+    "exp13_perceiver": "Perceiver on CIFAR-10 and ModelNet40, with and without SES on the latents.",
+}
+METRICS = ("acc", "rob", "gap")
+
+
+# ----------------------------------------------------------------------------- reading
+def read_runs(root: Path) -> dict[str, dict]:
+    """experiment -> {"runs": {config: [result, ...]}, "unfinished": [run names], "curves": {config: [metrics]}}."""
+    out: dict[str, dict] = {}
+    for exp_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("plots", "smoke")):
+        exp = {"runs": {}, "unfinished": [], "curves": {}}
+        for run_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name):
+            result = run_dir / "result.json"
+            if not result.is_file():
+                if (run_dir / "config.json").is_file():
+                    exp["unfinished"].append(run_dir.name)
+                continue
+            r = json.loads(result.read_text())
+            exp["runs"].setdefault(r["config"], []).append(r)
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.is_file():
+                rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+                exp["curves"].setdefault(r["config"], []).append(rows)
+        order = config_order(exp_dir, list(exp["runs"]))
+        exp["runs"] = {c: exp["runs"][c] for c in order}
+        exp["curves"] = {c: exp["curves"][c] for c in order if c in exp["curves"]}
+        if exp["runs"] or exp["unfinished"]:
+            out[exp_dir.name] = exp
+    return out
+
+
+def config_order(exp_dir: Path, configs: list[str]) -> list[str]:
+    """The grid order recorded in summary.json, else baseline first and the rest alphabetical."""
+    summary = exp_dir / "summary.json"
+    listed = [r["config"] for r in json.loads(summary.read_text()).get("runs", [])] if summary.is_file() else []
+    ranked = list(dict.fromkeys([c for c in listed if c in configs] + (["baseline"] if "baseline" in configs else [])))
+    return ranked + sorted(c for c in configs if c not in ranked)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (n - 1); std is None for a single value."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(runs: dict[str, list[dict]], reference: dict) -> list[dict]:
+    """One row per config with means/stds in percent, deltas vs baseline in percentage points."""
+    rows = []
+    base = runs.get("baseline")
+    base_mean = {m: 100 * mean_std([r[m] for r in base])[0] for m in METRICS} if base else None
+    for config, results in runs.items():
+        row = {"config": config, "n": len(results), "seeds": sorted(r["seed"] for r in results)}
+        for m in METRICS:
+            mu, sd = mean_std([r[m] for r in results])
+            row[m] = (100 * mu, None if sd is None else 100 * sd)
+        overheads = [r["overhead"] for r in results if r.get("overhead") is not None]
+        row["overhead"] = statistics.fmean(overheads) if overheads else None
+        row["d_acc"] = row["acc"][0] - base_mean["acc"] if base_mean and config != "baseline" else None
+        row["d_rob"] = row["rob"][0] - base_mean["rob"] if base_mean and config != "baseline" else None
+        row["paper"] = reference.get(config)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt_ms(ms, tex=False) -> str:
+    mu, sd = ms
+    if sd is None:
+        return f"{mu:.2f}"
+    return f"{mu:.2f} $\\pm$ {sd:.2f}" if tex else f"{mu:.2f} ± {sd:.2f}"
+
+
+def fmt_delta(v, tex=False) -> str:
+    if v is None:
+        return "--" if tex else "—"
+    return f"${v:+.2f}$" if tex else f"{v:+.2f}"
+
+
+def fmt_overhead(v, tex=False) -> str:
+    if v is None:
+        return "—"
+    return f"${100 * v:+.0f}\\,\\%$" if tex else f"{100 * v:+.0f} %"
+
+
+def fmt_paper(p, tex=False) -> str:
+    if not p:
+        return "—"
+    text = f"{p['acc']:.2f} / {p['rob']:.2f}"
+    if p.get("overhead") is not None:
+        text += f" ({fmt_overhead(p['overhead'], tex)})"
+    return text
+
+
+def markdown(experiments: dict, tables: dict) -> str:
+    out = ["# SES results", "", "Mean ± std over seeds (std with n − 1, omitted for one seed); final epoch; "
+           "acc = clean test top-1, rob = top-1 under Gaussian noise σ = 0.1, gap = train_acc − acc; "
+           "Δ in percentage points vs the experiment's baseline; overhead = median epoch time ÷ baseline − 1.", ""]
+    for exp, rows in tables.items():
+        out += [f"## {exp}", "", CAPTIONS.get(exp, ""), "",
+                "| config | n | acc (%) | rob (%) | gap (pp) | Δ acc | Δ rob | overhead | paper acc / rob |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r['config']} | {r['n']} | {fmt_ms(r['acc'])} | {fmt_ms(r['rob'])} | {fmt_ms(r['gap'])} | "
+                       f"{fmt_delta(r['d_acc'])} | {fmt_delta(r['d_rob'])} | {fmt_overhead(r['overhead'])} | "
+                       f"{fmt_paper(r['paper'])} |")
+        unfinished = experiments[exp]["unfinished"]
+        if unfinished:
+            out += ["", f"Unfinished (not averaged in): {', '.join(unfinished)}"]
+        out.append("")
+    return "\n".join(out)
+
+
+def tex_escape(s: str) -> str:
+    return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+
+def latex(experiments: dict, tables: dict) -> str:
+    out = ["% Generated by report.py; needs \\usepackage{booktabs}. \\input{tables.tex} in the paper."]
+    for exp, rows in tables.items():
+        n_seeds = sorted({r["n"] for r in rows})
+        seeds = f"$n = {n_seeds[0]}$ seeds" if len(n_seeds) == 1 else "$n$ seeds per row"
+        caption = (f"{CAPTIONS.get(exp, tex_escape(exp))} Final-epoch test accuracy (Acc), accuracy under "
+                   f"Gaussian noise $\\sigma = 0.1$ (Rob) and train--test gap, mean $\\pm$ std over {seeds}; "
+                   f"$\\Delta$ in percentage points vs.\\ the baseline.")
+        out += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}",
+                f"\\label{{tab:{exp}}}", "\\begin{tabular}{lrrrrrrrl}", "\\toprule",
+                "Config & $n$ & Acc (\\%) & Rob (\\%) & Gap (pp) & $\\Delta$Acc & $\\Delta$Rob & Overhead & "
+                "Paper Acc / Rob \\\\", "\\midrule"]
+        for r in rows:
+            out.append(f"{tex_escape(r['config'])} & {r['n']} & {fmt_ms(r['acc'], True)} & {fmt_ms(r['rob'], True)} & "
+                       f"{fmt_ms(r['gap'], True)} & {fmt_delta(r['d_acc'], True)} & {fmt_delta(r['d_rob'], True)} & "
+                       f"{fmt_overhead(r['overhead'], True).replace('—', '--')} & "
+                       f"{fmt_paper(r['paper'], True).replace('—', '--')} \\\\")
+        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+        if experiments[exp]["unfinished"]:
+            out.append(f"% unfinished runs, not averaged in: {', '.join(experiments[exp]['unfinished'])}")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+def mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
+    """Per-epoch mean over seeds, over the epochs every seed has."""
+    n = min(len(c) for c in curves)
+    return ([curves[0][i]["epoch"] for i in range(n)],
+            [statistics.fmean(c[i][key] for c in curves) for i in range(n)])
+
+
+def plot_experiment(plt, exp: str, data: dict, out_dir: Path) -> list[Path]:
+    written = []
+    curves = data["curves"]
+    if not curves:
+        return written
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for config, runs in curves.items():
+        ep, acc = mean_curve(runs, "test_acc")
+        ax_acc.plot(ep, [100 * a for a in acc], label=f"{config} (n={len(runs)})")
+        ep, loss = mean_curve(runs, "train_loss")
+        ax_loss.plot(ep, loss, label=config)
+    ax_acc.set(title=f"{exp}: test accuracy", xlabel="epoch", ylabel="clean test top-1 (%)")
+    ax_loss.set(title=f"{exp}: training loss (CE + λR for SES)", xlabel="epoch", ylabel="loss (nats)")
+    ax_acc.legend(fontsize=8)
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    written.append(save(fig, plt, out_dir / f"{exp}_curves.png"))
+
+    targets = {c: runs[0]["entropy_target"] for c, runs in data["runs"].items() if runs[0].get("entropy_target")}
+    base = "baseline" if "baseline" in curves else None
+    for config in [c for c in curves if c != base and data["runs"][c][0].get("ses_steps", 0) > 0]:
+        panels = [c for c in (base, config) if c]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), sharey=True, squeeze=False)
+        for ax, c in zip(axes[0], panels):
+            layers = list(curves[c][0][0]["entropy"])
+            colors = plt.cm.viridis([i / max(len(layers) - 1, 1) for i in range(len(layers))])
+            for color, layer in zip(colors, layers):
+                n = min(len(r) for r in curves[c])
+                ep = [curves[c][0][i]["epoch"] for i in range(n)]
+                h = [statistics.fmean(r[i]["entropy"][layer] for r in curves[c]) for i in range(n)]
+                ax.plot(ep, h, color=color, label=layer)
+                if layer in targets.get(c, {}):
+                    ax.axhline(targets[c][layer], color=color, ls="--", lw=0.8)
+            ax.set(title=f"{exp}: {c}", xlabel="epoch", ylabel="spectral entropy H (nats)")
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7, title="layer (dashed: β·log d)", loc="center left", bbox_to_anchor=(1, 0.5))
+        written.append(save(fig, plt, out_dir / f"{exp}_entropy_{config}.png"))
+    return written
+
+
+def save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results_dir", type=Path, help="the --out-dir of the experiment scripts (e.g. results)")
+    p.add_argument("--reference", type=Path, default=Path(__file__).resolve().parent / "results" / "paper_reference.json",
+                   help="the paper's reference numbers (default %(default)s)")
+    args = p.parse_args(argv)
+    if not args.results_dir.is_dir():
+        p.exit(2, f"report.py: error: {args.results_dir} is not a folder; pass the --out-dir of a sweep\n")
+    experiments = read_runs(args.results_dir)
+    if not experiments:
+        p.exit(1, f"report.py: error: no <experiment>/<config>_seed<N>/result.json under {args.results_dir}\n")
+    reference = json.loads(args.reference.read_text()) if args.reference.is_file() else {}
+    tables = {exp: summarize(d["runs"], reference.get(exp, {})) for exp, d in experiments.items()}
+    write_text(args.results_dir / "report.md", markdown(experiments, tables))
+    write_text(args.results_dir / "tables.tex", latex(experiments, tables))
+    print(f"wrote {args.results_dir / 'report.md'} and {args.results_dir / 'tables.tex'}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib, or -r requirements-dev.txt)")
+        return 0
+    plots = args.results_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    written = [f for exp, d in experiments.items() for f in plot_experiment(plt, exp, d, plots)]
+    print(f"wrote {len(written)} plots to {plots}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
