@@ -103,8 +103,9 @@ def verify_md5(path: Path, md5: str, what: str) -> None:
                         f"--data-dir to a folder holding the extracted dataset")
 
 
-def download(url: str, dest: Path, md5: str) -> Path:
-    """Download url to dest via a .part file; md5 checked before the file takes its final name."""
+def download(url: str, dest: Path, md5: str | None, verify=None) -> Path:
+    """Download url to dest via a .part file, checked before it takes its final name: against its
+    md5, or (for archives with no published checksum) by verify(path), which raises DataError."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -115,13 +116,13 @@ def download(url: str, dest: Path, md5: str) -> Path:
                 while block := r.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))
-        verify_md5(part, md5, url)
+        verify_md5(part, md5, url) if md5 else verify(part)
     except DataError:
         part.unlink(missing_ok=True)
         raise
     except (OSError, ValueError) as e:
         part.unlink(missing_ok=True)
-        raise DataError(f"could not download {url} ({e}); download it by hand (md5 {md5}) and put it "
+        raise DataError(f"could not download {url} ({e}); download it by hand and put it "
                         f"at {dest}, or attach it as a Kaggle dataset and pass --data-dir") from None
     os.replace(part, dest)
     return dest

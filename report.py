@@ -71,17 +71,19 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 def summarize(runs: dict[str, list[dict]], reference: dict) -> list[dict]:
     """One row per config with means/stds in percent, deltas vs baseline in percentage points."""
     rows = []
-    base = runs.get("baseline")
-    base_mean = {m: 100 * mean_std([r[m] for r in base])[0] for m in METRICS} if base else None
     for config, results in runs.items():
+        base_name = results[0].get("baseline_config", "baseline")  # exp13: a _ses config's plain twin
+        base = runs.get(base_name) if base_name != config else None
+        base_mean = {m: 100 * mean_std([r[m] for r in base])[0] for m in METRICS} if base else None
         row = {"config": config, "n": len(results), "seeds": sorted(r["seed"] for r in results)}
         for m in METRICS:
             mu, sd = mean_std([r[m] for r in results])
             row[m] = (100 * mu, None if sd is None else 100 * sd)
         overheads = [r["overhead"] for r in results if r.get("overhead") is not None]
         row["overhead"] = statistics.fmean(overheads) if overheads else None
-        row["d_acc"] = row["acc"][0] - base_mean["acc"] if base_mean and config != "baseline" else None
-        row["d_rob"] = row["rob"][0] - base_mean["rob"] if base_mean and config != "baseline" else None
+        row["vs"] = base_name if base_mean else None
+        row["d_acc"] = row["acc"][0] - base_mean["acc"] if base_mean else None
+        row["d_rob"] = row["rob"][0] - base_mean["rob"] if base_mean else None
         row["paper"] = reference.get(config)
         rows.append(row)
     return rows

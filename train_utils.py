@@ -58,7 +58,7 @@ DEFAULTS = dict(
     scheduler="multistep", milestones=[25, 40, 52], schedule_epochs=60, gamma=0.1,
     ses=False, lam=0.01, beta=0.7, every=1, mix="none", mix_alpha=1.0,
     noise_sigmas=[0.05, 0.1], fgsm_eps=[1 / 255, 2 / 255], rob_sigma=0.1,
-    train_eval_size=10_000,
+    train_eval_size=10_000, val_size=0, attention_every=0, baseline_config="baseline",
 )
 SMOKE = dict(epochs=2, batch_size=32, eval_batch_size=64, n_train=96, n_test=64)
 
@@ -417,6 +417,20 @@ class Data:
     def is_image(self) -> bool:
         return self.train_x.dtype == torch.uint8
 
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+
+    def with_validation(self, n: int) -> "Data":
+        """A fixed hold-out of n training samples as the validation split (train shrinks by n)."""
+        if n <= 0:
+            return self
+        if n >= len(self.train_y):
+            raise RunError(f"val_size {n} leaves no training data ({len(self.train_y)} samples)")
+        order = self.fixed_subset(len(self.train_y), seed=2)
+        val, train = order[:n], order[n:]
+        return Data(self.train_x[train], self.train_y[train], self.test_x, self.test_y, self.info,
+                    self.train_x[val], self.train_y[val])
+
     def fixed_subset(self, n: int, seed: int = 0) -> torch.Tensor:
         """Indices of a fixed training subset (the same for every run and seed)."""
         g = torch.Generator().manual_seed(seed)
@@ -438,6 +452,9 @@ def load_data(cfg: dict, args, device) -> Data:
 def train_run(cfg: dict, data: Data, run_dir: Path, device: torch.device) -> dict:
     """Train one (config, seed) to the end, resuming from run_dir/checkpoint.pt; return result."""
     amp = amp_policy(device)
+    data = data.with_validation(cfg["val_size"])
+    eval_split = "val" if data.val_x is not None else "test"  # per-epoch curves; test only at the end then
+    eval_x, eval_y = (data.val_x, data.val_y) if data.val_x is not None else (data.test_x, data.test_y)
     seed = cfg["seed"]
     seed_everything(seed)
     model = MODEL_BUILDERS[cfg["model"]](cfg, data.info).to(device, memory_format=torch.channels_last)
@@ -481,9 +498,13 @@ def train_run(cfg: dict, data: Data, run_dir: Path, device: torch.device) -> dic
             seconds = time.perf_counter() - t0
             sched.step()
             with ses.collector.paused() if ses is not None else nullcontext():  # eval: never collect
-                test_acc, test_loss = evaluate(model, data.test_x, data.test_y, amp, cfg["eval_batch_size"])
+                eval_acc, eval_loss = evaluate(model, eval_x, eval_y, amp, cfg["eval_batch_size"])
                 entropy, dims = measure_entropy(model, layers, probe_x, amp)
-            history.append(dict(epoch=epoch + 1, lr=lr, **stats, test_acc=test_acc, test_loss=test_loss,
+                every = cfg["attention_every"]
+                if every and hasattr(model, "attention_maps") and ((epoch + 1) % every == 0 or epoch + 1 == cfg["epochs"]):
+                    save_attention(model, data, run_dir, epoch + 1)
+            history.append(dict(epoch=epoch + 1, lr=lr, **stats, **{f"{eval_split}_acc": eval_acc,
+                                                                   f"{eval_split}_loss": eval_loss},
                                 entropy=entropy, ses_steps=ses.applied_steps if ses else 0,
                                 epoch_time_s=seconds, images_per_s=stats["images"] / seconds))
             atomic_torch_save(dict(model=model.state_dict(), optimizer=opt.state_dict(),
@@ -492,7 +513,7 @@ def train_run(cfg: dict, data: Data, run_dir: Path, device: torch.device) -> dic
                                    epoch=epoch + 1, history=history, config=cfg), ckpt_path)
             write_jsonl(run_dir / "metrics.jsonl", history)
             print(f"  {run_dir.name} epoch {epoch + 1}/{cfg['epochs']}: loss {stats['train_loss']:.3f} "
-                  f"test acc {100 * test_acc:.2f}% ({seconds:.1f}s, {stats['images'] / seconds:.0f} img/s)")
+                  f"{eval_split} acc {100 * eval_acc:.2f}% ({seconds:.1f}s, {stats['images'] / seconds:.0f} img/s)")
         with ses.collector.paused() if ses is not None else nullcontext():
             result = final_metrics(cfg, model, data, amp, layers, probe_x, history, ses)
         result["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -504,6 +525,16 @@ def train_run(cfg: dict, data: Data, run_dir: Path, device: torch.device) -> dic
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def save_attention(model, data: Data, run_dir: Path, epoch: int, n_samples: int = 4) -> None:
+    """Cross-attention maps of the first n test samples -> run_dir/attention/epoch_XXX.pt."""
+    x, y = data.test_x[:n_samples], data.test_y[:n_samples]
+    xb = next(GpuLoader(x, y, n_samples, x.device, train=False).epoch())[0]
+    maps = model.attention_maps(xb)
+    atomic_torch_save(dict(epoch=epoch, inputs=x.cpu(), labels=y.cpu(), maps=maps.half().cpu(),
+                           pixel_perm=getattr(model, "pixel_perm", None)),
+                      run_dir / "attention" / f"epoch_{epoch:03d}.pt")
 
 
 def sync(device: torch.device) -> None:
@@ -519,10 +550,13 @@ def final_metrics(cfg, model, data: Data, amp, layers, probe_x, history, ses) ->
     train_acc = evaluate(model, data.train_x[idx], data.train_y[idx], amp, cfg["eval_batch_size"])[0]
     entropy, dims = measure_entropy(model, layers, probe_x, amp)
     last = history[-1]
+    acc = last["test_acc"] if "test_acc" in last else evaluate(model, data.test_x, data.test_y, amp,
+                                                                 cfg["eval_batch_size"])[0]
+    extra = {"val_acc": last["val_acc"]} if "val_acc" in last else {}
     return dict(
-        experiment=cfg["experiment"], config=cfg["config"], seed=cfg["seed"],
-        acc=last["test_acc"], rob=suite[f"gauss_{cfg['rob_sigma']:g}"], robustness=suite,
-        train_acc=train_acc, gap=train_acc - last["test_acc"],
+        experiment=cfg["experiment"], config=cfg["config"], seed=cfg["seed"], baseline_config=cfg["baseline_config"],
+        acc=acc, rob=suite[f"gauss_{cfg['rob_sigma']:g}"], robustness=suite, **extra,
+        train_acc=train_acc, gap=train_acc - acc,
         entropy=entropy, entropy_target={n: cfg["beta"] * math.log(d) for n, d in dims.items()},
         ses_steps=ses.applied_steps if ses else 0, total_steps=sum(h["steps"] for h in history),
         epochs=len(history), epoch_time_s=statistics.median(h["epoch_time_s"] for h in history),
@@ -531,9 +565,10 @@ def final_metrics(cfg, model, data: Data, amp, layers, probe_x, history, ses) ->
 
 # ----------------------------------------------------------------------------- sweep
 def add_overhead(result: dict, exp_dir: Path) -> None:
-    """overhead = median epoch time / the same-seed baseline's in this folder - 1 (same device only)."""
-    base = exp_dir / f"baseline_seed{result['seed']}" / "result.json"
-    if result["config"] == "baseline" or not base.is_file():
+    """overhead = median epoch time / the same-seed baseline's in this folder - 1 (same device only).
+    The baseline is the config's `baseline_config` ("baseline", or e.g. a `_ses` config's plain twin)."""
+    base = exp_dir / f"{result['baseline_config']}_seed{result['seed']}" / "result.json"
+    if result["config"] == result["baseline_config"] or not base.is_file():
         return
     b = json.loads(base.read_text())
     if b.get("device") == result["device"] and b["epoch_time_s"] > 0:
@@ -556,7 +591,8 @@ def run_sweep(experiment: str, grid: dict, configs: list[str], seeds: list[int],
             if args.smoke:  # same code path; only data size, image count and steps shrink
                 sizes = {**SMOKE, **setup.get("smoke", {})}
                 smoke = dict(epochs=sizes["epochs"], batch_size=sizes["batch_size"],
-                             eval_batch_size=sizes["eval_batch_size"], smoke_sizes=sizes)
+                             eval_batch_size=sizes["eval_batch_size"], smoke_sizes=sizes,
+                             **({"val_size": sizes["val_size"]} if "val_size" in sizes else {}))
             cfg = {**DEFAULTS, **{k: v for k, v in setup.items() if k != "smoke"}, **grid[config], **smoke,
                    **overrides, "experiment": experiment, "config": config, "seed": seed}
             run_dir = exp_dir / f"{config}_seed{seed}"
@@ -607,12 +643,13 @@ def summarize(exp_dir: Path, order: list[str]) -> dict:
 def format_table(runs: list[dict]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:6.2f}"
-    head = f"{'run':<22}{'acc%':>8}{'rob%':>8}{'gap%':>8}{'overhead':>10}{'s/epoch':>9}{'img/s':>9}{'peak GB':>9}"
+    w = max([len(f"{r['config']}_seed{r['seed']}") for r in runs] + [20]) + 2
+    head = f"{'run':<{w}}{'acc%':>8}{'rob%':>8}{'gap%':>8}{'overhead':>10}{'s/epoch':>9}{'img/s':>9}{'peak GB':>9}"
     lines = [head, "-" * len(head)]
     for r in runs:
         mem = r.get("peak_mem_bytes")
         over = r.get("overhead")
-        lines.append(f"{r['config'] + '_seed' + str(r['seed']):<22}{pct(r['acc']):>8}{pct(r['rob']):>8}"
+        lines.append(f"{r['config'] + '_seed' + str(r['seed']):<{w}}{pct(r['acc']):>8}{pct(r['rob']):>8}"
                      f"{pct(r['gap']):>8}{'-' if over is None else f'{100 * over:+.0f}%':>10}"
                      f"{r['epoch_time_s']:9.1f}{r['images_per_s']:9.0f}"
                      f"{'-' if mem is None else f'{mem / 2**30:.2f}':>9}")
@@ -647,7 +684,7 @@ def default_data_dir() -> str:
     return "/kaggle/working/data" if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "data"
 
 
-def build_parser(experiment: str, doc: str, grid: dict, setup: dict) -> argparse.ArgumentParser:
+def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags=None) -> argparse.ArgumentParser:
     grid_text = "\n".join(f"  {name:<28}{json.dumps(v)}" for name, v in grid.items())
     base = {k: setup.get(k, DEFAULTS[k]) for k in ("dataset", "model", "layers", "epochs", "batch_size",
                                                     "lr", "lam", "beta", "every")}
@@ -681,14 +718,17 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict) -> argparse
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available, else cpu; cpu for --smoke)")
     p.add_argument("--no-download", action="store_true", help="never download; fail with instructions instead")
     p.add_argument("--force", action="store_true", help="delete and rerun the selected runs, even finished ones")
+    for flag, kwargs in (extra_flags or {}).items():  # a script's own settings; None = keep the config's
+        p.add_argument(flag, default=None, **kwargs)
     return p
 
 
-def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None) -> int:
-    """Parse the shared flags for one experiment script and run its sweep; returns the exit code."""
+def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, extra_flags=None) -> int:
+    """Parse the shared flags (plus a script's extra_flags: flag -> argparse kwargs with a `dest`
+    naming the config key) for one experiment script and run its sweep; returns the exit code."""
     # a bundle (tools/bundle.py) records its experiment name, so a renamed upload keeps its folder
     experiment = getattr(sys.modules["__main__"], "BUNDLE_EXPERIMENT", None) or Path(script).stem
-    parser = build_parser(experiment, doc, grid, setup)
+    parser = build_parser(experiment, doc, grid, setup, extra_flags)
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs if c not in grid]
     if unknown:
@@ -700,8 +740,9 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None) ->
         parser.error(f"argument --device: {args.device!r} is not a device (use cuda, cuda:0 or cpu)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
-    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "lam", "beta", "every", "layers")
-                 if getattr(args, k) is not None}
+    keys = ["epochs", "batch_size", "lr", "lam", "beta", "every", "layers"]
+    keys += [kw["dest"] for kw in (extra_flags or {}).values()]
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         return run_sweep(experiment, grid, args.configs, args.seeds, args, setup, overrides)
     except (DataError, RunError, ValueError) as e:
