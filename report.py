@@ -34,7 +34,7 @@ def read_runs(root: Path) -> dict[str, dict]:
     """experiment -> {"runs": {config: [result, ...]}, "unfinished": [run names], "curves": {config: [metrics]}}."""
     out: dict[str, dict] = {}
     for exp_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("plots", "smoke")):
-        exp = {"runs": {}, "unfinished": [], "curves": {}}
+        exp = {"runs": {}, "unfinished": [], "curves": {}, "attention": {}}
         for run_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name):
             result = run_dir / "result.json"
             if not result.is_file():
@@ -43,6 +43,9 @@ def read_runs(root: Path) -> dict[str, dict]:
                 continue
             r = json.loads(result.read_text())
             exp["runs"].setdefault(r["config"], []).append(r)
+            maps = sorted((run_dir / "attention").glob("epoch_*.pt"))
+            if maps:
+                exp["attention"][run_dir.name] = maps[-1]  # the latest saved epoch
             metrics = run_dir / "metrics.jsonl"
             if metrics.is_file():
                 rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -178,12 +181,14 @@ def plot_experiment(plt, exp: str, data: dict, out_dir: Path) -> list[Path]:
     if not curves:
         return written
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    split = "val" if any("val_acc" in runs[0][0] for runs in curves.values()) else "test"
     for config, runs in curves.items():
-        ep, acc = mean_curve(runs, "test_acc")
+        ep, acc = mean_curve(runs, f"{split}_acc" if f"{split}_acc" in runs[0][0] else "test_acc")
         ax_acc.plot(ep, [100 * a for a in acc], label=f"{config} (n={len(runs)})")
         ep, loss = mean_curve(runs, "train_loss")
         ax_loss.plot(ep, loss, label=config)
-    ax_acc.set(title=f"{exp}: test accuracy", xlabel="epoch", ylabel="clean test top-1 (%)")
+    name = "validation (hold-out)" if split == "val" else "test"
+    ax_acc.set(title=f"{exp}: {name} accuracy", xlabel="epoch", ylabel=f"clean {name} top-1 (%)")
     ax_loss.set(title=f"{exp}: training loss (CE + λR for SES)", xlabel="epoch", ylabel="loss (nats)")
     ax_acc.legend(fontsize=8)
     for ax in (ax_acc, ax_loss):
@@ -191,9 +196,9 @@ def plot_experiment(plt, exp: str, data: dict, out_dir: Path) -> list[Path]:
     written.append(save(fig, plt, out_dir / f"{exp}_curves.png"))
 
     targets = {c: runs[0]["entropy_target"] for c, runs in data["runs"].items() if runs[0].get("entropy_target")}
-    base = "baseline" if "baseline" in curves else None
-    for config in [c for c in curves if c != base and data["runs"][c][0].get("ses_steps", 0) > 0]:
-        panels = [c for c in (base, config) if c]
+    for config in [c for c in curves if data["runs"][c][0].get("ses_steps", 0) > 0]:
+        base = data["runs"][config][0].get("baseline_config", "baseline")
+        panels = [base, config] if base in curves and base != config else [config]
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), sharey=True, squeeze=False)
         for ax, c in zip(axes[0], panels):
             layers = list(curves[c][0][0]["entropy"])
@@ -209,7 +214,55 @@ def plot_experiment(plt, exp: str, data: dict, out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=7, title="layer (dashed: β·log d)", loc="center left", bbox_to_anchor=(1, 0.5))
         written.append(save(fig, plt, out_dir / f"{exp}_entropy_{config}.png"))
+    for run_name, path in data["attention"].items():
+        written.append(plot_attention(plt, f"{exp} / {run_name}", path, out_dir / f"{exp}_attention_{run_name}.png"))
     return written
+
+
+def plot_attention(plt, title: str, path: Path, out: Path, n_latents: int = 3) -> Path:
+    """Cross-attention of the first cross-attend for the saved test samples: one row per sample.
+
+    Images: input | mean over latents | overlay | single latents (mapped back to pixel positions
+    when the pixels were permuted). Point clouds: x-y projection coloured by attention.
+    """
+    import torch
+    d = torch.load(path, map_location="cpu", weights_only=False)
+    maps = d["maps"][:, 0].float()                        # (S, M, N): first cross-attend
+    x, labels = d["inputs"], d["labels"]
+    is_image = x.dtype == torch.uint8
+    cols = 3 + n_latents if is_image else 1 + n_latents
+    fig, axes = plt.subplots(len(x), cols, figsize=(2.3 * cols, 2.3 * len(x)), squeeze=False)
+    for i in range(len(x)):
+        heads = [("mean over latents", maps[i].mean(0))] + [(f"latent {j}", maps[i, j]) for j in range(n_latents)]
+        if is_image:
+            h, w = x.shape[2:]
+            perm = d.get("pixel_perm")
+            img = x[i].permute(1, 2, 0).numpy()
+
+            def to_image(weights):  # token slot j carries pixel perm[j]
+                out = torch.zeros_like(weights)
+                out[perm if perm is not None else slice(None)] = weights
+                return out.view(h, w).numpy()
+            axes[i][0].imshow(img)
+            axes[i][0].set_title(f"input (label {int(labels[i])})", fontsize=8)
+            axes[i][1].imshow(to_image(heads[0][1]), cmap="viridis")
+            axes[i][1].set_title("attention, mean over latents", fontsize=8)
+            axes[i][2].imshow(img)
+            axes[i][2].imshow(to_image(heads[0][1]), cmap="viridis", alpha=0.6)
+            axes[i][2].set_title("overlay", fontsize=8)
+            for k, (name, wts) in enumerate(heads[1:], start=3):
+                axes[i][k].imshow(to_image(wts), cmap="viridis")
+                axes[i][k].set_title(name, fontsize=8)
+        else:
+            for k, (name, wts) in enumerate(heads):
+                axes[i][k].scatter(x[i, :, 0], x[i, :, 1], c=wts.numpy(), s=2, cmap="viridis")
+                axes[i][k].set_title(f"{name} (label {int(labels[i])})" if k == 0 else name, fontsize=8)
+                axes[i][k].set_aspect("equal")
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{title}: cross-attention weights, epoch {d['epoch']}", fontsize=10)
+    return save(fig, plt, out)
 
 
 def save(fig, plt, path: Path) -> Path:

@@ -6,12 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "exp10_periodic_ses": ["baseline", "ses_k1", "ses_k3", "ses_k5", "ses_k10"],
     "exp11_resnet50_tinyimagenet": ["baseline", "ses_k1"],
     "exp12_mixup_cutmix_cifar100": ["baseline", "ses", "mixup", "mixup_ses", "cutmix", "cutmix_ses"],
+    "exp13_perceiver": ["cifar10_fourier", "cifar10_fourier_ses", "cifar10_permuted_learned",
+                        "cifar10_permuted_learned_ses", "modelnet40_fourier", "modelnet40_fourier_ses"],
 }
 RESULT_FIELDS = {"experiment", "config", "seed", "acc", "rob", "robustness", "train_acc", "gap", "entropy",
                  "entropy_target", "ses_steps", "total_steps", "epochs", "epoch_time_s", "images_per_s",
@@ -41,6 +44,11 @@ def check_experiment(exp_dir: Path, name: str, configs: list[str]):
             assert r["ses_steps"] == len(range(0, r["total_steps"], k)) and "overhead" in r
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+        if name == "exp13_perceiver":  # validation hold-out per epoch, attention maps at the end
+            assert "val_acc" in json.loads(lines[-1]) and "test_acc" not in json.loads(lines[-1])
+            maps = torch.load(run_dir / "attention" / "epoch_002.pt", weights_only=False)["maps"]
+            assert maps.shape[:2] == (4, {"cifar10_fourier": 4, "modelnet40_fourier": 2}.get(r["baseline_config"], 1))
+            assert maps.shape[-1] == (2048 if config.startswith("modelnet40") else 1024)
     summary = json.loads((exp_dir / "summary.json").read_text())
     assert [r["config"] for r in summary["runs"]] == configs and summary["unfinished"] == []
 
