@@ -156,7 +156,10 @@ def load_cifar(name: str, data_dir: Path, download_ok: bool = True):
         tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+                try:
+                    tar.extractall(tmp, filter="data")  # refuses absolute paths and links out of tmp
+                except TypeError:  # Python without extraction filters (< 3.10.12 / 3.11.4)
+                    tar.extractall(tmp)
             folder = Path(data_dir) / src["folder"]
             os.replace(tmp / src["folder"], folder)
         finally:

@@ -191,7 +191,8 @@ def build_scheduler(cfg: dict, opt):
 
 def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolicy,
                 ses: SES | None, mixer, check_every: int = 50) -> dict:
-    """One epoch; returns summed stats. Host syncs only every `check_every` steps (finite check)."""
+    """One epoch; returns mean loss/accuracy, images, steps. Host syncs only every `check_every` steps
+    (the finite-loss check and the progress bar), never inside the step itself."""
     model.train()
     dev = loader.device
     loss_sum = torch.zeros((), device=dev)
@@ -387,17 +388,13 @@ def load_checkpoint(path: Path):
         return None
 
 
-COMPARED_KEYS_IGNORED = {"smoke_sizes"}
-
-
 def check_same_settings(run_dir: Path, cfg: dict) -> None:
     """Refuse to resume or skip a run whose stored settings differ from the ones asked for now."""
     path = run_dir / "config.json"
     if not path.is_file():
         return
     old = json.loads(path.read_text()).get("config", {})
-    diff = [k for k in sorted(set(old) | set(cfg)) if k not in COMPARED_KEYS_IGNORED
-            and json.dumps(old.get(k)) != json.dumps(cfg.get(k))]
+    diff = [k for k in sorted(set(old) | set(cfg)) if json.dumps(old.get(k)) != json.dumps(cfg.get(k))]
     if diff:
         k = diff[0]
         raise RunError(f"{run_dir} holds a run with other settings ({k}: {old.get(k)!r} there, "
@@ -470,8 +467,8 @@ def train_run(cfg: dict, data: Data, run_dir: Path, device: torch.device) -> dic
     if len(loader) == 0:
         raise RunError(f"batch size {cfg['batch_size']} exceeds the {len(data.train_y)} training samples")
     probe_idx = data.fixed_subset(cfg["batch_size"], seed=1)
-    probe_x = GpuLoader(data.train_x[probe_idx], data.train_y[probe_idx], len(probe_idx), device,
-                        train=False).epoch().__next__()[0]
+    probe_x = next(GpuLoader(data.train_x[probe_idx], data.train_y[probe_idx], len(probe_idx), device,
+                             train=False).epoch())[0]  # fixed batch for the per-epoch entropy
     history, start_epoch = [], 0
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
