@@ -58,6 +58,9 @@ FLAGS = {
                              help="apply a fixed pixel permutation to train and test images"),
     "--permute-seed": dict(dest="permute_seed", type=int, help="seed of that permutation (default 42)"),
     "--pooling": dict(dest="pooling", choices=["mean", "cls"], help="output pooling (default mean)"),
+    "--optimizer": dict(dest="optimizer", choices=["lamb", "adamw", "sgd"], help="optimizer (default lamb)"),
+    "--scheduler": dict(dest="scheduler", choices=["multistep", "cosine", "step"],
+                        help="LR schedule (default multistep at epochs 84, 102, 114 of 120)"),
 }
 
 

@@ -71,6 +71,32 @@ def test_spectral_norm_variant_wraps_every_conv_and_linear():
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name,check", [
+    ("multistep", lambda lrs: lrs[:3] == [0.1] * 3 and lrs[3] == pytest.approx(0.01)),
+    ("cosine", lambda lrs: lrs[0] == 0.1 and lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs, lrs[1:]))),
+    ("step", lambda lrs: lrs[0] == 0.1 and min(lrs) < 0.1)])
+def test_schedulers(name, check):
+    cfg = dict(tu.DEFAULTS, scheduler=name, epochs=6, milestones=[30, 45], schedule_epochs=60, step_size=20)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = tu.build_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(cfg["epochs"]):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert check(lrs), lrs
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lamb"])
+def test_optimizers_build_and_step(name):
+    model = nn.Linear(3, 2)
+    opt = tu.build_optimizer(dict(tu.DEFAULTS, optimizer=name, lr=0.01), model)
+    before = model.weight.detach().clone()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.weight)
+
+
 def test_milestones_scale_with_epochs():
     assert tu.scaled_milestones(dict(tu.DEFAULTS)) == [25, 40, 52]
     assert tu.scaled_milestones(dict(tu.DEFAULTS, epochs=30)) == [12, 20, 26]
