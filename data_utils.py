@@ -95,6 +95,35 @@ def search_roots(data_dir: Path) -> list[Path]:
     return roots
 
 
+def find_in_roots(data_dir: Path, name: str, is_kind=Path.is_dir) -> Path | None:
+    """The first <root>/<name> over search_roots(data_dir) that passes is_kind (a folder by default)."""
+    return next((r / name for r in search_roots(data_dir) if is_kind(r / name)), None)
+
+
+def cache_path(data_dir: Path, name: str) -> Path:
+    """Decoded-dataset cache in data_dir, or in ./data when data_dir is read-only (Kaggle input)."""
+    data_dir = Path(data_dir)
+    writable = os.access(data_dir, os.W_OK) or not data_dir.exists()
+    return (data_dir if writable else Path("data")) / name
+
+
+def load_cache(path: Path):
+    """(train_x, train_y, test_x, test_y, classes) from a cache, or None if absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, weights_only=True)
+        return d["train_x"], d["train_y"], d["test_x"], d["test_y"], list(d["classes"])
+    except Exception as e:  # a truncated cache is rebuilt, never trusted
+        print(f"warning: cache {path} is unreadable ({e}); rebuilding it")
+        return None
+
+
+def save_cache(path: Path, tensors) -> None:
+    keys = ("train_x", "train_y", "test_x", "test_y", "classes")
+    atomic_torch_save(dict(zip(keys, tensors)), path)
+
+
 def verify_md5(path: Path, md5: str, what: str) -> None:
     got = md5sum(path)
     if got != md5:
@@ -131,10 +160,10 @@ def download(url: str, dest: Path, md5: str | None, verify=None) -> Path:
 def _fetch_archive(data_dir: Path, url: str, md5: str, download_ok: bool, what: str) -> Path:
     """An archive with the right md5: found under data_dir (or Kaggle input) or downloaded."""
     name = url.rsplit("/", 1)[-1]
-    for root in search_roots(data_dir):
-        if (root / name).is_file():
-            verify_md5(root / name, md5, what)
-            return root / name
+    found = find_in_roots(data_dir, name, Path.is_file)
+    if found:
+        verify_md5(found, md5, what)
+        return found
     if not download_ok:
         raise DataError(f"{what} not found: put {name} (from {url}, md5 {md5}) or its extracted "
                         f"folder in {data_dir}, or attach it as a Kaggle dataset (found under "
@@ -150,7 +179,7 @@ def _unpickle(path: Path) -> dict:
 
 def load_cifar(name: str, data_dir: Path, download_ok: bool = True):
     src = CIFAR_SOURCES[name]
-    folder = next((r / src["folder"] for r in search_roots(data_dir) if (r / src["folder"]).is_dir()), None)
+    folder = find_in_roots(data_dir, src["folder"])
     if folder is None:
         archive = _fetch_archive(data_dir, src["url"], src["md5"], download_ok, name)
         tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
@@ -240,25 +269,18 @@ def _decode_all(src: _TinySource, items, desc: str):
 
 
 def load_tinyimagenet(data_dir: Path, download_ok: bool = True):
-    data_dir = Path(data_dir)
-    cache_dir = data_dir if os.access(data_dir, os.W_OK) or not data_dir.exists() else Path("data")
-    cache = cache_dir / TINY_CACHE
-    if cache.is_file():
-        try:
-            d = torch.load(cache, weights_only=True)
-            return d["train_x"], d["train_y"], d["test_x"], d["test_y"], list(d["classes"])
-        except Exception as e:  # a truncated cache is rebuilt, never trusted
-            print(f"warning: cache {cache} is unreadable ({e}); rebuilding it")
-    folder = next((r / "tiny-imagenet-200" for r in search_roots(data_dir)
-                   if (r / "tiny-imagenet-200" / "wnids.txt").is_file()), None)
+    cache = cache_path(data_dir, TINY_CACHE)
+    cached = load_cache(cache)
+    if cached is not None:
+        return cached
+    folder = find_in_roots(data_dir, "tiny-imagenet-200", lambda p: (p / "wnids.txt").is_file())
     src = _TinySource(folder if folder else
                       _fetch_archive(data_dir, TINY_URL, TINY_MD5, download_ok, "Tiny-ImageNet"))
     classes, train, test = _tiny_index(src)
-    train_x, train_y = _decode_all(src, train, "decode Tiny-ImageNet train")
-    test_x, test_y = _decode_all(src, test, "decode Tiny-ImageNet val")
-    atomic_torch_save(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                           classes=classes), cache)
-    return train_x, train_y, test_x, test_y, classes
+    out = (*_decode_all(src, train, "decode Tiny-ImageNet train"), *_decode_all(src, test, "decode Tiny-ImageNet val"),
+           classes)
+    save_cache(cache, out)
+    return out
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data_utils import DATASETS, DataError, atomic_torch_save, download, search_roots
+from data_utils import DATASETS, DataError, cache_path, download, find_in_roots, load_cache, save_cache
 
 MODELNET_URL = "http://modelnet.cs.princeton.edu/ModelNet40.zip"
 NUM_POINTS = 2048
@@ -134,18 +134,13 @@ def _from_hdf5(folder: Path, n: int):
 
 
 def load_modelnet40(data_dir: Path, download_ok: bool = True, num_points: int = NUM_POINTS):
-    data_dir = Path(data_dir)
-    cache = (data_dir if os.access(data_dir, os.W_OK) else Path("data")) / f"modelnet40_{num_points}_v1.pt"
-    if cache.is_file():
-        try:
-            d = torch.load(cache, weights_only=True)
-            return d["train_x"], d["train_y"], d["test_x"], d["test_y"], list(d["classes"])
-        except Exception as e:
-            print(f"warning: cache {cache} is unreadable ({e}); rebuilding it")
-    roots = search_roots(data_dir)
-    h5 = next((r / "modelnet40_ply_hdf5_2048" for r in roots if (r / "modelnet40_ply_hdf5_2048").is_dir()), None)
-    meshes = next((r / "ModelNet40" for r in roots if (r / "ModelNet40").is_dir()), None)
-    zipped = next((r / "ModelNet40.zip" for r in roots if (r / "ModelNet40.zip").is_file()), None)
+    cache = cache_path(data_dir, f"modelnet40_{num_points}_v1.pt")
+    cached = load_cache(cache)
+    if cached is not None:
+        return cached
+    h5 = find_in_roots(data_dir, "modelnet40_ply_hdf5_2048")
+    meshes = find_in_roots(data_dir, "ModelNet40")
+    zipped = find_in_roots(data_dir, "ModelNet40.zip", Path.is_file)
     if h5 is not None and num_points <= 2048:
         out = _from_hdf5(h5, num_points)
     elif meshes is not None:
@@ -155,10 +150,10 @@ def load_modelnet40(data_dir: Path, download_ok: bool = True, num_points: int = 
             if not download_ok:
                 raise DataError(f"ModelNet40 not found: put ModelNet40.zip (from {MODELNET_URL}) or its extracted "
                                 f"ModelNet40/ folder, or modelnet40_ply_hdf5_2048/, in {data_dir}; or run without --no-download")
-            zipped = download(MODELNET_URL, data_dir / "ModelNet40.zip", md5=None, verify=verify_zip)
+            zipped = download(MODELNET_URL, Path(data_dir) / "ModelNet40.zip", md5=None, verify=verify_zip)
         verify_zip(zipped)
         out = _from_meshes(zipped, num_points)
-    atomic_torch_save(dict(train_x=out[0], train_y=out[1], test_x=out[2], test_y=out[3], classes=out[4]), cache)
+    save_cache(cache, out)
     return out
 
 

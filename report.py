@@ -219,6 +219,14 @@ def plot_experiment(plt, exp: str, data: dict, out_dir: Path) -> list[Path]:
     return written
 
 
+def slots_to_image(weights, perm, h: int, w: int):
+    """Attention over token slots (N,) -> (h, w) image; slot j carries pixel perm[j] when permuted."""
+    import torch
+    out = torch.zeros_like(weights)
+    out[perm if perm is not None else slice(None)] = weights
+    return out.view(h, w).numpy()
+
+
 def plot_attention(plt, title: str, path: Path, out: Path, n_latents: int = 3) -> Path:
     """Cross-attention of the first cross-attend for the saved test samples: one row per sample.
 
@@ -238,20 +246,15 @@ def plot_attention(plt, title: str, path: Path, out: Path, n_latents: int = 3) -
             h, w = x.shape[2:]
             perm = d.get("pixel_perm")
             img = x[i].permute(1, 2, 0).numpy()
-
-            def to_image(weights):  # token slot j carries pixel perm[j]
-                out = torch.zeros_like(weights)
-                out[perm if perm is not None else slice(None)] = weights
-                return out.view(h, w).numpy()
             axes[i][0].imshow(img)
             axes[i][0].set_title(f"input (label {int(labels[i])})", fontsize=8)
-            axes[i][1].imshow(to_image(heads[0][1]), cmap="viridis")
+            axes[i][1].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis")
             axes[i][1].set_title("attention, mean over latents", fontsize=8)
             axes[i][2].imshow(img)
-            axes[i][2].imshow(to_image(heads[0][1]), cmap="viridis", alpha=0.6)
+            axes[i][2].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis", alpha=0.6)
             axes[i][2].set_title("overlay", fontsize=8)
             for k, (name, wts) in enumerate(heads[1:], start=3):
-                axes[i][k].imshow(to_image(wts), cmap="viridis")
+                axes[i][k].imshow(slots_to_image(wts, perm, h, w), cmap="viridis")
                 axes[i][k].set_title(name, fontsize=8)
         else:
             for k, (name, wts) in enumerate(heads):

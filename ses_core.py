@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
-           "ActivationCollector", "SES", "check_beta"]
+           "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
 
 
 def check_beta(beta: float) -> float:
@@ -115,6 +115,17 @@ def pool_activation(out: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"cannot pool an activation of shape {tuple(out.shape)} to (n, d)")
 
 
+def named_modules_checked(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn.Module]:
+    """model.named_modules() as a dict; an unknown name raises ValueError naming it and the nearest names."""
+    modules = dict(model.named_modules())
+    for name in layer_names:
+        if name not in modules:
+            near = difflib.get_close_matches(name, [k for k in modules if k], n=5, cutoff=0.5)
+            hint = f"; nearest: {', '.join(near)}" if near else ""
+            raise ValueError(f"unknown layer name {name!r}{hint}")
+    return modules
+
+
 class ActivationCollector:
     """Forward hooks on named modules that store each module's pooled (n, d) output, graph kept.
 
@@ -125,12 +136,7 @@ class ActivationCollector:
     """
 
     def __init__(self, model: nn.Module, layer_names: Sequence[str], enabled: bool = True):
-        modules = dict(model.named_modules())
-        for name in layer_names:
-            if name not in modules:
-                near = difflib.get_close_matches(name, [k for k in modules if k], n=5, cutoff=0.5)
-                hint = f"; nearest: {', '.join(near)}" if near else ""
-                raise ValueError(f"unknown layer name {name!r}{hint}")
+        modules = named_modules_checked(model, layer_names)
         self.layer_names = list(layer_names)
         self.enabled = enabled
         self.activations: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from data_utils import (DATASETS, DataError, GpuLoader, atomic_torch_save, load_dataset, make_mixer,
                         random_crop_flip, synthetic_dataset)
-from ses_core import SES, ActivationCollector, check_beta, spectral_entropies
+from ses_core import SES, ActivationCollector, named_modules_checked, spectral_entropies
 
 
 class NonFiniteLoss(RuntimeError):
@@ -113,13 +113,10 @@ def resolve_layers(cfg: dict, model: nn.Module) -> list[str]:
     if isinstance(spec, str) and spec in presets:
         found = presets[spec]
         return list(found(model) if callable(found) else found)
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    known = dict(model.named_modules())
-    for n in names:
-        if n not in known:
-            ActivationCollector(model, [n])  # raises with the nearest names
+    names = [n for n in spec.split(",") if n] if isinstance(spec, str) else list(spec)
     if not names:
         raise ValueError(f"no layers in {spec!r}; presets for {cfg['model']}: {', '.join(presets)}")
+    named_modules_checked(model, names)
     return names
 
 
@@ -308,17 +305,19 @@ def measure_entropy(model, layers: list[str], x: torch.Tensor, amp: AmpPolicy) -
 
 
 # ----------------------------------------------------------------------------- run lifecycle
-def write_json(path: Path, obj) -> None:
-    """JSON via a temp file + os.replace."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Text via a temp file + os.replace: readers see the old file or the new one, never half."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def rng_state() -> dict:
@@ -409,13 +408,12 @@ class Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
     info: dict
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     @property
     def is_image(self) -> bool:
         return self.train_x.dtype == torch.uint8
-
-    val_x: torch.Tensor | None = None
-    val_y: torch.Tensor | None = None
 
     def with_validation(self, n: int) -> "Data":
         """A fixed hold-out of n training samples as the validation split (train shrinks by n)."""

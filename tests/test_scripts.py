@@ -98,5 +98,5 @@ def test_bundle_embeds_modules_verbatim():
     assert {"ses_core", "data_utils", "train_utils", "lamb", "pointclouds"} <= set(mods)  # lazy imports too
     assert list(mods).index("ses_core") < list(mods).index("train_utils")  # dependencies first
     text = bundle.bundle(ROOT / "exp10_periodic_ses.py")
-    for name, src in mods.items():
+    for src in mods.values():
         assert bundle.literal(src) in text
