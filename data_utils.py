@@ -5,23 +5,24 @@ load_dataset(name, data_dir) -> (train_x, train_y, test_x, test_y, classes)
 Sources: CIFAR-10/100 python pickles (archive downloaded with its md5 checked), Tiny-ImageNet
 (the cs231n zip with md5, the zip already present, or an extracted folder; val/ is the test
 split, labelled by val/val_annotations.txt; decoded once in parallel and cached as uint8),
-ModelNet40 (pointclouds.py) and a learnable synthetic set for --smoke.
-Every file written here goes to a temporary name first and is moved into place with os.replace,
-so a failed or killed run never leaves a half-written archive, folder or cache behind.
+and a learnable synthetic set for --smoke (point clouds live in pointclouds.py, which a script
+passes in). Every file written here goes to a temporary name first and is moved into place with
+os.replace (files.py), so a failed or killed run never leaves a half-written archive or cache.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
+import platform
 import pickle
 import shutil
 import tarfile
 import tempfile
 import threading
-import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-class DataError(RuntimeError):
-    """Missing, corrupt or mismatching data: the message says what to do."""
-
-
-# name -> facts used by the models and the loader (mean/std of the training pixels in [0, 1])
-DATASETS = {
-    "cifar10": dict(num_classes=10, image_size=32, pad=4,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    "cifar100": dict(num_classes=100, image_size=32, pad=4,
-                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-    "tinyimagenet": dict(num_classes=200, image_size=64, pad=4,
-                         mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
-}
+from files import DataError, cache_path, download, fetch_archive, find_in_roots, load_cache, save_cache  # noqa: F401
 
 CIFAR_SOURCES = {
     "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -59,118 +47,6 @@ TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINY_CACHE = "tinyimagenet_uint8_v1.pt"
 
 
-# ----------------------------------------------------------------------------- files
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def search_roots(data_dir: Path) -> list[Path]:
-    """data_dir, plus Kaggle's read-only /kaggle/input/<dataset>[/<sub>] folders when present."""
-    roots = [Path(data_dir)]
-    kaggle = Path("/kaggle/input")
-    if kaggle.is_dir():
-        roots += sorted(p for p in kaggle.glob("*") if p.is_dir())
-        roots += sorted(p for p in kaggle.glob("*/*") if p.is_dir())
-    return roots
-
-
-def find_in_roots(data_dir: Path, name: str, is_kind=Path.is_dir) -> Path | None:
-    """The first <root>/<name> over search_roots(data_dir) that passes is_kind (a folder by default)."""
-    return next((r / name for r in search_roots(data_dir) if is_kind(r / name)), None)
-
-
-def cache_path(data_dir: Path, name: str) -> Path:
-    """Decoded-dataset cache in data_dir, or in ./data when data_dir is read-only (Kaggle input)."""
-    data_dir = Path(data_dir)
-    writable = os.access(data_dir, os.W_OK) or not data_dir.exists()
-    return (data_dir if writable else Path("data")) / name
-
-
-def load_cache(path: Path):
-    """(train_x, train_y, test_x, test_y, classes) from a cache, or None if absent or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        d = torch.load(path, weights_only=True)
-        return d["train_x"], d["train_y"], d["test_x"], d["test_y"], list(d["classes"])
-    except Exception as e:  # a truncated cache is rebuilt, never trusted
-        print(f"warning: cache {path} is unreadable ({e}); rebuilding it")
-        return None
-
-
-def save_cache(path: Path, tensors) -> None:
-    keys = ("train_x", "train_y", "test_x", "test_y", "classes")
-    atomic_torch_save(dict(zip(keys, tensors)), path)
-
-
-def verify_md5(path: Path, md5: str, what: str) -> None:
-    got = md5sum(path)
-    if got != md5:
-        raise DataError(f"{path} has md5 {got}, expected {md5} for {what}: the file is corrupt or "
-                        f"a different archive; delete it and rerun to download it again, or pass "
-                        f"--data-dir to a folder holding the extracted dataset")
-
-
-def download(url: str, dest: Path, md5: str | None, verify=None) -> Path:
-    """Download url to dest via a .part file, checked before it takes its final name: against its
-    md5, or (for archives with no published checksum) by verify(path), which raises DataError."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0)
-            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                while block := r.read(1 << 20):
-                    f.write(block)
-                    bar.update(len(block))
-        verify_md5(part, md5, url) if md5 else verify(part)
-    except DataError:
-        part.unlink(missing_ok=True)
-        raise
-    except (OSError, ValueError) as e:
-        part.unlink(missing_ok=True)
-        raise DataError(f"could not download {url} ({e}); download it by hand and put it "
-                        f"at {dest}, or attach it as a Kaggle dataset and pass --data-dir") from None
-    os.replace(part, dest)
-    return dest
-
-
-def _fetch_archive(data_dir: Path, url: str, md5: str, download_ok: bool, what: str) -> Path:
-    """An archive with the right md5: found under data_dir (or Kaggle input) or downloaded."""
-    name = url.rsplit("/", 1)[-1]
-    found = find_in_roots(data_dir, name, Path.is_file)
-    if found:
-        verify_md5(found, md5, what)
-        return found
-    if not download_ok:
-        raise DataError(f"{what} not found: put {name} (from {url}, md5 {md5}) or its extracted "
-                        f"folder in {data_dir}, or attach it as a Kaggle dataset (found under "
-                        f"/kaggle/input automatically), or run without --no-download")
-    return download(url, Path(data_dir) / name, md5)
-
-
 # ----------------------------------------------------------------------------- CIFAR
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
@@ -181,7 +57,7 @@ def load_cifar(name: str, data_dir: Path, download_ok: bool = True):
     src = CIFAR_SOURCES[name]
     folder = find_in_roots(data_dir, src["folder"])
     if folder is None:
-        archive = _fetch_archive(data_dir, src["url"], src["md5"], download_ok, name)
+        archive = fetch_archive(data_dir, src["url"], src["md5"], download_ok, name)
         tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
         try:
             with tarfile.open(archive) as tar:
@@ -275,7 +151,7 @@ def load_tinyimagenet(data_dir: Path, download_ok: bool = True):
         return cached
     folder = find_in_roots(data_dir, "tiny-imagenet-200", lambda p: (p / "wnids.txt").is_file())
     src = _TinySource(folder if folder else
-                      _fetch_archive(data_dir, TINY_URL, TINY_MD5, download_ok, "Tiny-ImageNet"))
+                      fetch_archive(data_dir, TINY_URL, TINY_MD5, download_ok, "Tiny-ImageNet"))
     classes, train, test = _tiny_index(src)
     out = (*_decode_all(src, train, "decode Tiny-ImageNet train"), *_decode_all(src, test, "decode Tiny-ImageNet val"),
            classes)
@@ -285,16 +161,19 @@ def load_tinyimagenet(data_dir: Path, download_ok: bool = True):
 
 # ----------------------------------------------------------------------------- synthetic
 def synthetic_dataset(num_classes: int, image_size: int, n_train: int = 512, n_test: int = 256,
-                      seed: int = 0):
-    """Learnable images for --smoke: each class is a fixed low-frequency colour pattern + noise."""
+                      seed: int = 0, chunk: int = 8192):
+    """Learnable images: each class is a fixed low-frequency colour pattern + noise (uint8, made in
+    chunks so that real-size sets, e.g. Tiny-ImageNet's 100k at 64x64, need little extra memory)."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(num_classes, 3, 4, 4, generator=g)
     protos = F.interpolate(protos, size=(image_size, image_size), mode="nearest")
 
     def make(n):
         y = torch.randint(0, num_classes, (n,), generator=g)
-        noise = torch.randn(n, 3, image_size, image_size, generator=g)
-        x = (40 + 175 * protos[y] + 25 * noise).clamp(0, 255).to(torch.uint8)
+        x = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
+        for s in range(0, n, chunk):
+            noise = torch.randn(min(chunk, n - s), 3, image_size, image_size, generator=g)
+            x[s:s + chunk] = (40 + 175 * protos[y[s:s + chunk]] + 25 * noise).clamp(0, 255).to(torch.uint8)
         return x, y
 
     train_x, train_y = make(n_train)
@@ -302,21 +181,32 @@ def synthetic_dataset(num_classes: int, image_size: int, n_train: int = 512, n_t
     return train_x, train_y, test_x, test_y, [f"class{i}" for i in range(num_classes)]
 
 
-def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True):
-    """(train_x, train_y, test_x, test_y, classes) for cifar10, cifar100, tinyimagenet, modelnet40."""
+# name -> facts used by the models and the loader (mean/std of the training pixels in [0, 1]) and
+# load(data_dir, download_ok) -> (train_x, train_y, test_x, test_y, classes); sizes = the real
+# (n_train, n_test), which --synthetic generates. A script adds its own
+# datasets (exp13: ModelNet40 from pointclouds.py) by passing them to the harness, not by writing here.
+DATASETS = {
+    "cifar10": dict(num_classes=10, image_size=32, pad=4, load=partial(load_cifar, "cifar10"), sizes=(50_000, 10_000),
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(num_classes=100, image_size=32, pad=4, load=partial(load_cifar, "cifar100"), sizes=(50_000, 10_000),
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "tinyimagenet": dict(num_classes=200, image_size=64, pad=4, load=lambda d, ok: load_tinyimagenet(d, ok),
+                         sizes=(100_000, 10_000),
+                         mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
+}
+
+
+def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True, datasets=None):
+    """(train_x, train_y, test_x, test_y, classes) of a dataset in `datasets` (default DATASETS)."""
+    datasets = DATASETS if datasets is None else datasets
+    if name not in datasets:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(datasets)}")
     data_dir = Path(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError:
         pass  # a read-only dataset folder (e.g. under /kaggle/input) is fine to read from
-    if name in CIFAR_SOURCES:
-        return load_cifar(name, data_dir, download)
-    if name == "tinyimagenet":
-        return load_tinyimagenet(data_dir, download)
-    if name == "modelnet40":
-        from pointclouds import load_modelnet40
-        return load_modelnet40(data_dir, download)
-    raise DataError(f"unknown dataset {name!r}; known: cifar10, cifar100, tinyimagenet, modelnet40")
+    return datasets[name]["load"](data_dir, download)
 
 
 # ----------------------------------------------------------------------------- GPU loader
@@ -391,3 +281,55 @@ def make_mixer(kind: str, num_classes: int, alpha: float = 1.0):
     if kind == "cutmix":
         return v2.CutMix(alpha=alpha, num_classes=num_classes)
     raise ValueError(f"unknown mix {kind!r}; use none, mixup or cutmix")
+
+
+# ----------------------------------------------------------------------------- a dataset on the device
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+@dataclass
+class Data:
+    """One dataset on the device, shared by every run of a sweep (info: the dataset's entry)."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    info: dict
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.train_x.dtype == torch.uint8
+
+    def with_validation(self, n: int) -> "Data":
+        """A fixed hold-out of n training samples as the validation split (train shrinks by n)."""
+        if n <= 0:
+            return self
+        if n >= len(self.train_y):
+            raise ValueError(f"val_size {n} leaves no training data ({len(self.train_y)} samples)")
+        order = self.fixed_subset(len(self.train_y), seed=2)
+        val, train = order[:n], order[n:]
+        return Data(self.train_x[train], self.train_y[train], self.test_x, self.test_y, self.info,
+                    self.train_x[val], self.train_y[val])
+
+    def fixed_subset(self, n: int, seed: int = 0) -> torch.Tensor:
+        """Indices of a fixed training subset (the same for every run and seed)."""
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(len(self.train_y), generator=g)[:n].to(self.train_y.device)
+
+
+def load_data(name: str, info: dict, device, data_dir: Path, download_ok: bool,
+              generated: tuple[int, int] | None = None, datasets=None) -> Data:
+    """The dataset on `device`: real files, or generated data of (n_train, n_test) samples."""
+    if generated is not None:
+        make = info.get("synthetic") or partial(synthetic_dataset, info["num_classes"], info["image_size"])
+        tensors = make(*generated)
+    else:
+        tensors = load_dataset(name, data_dir, download=download_ok, datasets=datasets)
+    train_x, train_y, test_x, test_y, _ = tensors
+    return Data(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), info)

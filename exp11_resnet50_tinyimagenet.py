@@ -16,7 +16,7 @@ Rerunning the same command resumes unfinished runs and skips finished ones.
 """
 import sys
 
-from train_utils import run_experiment
+from cli import run_experiment
 
 SETUP = dict(dataset="tinyimagenet", model="resnet50", layers="layer4+avgpool",
              smoke=dict(batch_size=8, eval_batch_size=16, n_train=16, n_test=16))  # R50 at 64x64: ~1 s/img on 2 CPU cores

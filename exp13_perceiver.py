@@ -26,9 +26,10 @@ Run it:
 """
 import sys
 
-import pointclouds  # noqa: F401  (registers the modelnet40 dataset)
-from perceiver import build_perceiver, latent_taps
-from train_utils import HOOK_PRESETS, MODEL_BUILDERS, run_experiment
+from cli import run_experiment
+from lamb import make_lamb
+from perceiver import build_perceiver, latent_taps, save_attention_maps
+from pointclouds import MODELNET40
 
 SETUP = dict(model="perceiver", layers="latents", optimizer="lamb", weight_decay=0.1, epochs=120,
              scheduler="multistep", milestones=[84, 102, 114], schedule_epochs=120, eval_batch_size=256,
@@ -65,9 +66,10 @@ FLAGS = {
 
 
 def main(argv=None) -> int:
-    MODEL_BUILDERS["perceiver"] = build_perceiver
-    HOOK_PRESETS["perceiver"] = {"latents": latent_taps}
-    return run_experiment(__file__, SETUP, GRID, __doc__, argv, extra_flags=FLAGS)
+    return run_experiment(__file__, SETUP, GRID, __doc__, argv, extra_flags=FLAGS,
+                          models={"perceiver": build_perceiver}, presets={"perceiver": {"latents": latent_taps}},
+                          datasets={"modelnet40": MODELNET40}, optimizers={"lamb": make_lamb},
+                          epoch_callbacks=[save_attention_maps])
 
 
 if __name__ == "__main__":

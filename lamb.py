@@ -48,3 +48,8 @@ class Lamb(torch.optim.Optimizer):
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
                 w.sub_((group["lr"] * trust * u).to(w.dtype))
         return loss
+
+
+def make_lamb(params, cfg: dict) -> Lamb:
+    """The harness's optimizer factory for `optimizer="lamb"`."""
+    return Lamb(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])

@@ -21,10 +21,14 @@ training and test. Point clouds (B, P, 3) -> P tokens (xyz + Fourier features of
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data_utils import GpuLoader
+from files import atomic_torch_save
 
 
 def fourier_features(coords: torch.Tensor, num_bands: int, max_freq: float) -> torch.Tensor:
@@ -190,3 +194,17 @@ def build_perceiver(cfg: dict, info: dict) -> Perceiver:
         num_heads=cfg["num_heads"], dropout=cfg["dropout"], num_bands=cfg["num_bands"], max_freq=cfg["max_freq"],
         use_learned_pe=cfg["use_learned_pe"], weight_sharing=cfg["weight_sharing"], pooling=cfg["pooling"],
         permute_pixels=cfg["permute_pixels"], permute_seed=cfg["permute_seed"])
+
+
+def save_attention_maps(model, data, run_dir: Path, epoch: int, cfg: dict, n_samples: int = 4) -> None:
+    """Epoch callback: every cfg['attention_every'] epochs (and at the last), the cross-attention maps
+    of the first n test samples -> run_dir/attention/epoch_XXX.pt (maps in fp16, inputs as stored)."""
+    every = cfg.get("attention_every", 0)
+    if not every or not isinstance(model, Perceiver) or (epoch % every and epoch != cfg["epochs"]):
+        return
+    x, y = data.test_x[:n_samples], data.test_y[:n_samples]
+    xb = next(GpuLoader(x, y, n_samples, x.device, train=False).epoch())[0]
+    maps = model.attention_maps(xb)
+    atomic_torch_save(dict(epoch=epoch, inputs=x.cpu(), labels=y.cpu(), maps=maps.half().cpu(),
+                           pixel_perm=getattr(model, "pixel_perm", None)),
+                      Path(run_dir) / "attention" / f"epoch_{epoch:03d}.pt")

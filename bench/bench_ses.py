@@ -1,15 +1,21 @@
-"""Benchmark: SES penalty cost, and a ResNet-18 CIFAR training step with and without SES.
+"""Benchmark SES on the device it is given: solver routes, and training steps against the baseline.
 
-    python bench/bench_ses.py                 # on CUDA if available, else CPU
-    python bench/bench_ses.py --device cpu --steps 5
+    python bench/bench_ses.py                          # CUDA if available; bf16 (or fp16 below sm_80)
+    python bench/bench_ses.py --amp fp16 --json out.json
+    python bench/bench_ses.py --device cpu --steps 2 --setups resnet18   # a CPU run: see the note it prints
 
-1. Penalty forward + backward, project route (Gram matrix when n < d, equal sizes batched into
-   one eigvalsh) vs the textbook route (d x d covariance, one eigvalsh per layer), for
-   ResNet-50 layer4+avgpool shapes 4 x (256, 2048) and ResNet-18 `all` shapes (n = 256).
-2. One training step of the CIFAR ResNet-18 (batch 256 on CUDA, 64 on CPU) under the suite's
-   AMP policy, plain CE vs CE + SES k = 1 on the 9 `all` hooks. Prints medians; no assertions.
+1. Solver: seconds per SES step's eigen-solve for each exact route (float32 / float64 eigvalsh on the
+   device, float64 eigh on the host) on the matrices SES really solves: ResNet-18 `all` (n = 256:
+   Gram/covariance sizes 64, 64, 128, 128, 256, 256, 256, 256, 256, layer4.1 = avgpool solved once)
+   and ResNet-50 `layer4+avgpool` (4 x 256, avgpool aliased). Forward + backward.
+2. Steps: the CIFAR-stem ResNet-18 on CIFAR-100 shapes and ResNet-50 on Tiny-ImageNet shapes at batch
+   256, baseline and SES k = 1, 3, 5, 10 (solver "auto"), timed interleaved in one process (round-robin
+   over the variants, 10 steps each, median over rounds), on one constant on-device batch; plus the
+   baseline fed by the suite's GPU loader (random crop + flip) over 50k generated images, against that
+   constant-batch ceiling. Prints a table and writes --json.
 """
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -20,103 +26,151 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_utils import DATASETS  # noqa: E402
-from ses_core import SES, ses_penalty  # noqa: E402
-from train_utils import DEFAULTS, amp_policy, build_resnet, resolve_layers  # noqa: E402
+from config import DEFAULTS  # noqa: E402
+from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
+from models import build_resnet, resolve_layers  # noqa: E402
+from ses_core import SES, SOLVERS, _centred_gram, eigvals_psd  # noqa: E402
+from training import AMP_MODES, amp_policy  # noqa: E402
 
-R50_SHAPES = [(256, 2048)] * 4
-R18_SHAPES = [(256, d) for d in (64, 64, 128, 128, 256, 256, 512, 512, 512)]
-
-
-def textbook_penalty(acts, beta):
-    """The direct formula: d x d covariance per layer, eigvalsh, entropy; float32."""
-    r = 0.0
-    for a in acts:
-        x = a.float() - a.float().mean(0)
-        lam = torch.linalg.eigvalsh(x.T @ x / (len(x) - 1)).clamp_min(0)
-        p = lam / lam.sum()
-        h = -(p * torch.log(p.clamp_min(1e-30))).sum()
-        r = r + (h - beta * math.log(a.shape[1])) ** 2
-    return r
+SETUPS = {"resnet18": dict(model="resnet18", layers="all", dataset="cifar100", size=32),
+          "resnet50": dict(model="resnet50", layers="layer4+avgpool", dataset="tinyimagenet", size=64)}
+R18_DIMS = [64, 64, 128, 128, 256, 256, 512, 512]        # avgpool = layer4.1: solved once
+R50_DIMS = [2048, 2048, 2048]                            # avgpool = layer4.2: solved once
 
 
-def timed(fn, device, repeats):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def bench_penalty(device, repeats):
-    for label, shapes in (("ResNet-50 layer4+avgpool 4x(256,2048)", R50_SHAPES),
-                          ("ResNet-18 all-9 (n=256)", R18_SHAPES)):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        acts = [torch.randn(n, d, generator=g).to(device).requires_grad_(True) for n, d in shapes]
-
-        def run(route):
-            def f():
-                route(acts, 0.7).backward()
-            return f
-        t_proj = timed(run(ses_penalty), device, repeats)
-        t_text = timed(run(textbook_penalty), device, repeats)
-        diff = abs(ses_penalty(acts, 0.7).item() - textbook_penalty(acts, 0.7).item())
-        print(f"penalty fwd+bwd  {label:<40} project {1e3 * t_proj:9.2f} ms   textbook {1e3 * t_text:9.2f} ms"
-              f"   speed-up {t_text / t_proj:6.1f}x   |R diff| {diff:.2e}")
-
-
-def bench_step(device, steps, batch):
-    amp = amp_policy(device)
-    cfg = dict(DEFAULTS, model="resnet18", layers="all")
-    x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (batch,), device=device)
-    results = {}
-    for name in ("plain CE", "CE + SES k=1"):
-        torch.manual_seed(0)
-        model = build_resnet(cfg, DATASETS["cifar100"]).to(device, memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        scaler = amp.scaler()
-        ses = SES(model, resolve_layers(cfg, model), 0.01, 0.7, 1) if name != "plain CE" else None
-
-        def step():
-            if ses:
-                ses.begin_step()
-            with amp.autocast():
-                loss = F.cross_entropy(model(x), y)
-            loss = loss + (ses.penalty() if ses else 0.0)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        results[name] = timed(step, device, steps)
-        print(f"train step  ResNet-18 CIFAR batch {batch} {amp.name}  {name:<14} {1e3 * results[name]:9.1f} ms")
-    print(f"SES k=1 step overhead: {100 * (results['CE + SES k=1'] / results['plain CE'] - 1):+.1f} %")
+def bench_solvers(device, n, repeats):
+    rows = []
+    for label, dims in (("resnet18 all", R18_DIMS), ("resnet50 layer4+avgpool", R50_DIMS)):
+        g = torch.Generator().manual_seed(0)
+        acts = [torch.randn(n, d, generator=g).to(device).requires_grad_(True) for d in dims]
+        grams = [_centred_gram(a) for a in acts]
+        sizes = sorted({gm.shape[-1] for gm in grams})
+        for solver in SOLVERS[1:]:
+            times = []
+            for rep in range(repeats + 1):
+                sync(device)
+                t0 = time.perf_counter()
+                total = 0
+                for k in sizes:
+                    total = total + eigvals_psd(torch.stack([gm for gm in grams if gm.shape[-1] == k]), solver).sum()
+                total.backward(retain_graph=True)
+                sync(device)
+                if rep:
+                    times.append(time.perf_counter() - t0)
+            rows.append(dict(layers=label, solver=solver, sizes=[gm.shape[-1] for gm in grams],
+                             ms=1e3 * statistics.median(times)))
+            print(f"solver  {label:<26} {solver:<8} {rows[-1]['ms']:8.2f} ms  (sizes {rows[-1]['sizes']})")
+    return rows
 
 
-def main():
+def make_variant(setup, k, device, amp):
+    torch.manual_seed(0)
+    cfg = dict(DEFAULTS, model=setup["model"], layers=setup["layers"])
+    model = build_resnet(cfg, DATASETS[setup["dataset"]]).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    ses = SES(model, resolve_layers(cfg, model), 0.01, 0.7, k) if k else None
+    return dict(model=model, opt=opt, ses=ses, scaler=amp.scaler())
+
+
+def step(v, x, y, amp):
+    ses = v["ses"]
+    if ses:
+        ses.begin_step()
+    with amp.autocast():
+        loss = F.cross_entropy(v["model"](x), y)
+    loss = loss + (ses.penalty() if ses else 0.0)
+    v["opt"].zero_grad(set_to_none=True)
+    v["scaler"].scale(loss).backward()
+    v["scaler"].step(v["opt"])
+    v["scaler"].update()
+
+
+def bench_steps(name, device, amp, rounds, batch):
+    setup = SETUPS[name]
+    info = DATASETS[setup["dataset"]]
+    x = torch.rand(batch, 3, setup["size"], setup["size"], device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, info["num_classes"], (batch,), device=device)
+    variants = {f"k={k}" if k else "baseline": make_variant(setup, k, device, amp) for k in (0, 1, 3, 5, 10)}
+    tx, ty, *_ = synthetic_dataset(info["num_classes"], setup["size"], n_train=max(batch * 12, 50_000 if device.type == "cuda" else batch * 12), n_test=1)
+    loader = GpuLoader(tx, ty, batch, device, train=True, augment=lambda xb, gen: random_crop_flip(xb, gen, 4))
+    batches = loader.epoch(0)
+    times = {k: [] for k in list(variants) + ["baseline+loader"]}
+    group = 10
+    for rnd in range(rounds + 1):
+        for label, v in list(variants.items()) + [("baseline+loader", variants["baseline"])]:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(group):
+                if label == "baseline+loader":
+                    try:
+                        xb, yb = next(batches)
+                    except StopIteration:
+                        batches = loader.epoch(rnd + 1)
+                        xb, yb = next(batches)
+                    step(v, xb, yb, amp)
+                else:
+                    step(v, x, y, amp)
+            sync(device)
+            if rnd:  # round 0 warms up (cuDNN autotuning, solver choice)
+                times[label].append((time.perf_counter() - t0) / group)
+    base = statistics.median(times["baseline"])
+    rows = []
+    for label, ts in times.items():
+        ms = 1e3 * statistics.median(ts)
+        v = variants.get(label)
+        solver = v["ses"].solver if v and v["ses"] else "-"
+        rows.append(dict(setup=name, amp=amp.name, variant=label, ms=ms, images_per_s=batch / (ms / 1e3),
+                         vs_baseline=ms / (1e3 * base) - 1, solver=solver,
+                         solver_timings_ms={k: 1e3 * t for k, t in (v["ses"].solver_timings if v and v["ses"] else {}).items()}))
+        print(f"step    {name:<9} {amp.name} batch {batch} {label:<16} {ms:8.2f} ms {batch / (ms / 1e3):9.0f} img/s "
+              f"{100 * rows[-1]['vs_baseline']:+7.1f} %  solver {solver}")
+    for v in variants.values():
+        if v["ses"]:
+            v["ses"].remove()
+    return rows
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=10, help="timed repeats of the penalty")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
-    p.add_argument("--batch", type=int, help="training batch (default 256 on CUDA, 64 on CPU)")
-    args = p.parse_args()
-    device = torch.device(args.device)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to measure on: cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto", help="precision path (default auto)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds of 10 steps per variant (default 5)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each solver route (default 5)")
+    p.add_argument("--batch", type=int, help="training batch (default 256; 16 on a CPU)")
+    p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS), help="models to time")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        p.exit(2, "bench_ses.py: error: --steps and --repeats must be >= 1\n")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.exit(2, f"bench_ses.py: error: --device {args.device!r} is not a device (use cuda, cuda:0 or cpu)\n")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.exit(2, "bench_ses.py: error: --device cuda, but CUDA is not available on this machine; use --device cpu\n")
+    amp = amp_policy(device, args.amp)
+    batch = args.batch or (256 if device.type == "cuda" else 16)
+    env = dict(torch=torch.__version__, cuda=torch.version.cuda,
+               device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)")
+    print(f"device: {env['device']}, torch {env['torch']}, CUDA {env['cuda']}, amp {amp.name}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     else:
-        print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    bench_penalty(device, args.repeats)
-    bench_step(device, args.steps, args.batch or (256 if device.type == "cuda" else 64))
+        print("note: on a CPU the convolutions dominate and the solver runs on the same cores, so the overhead "
+              "figures below say little about a GPU; run this on the GPU you train on")
+    out = dict(env=env, batch=batch, solvers=bench_solvers(device, 256, args.repeats),
+               steps=[r for s in args.setups for r in bench_steps(s, device, amp, args.steps, batch)])
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The harness: AMP policy, models and presets, CLI errors, crash-safe resume, failure handling."""
+"""The harness (config, models, training, evaluation, runs, sweep, cli): AMP policy, models and presets, CLI errors, crash-safe resume, failure handling."""
 import json
 import os
 import signal
@@ -11,7 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import train_utils as tu
+import cli
+import config
+import evaluation
+import models
+import runs
+import training
 from data_utils import DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +34,12 @@ def run_script(script, *args, cwd=ROOT, timeout=300):
 def test_amp_policy_by_capability(monkeypatch, cap, dtype, scaler):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a T4 says True too
-    amp = tu.amp_policy("cuda")
+    amp = training.amp_policy("cuda")
     assert amp.dtype == dtype and amp.use_scaler == scaler
 
 
 def test_amp_policy_cpu_is_fp32():
-    amp = tu.amp_policy("cpu")
+    amp = training.amp_policy("cpu")
     assert amp.dtype is None and not amp.use_scaler and amp.name == "fp32"
     assert not amp.scaler().is_enabled()
 
@@ -44,28 +49,28 @@ def test_amp_policy_cpu_is_fp32():
                                               ("resnet18", "last3", [512, 512, 512]),
                                               ("resnet50", "layer4+avgpool", [2048] * 4)])
 def test_cifar_stem_and_hook_presets(arch, preset, dims):
-    cfg = dict(tu.DEFAULTS, model=arch, layers=preset)
-    model = tu.build_resnet(cfg, DATASETS["cifar100"]).eval()
+    cfg = dict(config.DEFAULTS, model=arch, layers=preset)
+    model = models.build_resnet(cfg, DATASETS["cifar100"]).eval()
     conv = model.conv1[1]
     assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
     assert isinstance(model.maxpool, nn.Identity)
-    layers = tu.resolve_layers(cfg, model)
+    layers = models.resolve_layers(cfg, model)
     with torch.no_grad():
-        ent, d = tu.measure_entropy(model, layers, torch.rand(4, 3, 32, 32), tu.amp_policy("cpu"))
+        ent, d = evaluation.measure_entropy(model, layers, torch.rand(4, 3, 32, 32), training.amp_policy("cpu"))
     assert list(d.values()) == dims and list(ent) == layers
     assert all(0 <= h <= 1.1 for h in ent.values())  # rank <= n - 1 = 3: H <= log 3
 
 
 def test_layers_by_name_and_unknown_layer():
-    cfg = dict(tu.DEFAULTS, layers="layer3.1,avgpool")
-    model = tu.build_resnet(cfg, DATASETS["cifar100"])
-    assert tu.resolve_layers(cfg, model) == ["layer3.1", "avgpool"]
+    cfg = dict(config.DEFAULTS, layers="layer3.1,avgpool")
+    model = models.build_resnet(cfg, DATASETS["cifar100"])
+    assert models.resolve_layers(cfg, model) == ["layer3.1", "avgpool"]
     with pytest.raises(ValueError, match="layer9"):
-        tu.resolve_layers(dict(cfg, layers="layer9.0"), model)
+        models.resolve_layers(dict(cfg, layers="layer9.0"), model)
 
 
 def test_spectral_norm_variant_wraps_every_conv_and_linear():
-    model = tu.build_resnet(dict(tu.DEFAULTS, spectral_norm=True), DATASETS["cifar10"])
+    model = models.build_resnet(dict(config.DEFAULTS, spectral_norm=True), DATASETS["cifar10"])
     mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert mods and all(hasattr(m, "weight_orig") for m in mods)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
@@ -76,9 +81,9 @@ def test_spectral_norm_variant_wraps_every_conv_and_linear():
     ("cosine", lambda lrs: lrs[0] == 0.1 and lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs, lrs[1:]))),
     ("step", lambda lrs: lrs[0] == 0.1 and min(lrs) < 0.1)])
 def test_schedulers(name, check):
-    cfg = dict(tu.DEFAULTS, scheduler=name, epochs=6, milestones=[30, 45], schedule_epochs=60, step_size=20)
+    cfg = dict(config.DEFAULTS, scheduler=name, epochs=6, milestones=[30, 45], schedule_epochs=60, step_size=20)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = tu.build_scheduler(cfg, opt)
+    sched = training.build_scheduler(cfg, opt)
     lrs = []
     for _ in range(cfg["epochs"]):
         lrs.append(opt.param_groups[0]["lr"])
@@ -90,7 +95,9 @@ def test_schedulers(name, check):
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lamb"])
 def test_optimizers_build_and_step(name):
     model = nn.Linear(3, 2)
-    opt = tu.build_optimizer(dict(tu.DEFAULTS, optimizer=name, lr=0.01), model)
+    from lamb import make_lamb
+    opt = training.build_optimizer(dict(config.DEFAULTS, optimizer=name, lr=0.01), model,
+                                   {**training.OPTIMIZERS, "lamb": make_lamb})
     before = model.weight.detach().clone()
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
@@ -98,8 +105,8 @@ def test_optimizers_build_and_step(name):
 
 
 def test_milestones_scale_with_epochs():
-    assert tu.scaled_milestones(dict(tu.DEFAULTS)) == [25, 40, 52]
-    assert tu.scaled_milestones(dict(tu.DEFAULTS, epochs=30)) == [12, 20, 26]
+    assert training.scaled_milestones(dict(config.DEFAULTS)) == [25, 40, 52]
+    assert training.scaled_milestones(dict(config.DEFAULTS, epochs=30)) == [12, 20, 26]
 
 
 # ----------------------------------------------------------------------------- CLI errors
@@ -141,7 +148,8 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
 
     out_b = tmp_path / "b"
-    run_dir = out_b / "smoke" / "exp10_periodic_ses" / "ses_k3_seed0"
+    name = "ses_k3+epochs=4_seed0"  # --epochs overrides the smoke setting: part of the run's name
+    run_dir = out_b / "smoke" / "exp10_periodic_ses" / name
     proc = subprocess.Popen([sys.executable, str(ROOT / "exp10_periodic_ses.py"), *args, "--out-dir", str(out_b)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -157,8 +165,8 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
 
     resumed = run_script("exp10_periodic_ses.py", *args, "--out-dir", str(out_b))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming ses_k3_seed0 after epoch" in resumed.stdout
-    assert read_run(run_dir) == read_run(tmp_path / "a" / "smoke" / "exp10_periodic_ses" / "ses_k3_seed0")
+    assert f"resuming {name} after epoch" in resumed.stdout
+    assert read_run(run_dir) == read_run(tmp_path / "a" / "smoke" / "exp10_periodic_ses" / name)
 
     again = run_script("exp10_periodic_ses.py", *args, "--out-dir", str(out_b))
     assert "finished earlier, skipped" in again.stdout
@@ -166,7 +174,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
 
 def test_corrupt_checkpoint_restarts_the_run_with_a_warning(tmp_path):
     args = ["--smoke", "--configs", "baseline", "--epochs", "1", "--out-dir", str(tmp_path)]
-    run_dir = tmp_path / "smoke" / "exp10_periodic_ses" / "baseline_seed0"
+    run_dir = tmp_path / "smoke" / "exp10_periodic_ses" / "baseline+epochs=1_seed0"
     assert run_script("exp10_periodic_ses.py", *args).returncode == 0
     (run_dir / "result.json").unlink()
     (run_dir / "checkpoint.pt").write_bytes(b"truncated")
@@ -176,12 +184,22 @@ def test_corrupt_checkpoint_restarts_the_run_with_a_warning(tmp_path):
     assert (run_dir / "checkpoint.pt.corrupt").is_file()
 
 
-def test_changed_settings_are_refused_not_mixed(tmp_path):
-    args = ["--smoke", "--configs", "baseline", "--epochs", "1", "--out-dir", str(tmp_path)]
+def test_an_override_gets_its_own_folder_and_is_never_mixed(tmp_path):
+    args = ["--smoke", "--configs", "baseline", "--out-dir", str(tmp_path)]
+    exp = tmp_path / "smoke" / "exp10_periodic_ses"
     assert run_script("exp10_periodic_ses.py", *args).returncode == 0
     p = run_script("exp10_periodic_ses.py", *args, "--lr", "0.05")
-    assert p.returncode == 1 and "other settings (lr" in p.stderr and "--force" in p.stderr
-    assert run_script("exp10_periodic_ses.py", *args, "--lr", "0.05", "--force").returncode == 0
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(d.name for d in exp.iterdir() if d.is_dir()) == ["baseline+lr=0.05_seed0", "baseline_seed0"]
+    plain = json.loads((exp / "baseline_seed0" / "result.json").read_text())
+    changed = json.loads((exp / "baseline+lr=0.05_seed0" / "result.json").read_text())
+    assert plain["variant"] == "baseline" and plain["overrides"] == {}
+    assert changed["variant"] == "baseline+lr=0.05" and changed["overrides"] == {"lr": 0.05}
+    cfg = json.loads((exp / "baseline+lr=0.05_seed0" / "config.json").read_text())["config"]
+    assert cfg["lr"] == 0.05 and cfg["config"] == "baseline"
+    # a value equal to the config's own is no override: same folder, skipped as finished
+    again = run_script("exp10_periodic_ses.py", *args, "--lr", "0.1")
+    assert again.returncode == 0 and "baseline_seed0: finished earlier, skipped" in again.stdout
 
 
 def test_non_finite_loss_stops_that_run_and_the_sweep_goes_on(tmp_path):
@@ -189,19 +207,19 @@ def test_non_finite_loss_stops_that_run_and_the_sweep_goes_on(tmp_path):
                    "--lr", "1e30", "--out-dir", str(tmp_path))
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "non-finite loss at epoch 1, step" in p.stderr and "SES term" in p.stderr
-    assert "ses_k1_seed0" in p.stderr and "baseline_seed0" in p.stderr  # both ran, both reported
+    assert "ses_k1+epochs=1+lr=1e+30_seed0" in p.stderr and "baseline+epochs=1+lr=1e+30_seed0" in p.stderr
 
 
 # ----------------------------------------------------------------------------- eval never collects
 def test_evaluation_runs_with_the_ses_collector_disabled(monkeypatch, tmp_path):
     made = []
 
-    class SpySES(tu.SES):
+    class SpySES(runs.SES):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             made.append(self)
 
-    real_eval = tu.evaluate
+    real_eval = evaluation.evaluate
 
     def checked_eval(model, *a, **k):
         assert made and not any(s.collector.enabled for s in made)
@@ -209,9 +227,10 @@ def test_evaluation_runs_with_the_ses_collector_disabled(monkeypatch, tmp_path):
         assert not any(s.collector.activations for s in made)
         return out
 
-    monkeypatch.setattr(tu, "SES", SpySES)
-    monkeypatch.setattr(tu, "evaluate", checked_eval)
-    code = tu.run_experiment(str(ROOT / "exp10_periodic_ses.py"), dict(dataset="cifar10", layers="last3"),
+    monkeypatch.setattr(runs, "SES", SpySES)
+    monkeypatch.setattr(runs, "evaluate", checked_eval)
+    monkeypatch.setattr(evaluation, "evaluate", checked_eval)
+    code = cli.run_experiment(str(ROOT / "exp10_periodic_ses.py"), dict(dataset="cifar10", layers="last3"),
                              {"ses": dict(ses=True, every=1)}, "doc",
                              ["--smoke", "--epochs", "1", "--out-dir", str(tmp_path)])
     assert code == 0 and made and made[0].applied_steps == 3

@@ -1,0 +1,144 @@
+"""The command line every experiment script shares: flags, one-line errors, and run_experiment.
+
+An experiment script is a docstring, a grid and main():
+    run_experiment(__file__, SETUP, GRID, __doc__, argv)   (+ a script's own flags and registry entries)
+Bad flags end with one line naming the flag and exit code 2; missing data with one line and exit 1;
+failed runs with exit 1 after the sweep; Ctrl-C with one line and exit 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from config import DEFAULTS
+from data_utils import DataError
+from registry import make_registry
+from preflight import preflight
+from sweep import Interrupted, run_sweep
+from training import AMP_MODES
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags end with one line naming the flag and exit code 2 (no usage dump, no traceback)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _checked(kind, test, what):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not test(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    return parse
+
+
+def default_out_dir() -> str:
+    return "/kaggle/working/results" if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "results"
+
+
+def default_data_dir() -> str:
+    return "/kaggle/working/data" if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "data"
+
+
+def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags=None) -> argparse.ArgumentParser:
+    width = max(len(n) for n in grid) + 2
+    grid_text = "\n".join(f"  {name:<{width}}{json.dumps(v)}" for name, v in grid.items())
+    base = {k: setup.get(k, DEFAULTS[k]) for k in ("dataset", "model", "layers", "epochs", "batch_size",
+                                                    "lr", "lam", "beta", "every", "attack_batch_size")}
+    p = OneLineParser(prog=f"{experiment}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog=f"configs (settings over the defaults {json.dumps(base)}):\n{grid_text}\n\n"
+                             f"outputs: <out-dir>/{experiment}/<config>_seed<N>/ config.json metrics.jsonl "
+                             f"checkpoint.pt result.json; <out-dir>/{experiment}/summary.json. A setting given "
+                             f"on the command line that changes a config is part of the run's folder name "
+                             f"(<config>+<key>=<value>_seed<N>). Rerunning the same command resumes "
+                             f"unfinished runs, retries failed ones and skips finished ones.")
+    pos_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+    p.add_argument("--smoke", action="store_true",
+                   help="run the whole grid on tiny generated data (CPU unless --device) in seconds; "
+                        "results go to <out-dir>/smoke/")
+    p.add_argument("--preflight", action="store_true",
+                   help="first thing to run on a new GPU: a few real-size steps and one chunk of every end-of-run "
+                        "stage per config; prints step time, images/s, SES overhead, peak memory of training and "
+                        "of the final stage against the card, projected hours; writes no run folder")
+    p.add_argument("--synthetic", action="store_true",
+                   help="generated data of the real dataset's shapes and sizes (no download); runs go to "
+                        "<out-dir>/synthetic/ and are never mistaken for real results")
+    p.add_argument("--configs", nargs="+", metavar="NAME", default=list(grid),
+                   help=f"configs to run (default: all: {' '.join(grid)})")
+    p.add_argument("--seeds", nargs="+", type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+                   default=[0], metavar="N", help="seeds (default: 0)")
+    p.add_argument("--epochs", type=pos_int, help=f"epochs (default {base['epochs']}; LR milestones scale with it)")
+    p.add_argument("--batch-size", type=pos_int, help=f"training batch size (default {base['batch_size']})")
+    p.add_argument("--attack-batch-size", type=pos_int,
+                   help=f"FGSM chunk size in the final metrics (default {base['attack_batch_size']}; lower it "
+                        f"if the final stage runs out of memory)")
+    p.add_argument("--lr", type=_checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0"),
+                   help=f"peak learning rate (default {base['lr']})")
+    p.add_argument("--lam", type=_checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+                   help=f"SES weight lambda (default {base['lam']})")
+    p.add_argument("--beta", type=_checked(float, lambda v: 0 < v < 1, "in the open interval (0, 1)"),
+                   help=f"SES target fraction beta of log d (default {base['beta']})")
+    p.add_argument("--every", type=pos_int, help="SES period k: penalty on steps with step %% k == 0, "
+                                                 "for every SES config (default: per config)")
+    p.add_argument("--layers", help=f"hooked layers: a preset of the model or comma-separated module names "
+                                    f"(default {base['layers']})")
+    p.add_argument("--amp", choices=AMP_MODES, help="precision: auto = bf16 autocast on GPUs of compute "
+                   "capability >= 8, fp16 + GradScaler below, fp32 on a CPU; or force one (default auto)")
+    p.add_argument("--data-dir", default=default_data_dir(), help="datasets and caches (default %(default)s)")
+    p.add_argument("--out-dir", default=default_out_dir(), help="results root (default %(default)s)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available, else cpu; cpu for --smoke)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail with instructions instead")
+    p.add_argument("--force", action="store_true",
+                   help="delete and rerun the selected runs (only those named by --configs/--seeds), even finished ones")
+    for flag, kwargs in (extra_flags or {}).items():  # a script's own settings; None = keep the config's
+        p.add_argument(flag, default=None, **kwargs)
+    return p
+
+
+def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, extra_flags=None,
+                   **registry) -> int:
+    """Parse the shared flags (plus a script's extra_flags: flag -> argparse kwargs with a `dest`
+    naming the config key) for one experiment script and run its sweep; returns the exit code.
+    `registry` keywords (models, presets, datasets, optimizers, epoch_callbacks) add a script's own."""
+    # a bundle (tools/bundle.py) records its experiment name, so a renamed upload keeps its folder
+    experiment = getattr(sys.modules["__main__"], "BUNDLE_EXPERIMENT", None) or Path(script).stem
+    parser = build_parser(experiment, doc, grid, setup, extra_flags)
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.configs if c not in grid]
+    if unknown:
+        parser.error(f"argument --configs: unknown config {unknown[0]!r}; choose from {', '.join(grid)}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"argument --device: {args.device!r} is not a device (use cuda, cuda:0 or cpu)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
+    keys = ["epochs", "batch_size", "attack_batch_size", "lr", "lam", "beta", "every", "layers", "amp"]
+    keys += [kw["dest"] for kw in (extra_flags or {}).values()]
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    reg = make_registry(**registry)
+    try:
+        if args.preflight:
+            return preflight(experiment, grid, setup, args, overrides, reg)
+        return run_sweep(experiment, grid, setup, args, overrides, reg)
+    except Interrupted:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,60 @@
+"""A run's settings: the harness defaults, how a run's config is resolved, and the run's name.
+
+Resolution, later entries winning:  DEFAULTS < the script's SETUP < the grid's config < smoke sizes
+(--smoke only) < command-line overrides. The run's name is `<config>_seed<N>`; a command-line
+setting that differs from what the config itself would use (an override: `--every 3` on `ses_k1`)
+is part of the name (`ses_k1+every=3_seed0`), so one folder always holds one setting and the report
+never files a k=3 run under k=1.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+# Harness defaults = the paper's CIFAR-100 setup. Scripts override per setup and config.
+DEFAULTS = dict(
+    dataset="cifar100", model="resnet18", layers="all", spectral_norm=False,
+    epochs=60, batch_size=256, eval_batch_size=1024, attack_batch_size=64, amp="auto",
+    optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False,
+    scheduler="multistep", milestones=[25, 40, 52], schedule_epochs=60, gamma=0.1,
+    ses=False, lam=0.01, beta=0.7, every=1, mix="none", mix_alpha=1.0,
+    noise_sigmas=[0.05, 0.1], fgsm_eps=[1 / 255, 2 / 255], rob_sigma=0.1,
+    train_eval_size=10_000, val_size=0, baseline_config="baseline",
+)
+# --smoke: the same code path on tiny generated data; a script's SETUP["smoke"] may shrink further.
+SMOKE = dict(epochs=2, batch_size=32, eval_batch_size=64, attack_batch_size=32, n_train=96, n_test=64)
+SMOKE_KEYS = ("epochs", "batch_size", "eval_batch_size", "attack_batch_size", "val_size")
+
+
+def smoke_settings(setup: dict) -> dict:
+    """The settings --smoke puts over a config, plus `smoke_sizes` (n_train, n_test)."""
+    sizes = {**SMOKE, **setup.get("smoke", {})}
+    return dict({k: sizes[k] for k in SMOKE_KEYS if k in sizes}, smoke_sizes=sizes)
+
+
+def resolve_config(experiment: str, setup: dict, grid: dict, config: str, seed: int,
+                   smoke: bool, overrides: dict) -> tuple[dict, dict]:
+    """(cfg, changed): the run's effective settings, and the overrides that change the config."""
+    own = {**DEFAULTS, **{k: v for k, v in setup.items() if k != "smoke"}, **grid[config],
+           **(smoke_settings(setup) if smoke else {})}
+    cfg = {**own, **overrides, "experiment": experiment, "config": config, "seed": seed}
+    changed = {k: v for k, v in overrides.items() if json.dumps(own.get(k)) != json.dumps(v)}
+    cfg["overrides"] = changed
+    cfg["variant"] = variant_name(config, changed)
+    return cfg, changed
+
+
+def variant_name(config: str, changed: dict) -> str:
+    """`config`, or `config+key=value+...` for overrides (sorted; other characters than [A-Za-z0-9.,=_+-] -> _)."""
+    if not changed:
+        return config
+    parts = [f"{k}={v if not isinstance(v, (list, dict)) else json.dumps(v)}" for k, v in sorted(changed.items())]
+    name = config + "".join("+" + re.sub(r"[^A-Za-z0-9.,=_+-]", "_", p) for p in parts)
+    if len(name) > 120:  # keep folder names short: a hash of the full settings keeps them distinct
+        name = name[:100] + "+" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name
+
+
+def run_name(cfg: dict) -> str:
+    return f"{cfg['variant']}_seed{cfg['seed']}"

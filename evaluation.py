@@ -1,0 +1,143 @@
+"""Evaluation and the end-of-run numbers: accuracy, robustness suite, entropy probe, final metrics.
+
+Everything here runs the model in eval mode with the SES collector disabled (the caller pauses it).
+- evaluate: top-1 and mean CE over device tensors, in chunks of `batch_size` (no grad).
+- gaussian_noise(sigma): x + N(0, sigma^2) on [0, 1] pixels, clamped, one fixed noise seed.
+- fgsm(eps): x + eps * sign(grad_x CE), run in chunks of `attack_batch_size` (its backward graph is
+  what costs memory: ~50 MiB per 64x64 image for the CIFAR-stem ResNet-50 in bf16, twice that in
+  float32). The attack always runs in float32 with autocast off, whatever the training precision:
+  under fp16 the logit gradients of confident samples underflow to 0 and sign(0) = 0 would leave
+  them unattacked, and a float32 attack makes FGSM numbers comparable across a T4 and an L40S.
+- measure_entropy: per-layer H on one fixed batch with a temporary collector (no grad).
+- final_stage_check: one chunk of every end-of-run stage, so an out-of-memory error in the final
+  metrics surfaces at the start of a run (and in --preflight), not after the last epoch.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from data_utils import GpuLoader, device_name
+from ses_core import ActivationCollector, spectral_entropies
+from training import AmpPolicy
+
+NOISE_SEED = 20_240_601
+
+
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, amp: AmpPolicy, batch_size: int,
+             perturb=None, max_batches: int | None = None) -> tuple[float, float]:
+    """(top-1 accuracy, mean CE) of `model` in eval mode on device tensors x, y.
+
+    perturb(model, xb, yb, gen) -> xb' is applied per batch (noise or FGSM); gen is one
+    generator seeded identically for every call, so all models see the same noise.
+    """
+    model.eval()
+    loader = GpuLoader(x, y, batch_size, x.device, train=False)
+    gen = torch.Generator(device=x.device).manual_seed(NOISE_SEED)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=x.device)
+    seen = 0
+    for i, (xb, yb) in enumerate(loader.epoch()):
+        if max_batches is not None and i == max_batches:
+            break
+        if perturb is not None:
+            xb = perturb(model, xb, yb, gen)
+        with torch.no_grad(), amp.autocast():
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+        seen += len(yb)
+    return correct.item() / seen, loss_sum.item() / seen
+
+
+def gaussian_noise(sigma: float, clamp: bool = True):
+    """x + N(0, sigma^2) on [0, 1] pixels, clamped (CIFAR-C-style additive noise; sigma 0.1 ~ severity 5)."""
+    def perturb(model, x, y, gen):
+        noisy = x + sigma * torch.randn(x.shape, device=x.device, generator=gen)
+        return noisy.clamp(0, 1) if clamp else noisy
+    return perturb
+
+
+def input_gradient(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """grad_x of the summed CE, in float32 with autocast off (no fp16 underflow to 0)."""
+    x = x.detach().float().clone().requires_grad_(True)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def fgsm(eps: float, clamp: bool = True):
+    """x + eps * sign(grad_x CE): one-step attack (Goodfellow et al.) on the model in eval mode."""
+    def perturb(model, x, y, gen):
+        adv = x.detach() + eps * input_gradient(model, x, y).sign()
+        return adv.clamp(0, 1) if clamp else adv
+    return perturb
+
+
+def robustness_suite(model, x, y, amp: AmpPolicy, cfg: dict, clamp: bool = True,
+                     max_batches: int | None = None) -> dict:
+    """Accuracy under Gaussian noise (each sigma) and FGSM (each eps): keys 'gauss_0.1', 'fgsm_2/255'.
+    Noise runs in chunks of eval_batch_size, FGSM in chunks of attack_batch_size."""
+    out = {}
+    for s in cfg["noise_sigmas"]:
+        out[f"gauss_{s:g}"] = evaluate(model, x, y, amp, cfg["eval_batch_size"], gaussian_noise(s, clamp),
+                                       max_batches)[0]
+    for e in cfg["fgsm_eps"]:
+        out[f"fgsm_{round(e * 255):d}/255"] = evaluate(model, x, y, amp, cfg["attack_batch_size"],
+                                                      fgsm(e, clamp), max_batches)[0]
+    return out
+
+
+@torch.no_grad()
+def measure_entropy(model, layers: list[str], x: torch.Tensor, amp: AmpPolicy) -> tuple[dict, dict]:
+    """Per-layer H on one fixed batch (eval mode, no grad) with a temporary collector.
+
+    Returns ({layer: H}, {layer: d}). Runs for every run, baseline included, once per epoch.
+    """
+    model.eval()
+    collector = ActivationCollector(model, layers)
+    try:
+        with amp.autocast():
+            model(x)
+        acts = dict(collector.activations)
+    finally:
+        collector.remove()
+    hs = spectral_entropies(list(acts.values()))
+    return ({n: h.item() for n, h in zip(acts, hs)}, {n: a.shape[1] for n, a in acts.items()})
+
+
+def final_stage_check(model, data, cfg: dict, amp: AmpPolicy, layers, probe_x, paused=nullcontext) -> None:
+    """One chunk of every end-of-run stage at its real batch size (eval, noise, FGSM, train
+    accuracy, entropy probe). Raises torch.OutOfMemoryError exactly where the full stage would."""
+    with paused():
+        robustness_suite(model, data.test_x, data.test_y, amp, cfg, data.is_image, max_batches=1)
+        evaluate(model, data.train_x[:cfg["eval_batch_size"]], data.train_y[:cfg["eval_batch_size"]], amp,
+                 cfg["eval_batch_size"], max_batches=1)
+        measure_entropy(model, layers, probe_x, amp)
+
+
+def final_metrics(cfg, model, data, amp, layers, probe_x, history, ses) -> dict:
+    """Final-epoch headline numbers: never picked over epochs on the test set."""
+    clamp = data.is_image
+    suite = robustness_suite(model, data.test_x, data.test_y, amp, cfg, clamp)
+    idx = data.fixed_subset(min(cfg["train_eval_size"], len(data.train_y)))
+    train_acc = evaluate(model, data.train_x[idx], data.train_y[idx], amp, cfg["eval_batch_size"])[0]
+    entropy, dims = measure_entropy(model, layers, probe_x, amp)
+    last = history[-1]
+    acc = last["test_acc"] if "test_acc" in last else evaluate(model, data.test_x, data.test_y, amp,
+                                                                 cfg["eval_batch_size"])[0]
+    extra = {"val_acc": last["val_acc"]} if "val_acc" in last else {}
+    return dict(
+        experiment=cfg["experiment"], config=cfg["config"], seed=cfg["seed"], baseline_config=cfg["baseline_config"],
+        acc=acc, rob=suite[f"gauss_{cfg['rob_sigma']:g}"], robustness=suite, **extra,
+        train_acc=train_acc, gap=train_acc - acc,
+        entropy=entropy, entropy_target={n: cfg["beta"] * math.log(d) for n, d in dims.items()},
+        ses_steps=ses.applied_steps if ses else 0, total_steps=sum(h["steps"] for h in history),
+        epochs=len(history), epoch_time_s=statistics.median(h["epoch_time_s"] for h in history),
+        images_per_s=statistics.median(h["images_per_s"] for h in history),
+        amp=amp.name, device=device_name(data.train_x.device))

@@ -1,0 +1,150 @@
+"""--preflight: will the sweep fit this card, and what will it cost? Writes no run folder.
+
+Per selected config, at its real batch sizes: a few training steps with SES as configured (the
+steps cover whole SES periods), the same for its plain twin (SES off) in the same process for the
+overhead, then one chunk of every end-of-run stage (evaluation, noise, FGSM, train accuracy,
+entropy probe) and one checkpoint write to a temporary folder. Printed per config: step time,
+images/s, SES overhead, peak memory of training and of the final stage against the device's
+total memory, and the projected time per run; then the projected time of the whole sweep.
+Memory is torch.cuda.max_memory_allocated (tensors only: the CUDA context and cuDNN workspaces
+take a few hundred MiB more), so leave ~10 % headroom.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from config import resolve_config
+from data_utils import device_name, load_data
+from evaluation import evaluate, fgsm, gaussian_noise, measure_entropy
+from runs import build_run, save_checkpoint, sync
+from training import train_epoch
+
+GiB = 2 ** 30
+
+
+def time_steps(run, steps: int, warmup: int = 3) -> float:
+    """Median seconds per training step over `steps` steps after `warmup`, in groups of whole
+    SES periods (a k=10 config is timed over 10-step groups)."""
+    k = run.ses.every if run.ses is not None else 1
+    group = max(k, 1)
+    reps = max(2, math.ceil(steps / group))
+    train_epoch(run.model, run.loader, 0, run.opt, run.scaler, run.amp, run.ses, run.mixer, max_steps=warmup)
+    times = []
+    for r in range(reps):
+        sync(run.device)
+        t0 = time.perf_counter()
+        done = train_epoch(run.model, run.loader, 1 + r, run.opt, run.scaler, run.amp, run.ses, run.mixer,
+                           max_steps=group)["steps"]
+        sync(run.device)
+        times.append((time.perf_counter() - t0) / done)
+    return statistics.median(times)
+
+
+def time_chunk(fn, device) -> float:
+    fn()  # warm-up (cuDNN autotuning)
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(cfg: dict, data, device, reg, steps: int) -> dict:
+    run = build_run(cfg, data, device, reg)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_s = time_steps(run, steps)
+        peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        d, amp = run.data, run.amp
+        with run.paused():
+            ebs, abs_ = cfg["eval_batch_size"], cfg["attack_batch_size"]
+            t_eval = time_chunk(lambda: evaluate(run.model, d.test_x, d.test_y, amp, ebs, max_batches=1), device)
+            t_noise = time_chunk(lambda: evaluate(run.model, d.test_x, d.test_y, amp, ebs,
+                                                  gaussian_noise(0.1, d.is_image), max_batches=1), device)
+            t_fgsm = time_chunk(lambda: evaluate(run.model, d.test_x, d.test_y, amp, abs_,
+                                                 fgsm(1 / 255, d.is_image), max_batches=1), device)
+            t_probe = time_chunk(lambda: measure_entropy(run.model, run.layers, run.probe_x, amp), device)
+        peak_final = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            save_checkpoint(run, Path(tmp) / "checkpoint.pt", 0, [])
+            t_ckpt = time.perf_counter() - t0
+            ckpt_mb = (Path(tmp) / "checkpoint.pt").stat().st_size / 2 ** 20
+        n_test = len(d.test_y)
+        n_eval = len(d.val_y) if d.val_y is not None else n_test
+        per_epoch = (len(run.loader) * step_s + math.ceil(n_eval / ebs) * t_eval + t_probe + t_ckpt)
+        final = (math.ceil(n_test / ebs) * (t_eval + len(cfg["noise_sigmas"]) * t_noise)
+                 + math.ceil(n_test / abs_) * len(cfg["fgsm_eps"]) * t_fgsm
+                 + math.ceil(min(cfg["train_eval_size"], len(d.train_y)) / ebs) * t_eval + t_probe)
+        return dict(step_s=step_s, images_per_s=cfg["batch_size"] / step_s, peak_train=peak_train,
+                    peak_final=peak_final, ckpt_mb=ckpt_mb, run_s=cfg["epochs"] * per_epoch + final,
+                    amp=amp.name, steps_per_epoch=len(run.loader))
+    finally:
+        run.close()
+
+
+def fmt_mem(b, total) -> str:
+    if b is None:
+        return "-"
+    return f"{b / GiB:.2f}" + (f" ({100 * b / total:.0f}%)" if total else "")
+
+
+def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, reg, steps: int = 10) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    print(f"preflight of {experiment} on {device_name(device)}"
+          + (f", {total / GiB:.1f} GiB" if total else "") + ("; synthetic data" if args.synthetic else ""))
+    rows, data_cache, base_cache, worst = [], {}, {}, 0
+    for config in args.configs:
+        cfg, _ = resolve_config(experiment, setup, grid, config, args.seeds[0], args.smoke, overrides)
+        key = cfg["dataset"]
+        if key not in data_cache:
+            data_cache.clear()
+            info = dict(reg.datasets[key])
+            generated = ((cfg["smoke_sizes"]["n_train"], cfg["smoke_sizes"]["n_test"]) if args.smoke
+                         else info.get("sizes") if args.synthetic else None)
+            data_cache[key] = load_data(key, info, device, args.data_dir, not args.no_download, generated,
+                                        reg.datasets)
+        data = data_cache[key]
+        try:
+            m = measure(cfg, data, device, reg, steps)
+            if cfg["ses"]:
+                twin = dict(cfg, ses=False)
+                tkey = repr(sorted((k, str(v)) for k, v in twin.items() if k not in ("config", "variant")))
+                if tkey not in base_cache:
+                    base_cache[tkey] = measure(twin, data, device, reg, steps)["step_s"]
+                m["overhead"] = m["step_s"] / base_cache[tkey] - 1
+        except torch.OutOfMemoryError:
+            print(f"  {config}: OUT OF MEMORY at batch {cfg['batch_size']} / attack chunk "
+                  f"{cfg['attack_batch_size']}: lower --batch-size or --attack-batch-size")
+            worst = 1
+            torch.cuda.empty_cache()
+            continue
+        rows.append((config, m, len(args.seeds)))
+        peak = max(m["peak_train"] or 0, m["peak_final"] or 0)
+        if total and peak > 0.9 * total:
+            worst = 1
+    w = max([len(r[0]) for r in rows] + [8]) + 2
+    print(f"{'config':<{w}}{'amp':>5}{'step ms':>9}{'img/s':>8}{'SES +%':>8}{'train GiB':>16}{'final GiB':>16}"
+          f"{'ckpt MB':>9}{'h/run':>7}")
+    for config, m, _ in rows:
+        over = f"{100 * m['overhead']:+.1f}" if "overhead" in m else "-"
+        print(f"{config:<{w}}{m['amp']:>5}{1e3 * m['step_s']:9.1f}{m['images_per_s']:8.0f}{over:>8}"
+              f"{fmt_mem(m['peak_train'], total):>16}{fmt_mem(m['peak_final'], total):>16}{m['ckpt_mb']:9.0f}"
+              f"{m['run_s'] / 3600:7.2f}")
+    sweep_h = sum(m["run_s"] * n for _, m, n in rows) / 3600
+    print(f"projected sweep: {sweep_h:.1f} h for {sum(n for *_, n in rows)} run(s) on this device"
+          + ("" if not total else f"; {'FITS' if not worst else 'DOES NOT FIT'} in {total / GiB:.0f} GiB "
+             f"(peaks above include tensors only; keep ~10 % headroom)"))
+    return worst

@@ -1,0 +1,180 @@
+"""The sweep: every (config, seed) run in turn, each failure contained to its run, and the summary.
+
+For each run: resolve its settings, skip it if finished, build and check it (nothing is written
+before the checks pass), write config.json and the code, check that the final stage fits, train or
+resume, write result.json. Any error inside a run (non-finite loss or activations, out of memory,
+an error in the final metrics, a solver failure) prints one line, leaves failure.json in the run
+folder (what failed, where, when), and the sweep goes on; a rerun retries failed runs, and a run
+that failed after its last epoch redoes only its final metrics. Ctrl-C ends with one line and
+exit 130; the checkpoint of the last finished epoch stays intact.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from config import resolve_config, run_name
+from data_utils import DataError, device_name, load_data
+from files import write_json
+from registry import Registry
+from runs import RunError, build_run, check_final_stage, environment, save_code, train_run
+from training import NonFiniteLoss
+
+OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (FGSM chunk) or --eval-batch-size",
+            "final metrics": "--attack-batch-size (FGSM chunk) or --eval-batch-size"}
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the CLI prints one line and exits 130."""
+
+
+def check_same_settings(run_dir: Path, cfg: dict) -> None:
+    """Refuse to resume or skip a run whose stored settings differ from the ones asked for now
+    (with run names made from the settings, this happens only when the harness defaults changed)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("config", {})
+    diff = [k for k in sorted(set(old) | set(cfg)) if json.dumps(old.get(k)) != json.dumps(cfg.get(k))]
+    if diff:
+        k = diff[0]
+        raise RunError(f"{run_dir} holds a run with other settings ({k}: {old.get(k)!r} there, {cfg.get(k)!r} "
+                       f"now); move that folder away, or restart just this run with --configs {cfg['config']} "
+                       f"--seeds {cfg['seed']} --force")
+
+
+def add_overhead(result: dict, exp_dir: Path) -> None:
+    """overhead = median epoch time / the same-seed twin's - 1 (same device, same overrides).
+    The twin is the config's `baseline_config` ("baseline", or e.g. `mixup` for `mixup_ses`)."""
+    twin = result["variant"].replace(result["config"], result["baseline_config"], 1)
+    base = exp_dir / f"{twin}_seed{result['seed']}" / "result.json"
+    if result["config"] == result["baseline_config"] or not base.is_file():
+        return
+    b = json.loads(base.read_text())
+    if b.get("device") == result["device"] and b["epoch_time_s"] > 0:
+        result["overhead"] = result["epoch_time_s"] / b["epoch_time_s"] - 1
+
+
+def record_failure(run_dir: Path, stage: str, err: BaseException) -> str:
+    kind = type(err).__name__
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else kind
+    if isinstance(err, torch.OutOfMemoryError):
+        msg = f"out of GPU memory during {stage}; lower {OOM_HINT.get(stage, '--batch-size')} and rerun"
+    if run_dir.is_dir():
+        write_json(run_dir / "failure.json", dict(stage=stage, error=kind, message=msg,
+                                                   time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                   traceback=traceback.format_exc(limit=-6)))
+    return msg
+
+
+def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device) -> str:
+    """Train one run to its result; returns 'done', 'skipped' or 'failed'."""
+    run_dir = exp_dir / run_name(cfg)
+    if args.force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    check_same_settings(run_dir, cfg)
+    if (run_dir / "result.json").is_file():
+        print(f"{run_dir.name}: finished earlier, skipped")
+        return "skipped"
+    stage = ["build"]
+    try:
+        if cfg["dataset"] not in datasets:
+            datasets.clear()  # one dataset on the device at a time
+            info = dict(reg.datasets[cfg["dataset"]])
+            generated = ((cfg["smoke_sizes"]["n_train"], cfg["smoke_sizes"]["n_test"]) if args.smoke
+                         else info.get("sizes") if args.synthetic else None)
+            datasets[cfg["dataset"]] = load_data(cfg["dataset"], info, device, args.data_dir, not args.no_download,
+                                                 generated, reg.datasets)
+        run = build_run(cfg, datasets[cfg["dataset"]], device, reg)
+    except (RunError, ValueError) as e:  # bad settings: nothing was written for this run
+        print(f"error: {run_dir.name}: {e}", file=sys.stderr)
+        return "failed"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "failure.json").unlink(missing_ok=True)
+        if not (run_dir / "config.json").is_file():
+            save_code(run_dir / "code")
+            write_json(run_dir / "config.json", dict(config=cfg, environment=environment(device), amp=run.amp.name))
+        print(f"== {exp_dir.name} / {run_dir.name} on {device_name(device)} ({run.amp.name})")
+        stage[0] = "final-stage check"
+        check_final_stage(run)
+        result = train_run(run, run_dir, reg, stage)
+        result.update(variant=cfg["variant"], overrides=cfg["overrides"])
+        add_overhead(result, exp_dir)
+        write_json(run_dir / "result.json", result)
+        return "done"
+    except KeyboardInterrupt:
+        raise Interrupted() from None
+    except Exception as e:  # noqa: BLE001 - any failure ends this run only
+        msg = record_failure(run_dir, stage[0], e)
+        print(f"error: {run_dir.name} failed during {stage[0]}: {msg} (details in {run_dir / 'failure.json'}; "
+              f"rerun the same command to retry it)", file=sys.stderr)
+        return "failed"
+    finally:
+        run.close()
+
+
+def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, reg: Registry) -> int:
+    """Every (config, seed) of the selection; returns the exit code (1 if any run failed)."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    exp_dir = Path(args.out_dir) / ("smoke" if args.smoke else "synthetic" if args.synthetic else "") / experiment
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    datasets: dict = {}
+    failed = []
+    try:
+        for config in args.configs:
+            for seed in args.seeds:
+                cfg, _ = resolve_config(experiment, setup, grid, config, seed, args.smoke, overrides)
+                if run_one(cfg, exp_dir, args, reg, datasets, device) == "failed":
+                    failed.append(run_name(cfg))
+    finally:
+        summary = summarize(exp_dir, list(grid))
+        write_json(exp_dir / "summary.json", summary)
+    print(format_table(summary["runs"]))
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def summarize(exp_dir: Path, order: list[str]) -> dict:
+    """Every finished run of the experiment folder (grid order, then seed), the failed and the unfinished."""
+    def key(d: Path):
+        variant, _, seed = d.name.rpartition("_seed")
+        config = variant.split("+")[0]
+        return (order.index(config) if config in order else len(order), variant, int(seed) if seed.isdigit() else 0)
+    runs, failed, unfinished = [], [], []
+    for d in sorted((p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name), key=key):
+        if (d / "result.json").is_file():
+            runs.append(json.loads((d / "result.json").read_text()))
+        elif (d / "failure.json").is_file():
+            failed.append(dict(run=d.name, **{k: v for k, v in json.loads((d / "failure.json").read_text()).items()
+                                              if k != "traceback"}))
+        elif (d / "config.json").is_file():
+            unfinished.append(d.name)
+    return dict(experiment=exp_dir.name, runs=runs, failed=failed, unfinished=unfinished)
+
+
+def format_table(runs: list[dict]) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:6.2f}"
+    names = [f"{r.get('variant', r['config'])}_seed{r['seed']}" for r in runs]
+    w = max([len(n) for n in names] + [20]) + 2
+    head = f"{'run':<{w}}{'acc%':>8}{'rob%':>8}{'gap%':>8}{'overhead':>10}{'s/epoch':>9}{'img/s':>9}{'peak GB':>9}"
+    lines = [head, "-" * len(head)]
+    for name, r in zip(names, runs):
+        mem = r.get("peak_mem_bytes")
+        over = r.get("overhead")
+        lines.append(f"{name:<{w}}{pct(r['acc']):>8}{pct(r['rob']):>8}"
+                     f"{pct(r['gap']):>8}{'-' if over is None else f'{100 * over:+.0f}%':>10}"
+                     f"{r['epoch_time_s']:9.1f}{r['images_per_s']:9.0f}"
+                     f"{'-' if mem is None else f'{mem / 2**30:.2f}':>9}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""The training step: AMP policy, optimizer and LR schedule, one training epoch.
+
+Per step (train_epoch): optional Mixup/CutMix of the device batch, SES begin_step, forward under
+autocast, CE (+ lam * R on SES steps, computed in float32 outside autocast), backward through the
+GradScaler (a no-op unless fp16), optimizer step. Loss/accuracy bookkeeping stays on the device;
+the host reads it every `check_every` steps (finite-loss check, progress bar).
+Host synchronisations per step, honestly: none of our own; on a SES step `torch.linalg.eigvalsh`
+synchronises inside PyTorch (it reads its convergence flag on the host), and on fp16 steps
+GradScaler.step reads the inf/NaN flag on the host (`found_inf.item()`). bf16/fp32 steps without
+SES run ahead of the host freely.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from data_utils import GpuLoader
+from ses_core import SES
+
+AMP_MODES = ("auto", "bf16", "fp16", "fp32")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN/inf; the message names the step and the SES term."""
+
+
+# ----------------------------------------------------------------------------- AMP policy
+@dataclass
+class AmpPolicy:
+    """Autocast dtype (None = fp32) and whether a GradScaler is needed (fp16 only)."""
+    device_type: str
+    dtype: torch.dtype | None
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def scaler(self):
+        return torch.amp.GradScaler(self.device_type if self.device_type == "cuda" else "cpu",
+                                    enabled=self.use_scaler)
+
+
+def amp_policy(device: torch.device | str, mode: str = "auto") -> AmpPolicy:
+    """mode 'auto': bf16 autocast on CUDA capability >= 8.0, fp16 + GradScaler below (a T4 is 7.5
+    and its is_bf16_supported() counts emulation, so capability decides), fp32 on the CPU.
+    'bf16' / 'fp16' / 'fp32' force that path on any device (fp16 on a CPU exercises the T4 path)."""
+    device = torch.device(device)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if mode in dtypes:
+        return AmpPolicy(device.type, dtypes[mode])
+    if mode != "auto":
+        raise ValueError(f"unknown amp mode {mode!r}; use one of {', '.join(AMP_MODES)}")
+    if device.type != "cuda":
+        return AmpPolicy(device.type, None)
+    major, minor = torch.cuda.get_device_capability(device)
+    return AmpPolicy("cuda", torch.bfloat16 if (major, minor) >= (8, 0) else torch.float16)
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule
+OPTIMIZERS = {
+    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
+                                               weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"]),
+    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"]),
+}
+
+
+def build_optimizer(cfg: dict, model: nn.Module, optimizers: dict | None = None):
+    """cfg['optimizer'] from `optimizers` (name -> factory(params, cfg); default OPTIMIZERS)."""
+    optimizers = OPTIMIZERS if optimizers is None else optimizers
+    name = cfg["optimizer"]
+    if name not in optimizers:
+        raise ValueError(f"unknown optimizer {name!r}; use {', '.join(optimizers)}")
+    return optimizers[name]([p for p in model.parameters() if p.requires_grad], cfg)
+
+
+def scaled_milestones(cfg: dict) -> list[int]:
+    """The milestones keep their fractions of the schedule when --epochs changes (60 -> E)."""
+    return sorted({max(1, round(m * cfg["epochs"] / cfg["schedule_epochs"])) for m in cfg["milestones"]})
+
+
+def build_scheduler(cfg: dict, opt):
+    name = cfg["scheduler"]
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, scaled_milestones(cfg), gamma=cfg["gamma"])
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
+    if name == "step":
+        step = max(1, round(cfg.get("step_size", 30) * cfg["epochs"] / cfg["schedule_epochs"]))
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=cfg["gamma"])
+    raise ValueError(f"unknown scheduler {name!r}; use multistep, cosine or step")
+
+
+# ----------------------------------------------------------------------------- one epoch
+def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolicy,
+                ses: SES | None, mixer, check_every: int = 50, max_steps: int | None = None) -> dict:
+    """One epoch (or its first max_steps steps); returns mean loss/accuracy, images, steps."""
+    model.train()
+    dev = loader.device
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    bad_step = torch.full((), -1, device=dev, dtype=torch.long)
+    bad_ce = torch.zeros((), device=dev)
+    bad_ses = torch.zeros((), device=dev)
+    zero = torch.zeros((), device=dev)
+    seen, steps = 0, len(loader) if max_steps is None else min(max_steps, len(loader))
+    bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}", leave=False)
+    for i, (x, y) in enumerate(bar):
+        if i == steps:
+            break
+        target = y
+        if mixer is not None:
+            x, target = mixer(x, y)
+        if ses is not None:
+            ses.begin_step()
+        with amp.autocast():
+            logits = model(x)
+            ce = F.cross_entropy(logits, target)
+        reg = ses.penalty() if ses is not None else 0.0
+        loss = ce + reg
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        # bookkeeping stays on the device: no host sync of our own inside the step
+        first_bad = (~torch.isfinite(loss.detach())) & (bad_step < 0)
+        bad_step = torch.where(first_bad, i, bad_step)
+        bad_ce = torch.where(first_bad, ce.detach().float(), bad_ce)
+        bad_ses = torch.where(first_bad, (reg if torch.is_tensor(reg) else zero).detach().float(), bad_ses)
+        loss_sum += loss.detach().float() * len(y)
+        hard = target.argmax(1) if target.dim() == 2 else target  # mixed batches: dominant label
+        correct += (logits.detach().argmax(1) == hard).sum()
+        seen += len(y)
+        if (i + 1) % check_every == 0 or i + 1 == steps:
+            if bad_step.item() >= 0:
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item() + 1}: "
+                                    f"CE = {bad_ce.item():.4g}, SES term = {bad_ses.item():.4g}")
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
+    return dict(train_loss=loss_sum.item() / max(seen, 1), train_acc_running=correct.item() / max(seen, 1),
+                images=seen, steps=steps)
