@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from config import DEFAULTS
+from config import DEFAULTS, resolve_config
 from data_utils import DataError
+from models import LayerError, resolve_layers
 from registry import make_registry
 from preflight import preflight
 from sweep import Interrupted, run_sweep
@@ -106,6 +107,21 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
     return p
 
 
+def check_layers_flag(parser, experiment, grid, setup, args, overrides, reg) -> None:
+    """--layers names modules of every selected config's model (built on the meta device: no memory)."""
+    for config in args.configs:
+        cfg, _ = resolve_config(experiment, setup, grid, config, 0, args.smoke, overrides)
+        try:
+            with torch.device("meta"):
+                model = reg.models[cfg["model"]](cfg, dict(reg.datasets[cfg["dataset"]]))
+        except Exception:  # noqa: BLE001 - a builder that cannot run on meta: checked when the run starts
+            continue
+        try:
+            resolve_layers(cfg, model, reg.presets)
+        except LayerError as e:
+            parser.error(f"argument --layers: {e}")
+
+
 def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, extra_flags=None,
                    **registry) -> int:
     """Parse the shared flags (plus a script's extra_flags: flag -> argparse kwargs with a `dest`
@@ -118,6 +134,7 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
     unknown = [c for c in args.configs if c not in grid]
     if unknown:
         parser.error(f"argument --configs: unknown config {unknown[0]!r}; choose from {', '.join(grid)}")
+    explicit_device = args.device is not None
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     try:
         torch.device(args.device)
@@ -125,10 +142,16 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         parser.error(f"argument --device: {args.device!r} is not a device (use cuda, cuda:0 or cpu)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
+    if args.device == "cpu" and not explicit_device and not (args.smoke or args.preflight):
+        parser.exit(2, f"{experiment}.py: no GPU on this machine: a real run of the full grid on the CPU would take "
+                       f"days{'' if args.synthetic else ' (after downloading the data)'}. Use --smoke for the "
+                       f"end-to-end test on tiny data, --preflight to measure, or --device cpu to train here anyway\n")
     keys = ["epochs", "batch_size", "attack_batch_size", "lr", "lam", "beta", "every", "layers", "amp"]
     keys += [kw["dest"] for kw in (extra_flags or {}).values()]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     reg = make_registry(**registry)
+    if args.layers:
+        check_layers_flag(parser, experiment, grid, setup, args, overrides, reg)
     try:
         if args.preflight:
             return preflight(experiment, grid, setup, args, overrides, reg)

@@ -28,6 +28,10 @@ from training import AmpPolicy
 NOISE_SEED = 20_240_601
 
 
+class NonFiniteActivations(RuntimeError):
+    """A hooked layer produced NaN/inf: the message names the layers."""
+
+
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, amp: AmpPolicy, batch_size: int,
              perturb=None, max_batches: int | None = None) -> tuple[float, float]:
     """(top-1 accuracy, mean CE) of `model` in eval mode on device tensors x, y.
@@ -65,9 +69,9 @@ def gaussian_noise(sigma: float, clamp: bool = True):
 def input_gradient(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """grad_x of the summed CE, in float32 with autocast off (no fp16 underflow to 0)."""
     x = x.detach().float().clone().requires_grad_(True)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        loss = F.cross_entropy(model(x).float(), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # the backward too: it runs in this
+        loss = F.cross_entropy(model(x).float(), y, reduction="sum")  # thread's autocast state on a CPU
+        (grad,) = torch.autograd.grad(loss, x)
     return grad
 
 
@@ -107,6 +111,10 @@ def measure_entropy(model, layers: list[str], x: torch.Tensor, amp: AmpPolicy) -
         acts = dict(collector.activations)
     finally:
         collector.remove()
+    bad = [n for n, a in acts.items() if not torch.isfinite(a).all()]
+    if bad:  # checked before the eigen-solver ever sees them (one host sync, once per epoch)
+        raise NonFiniteActivations(f"non-finite activations (NaN/inf) in {', '.join(bad)} on the entropy probe "
+                                   f"batch: the model diverged; lower --lr (or use --amp bf16/fp32 if fp16 overflows)")
     hs = spectral_entropies(list(acts.values()))
     return ({n: h.item() for n, h in zip(acts, hs)}, {n: a.shape[1] for n, a in acts.items()})
 

@@ -197,3 +197,64 @@ def test_penalty_value_equals_lambda_times_r():
 def test_ses_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SES(Tiny(), ["conv"], **kwargs)
+
+
+# ----------------------------------------------------------------------------- solver routes, aliasing
+@pytest.mark.parametrize("solver", ["float32", "float64", "host"])
+def test_every_solver_route_matches_the_reference_per_layer_sum_and_gradient(solver):
+    from ses_core import spectral_entropies
+    shapes = [(64, 16), (64, 128), (64, 64), (40, 512)]
+    arrays = [random_acts(n, d, 1.0, seed=i) for i, (n, d) in enumerate(shapes)]
+    acts = [torch.from_numpy(a).requires_grad_(True) for a in arrays]
+    hs = spectral_entropies(acts, solver)
+    for h, a in zip(hs, arrays):
+        assert h.item() == pytest.approx(reference_entropy(a), abs=2e-4)
+    r = ses_penalty(acts, 0.7, solver)
+    ref_r = sum((reference_entropy(a) - 0.7 * math.log(a.shape[1])) ** 2 for a in arrays)
+    assert r.item() == pytest.approx(ref_r, abs=1e-3)
+    r.backward()
+    ref = [torch.from_numpy(a).requires_grad_(True) for a in arrays]
+    ses_penalty([x.double() for x in ref], 0.7, "float64").backward()  # the float64 autograd route
+    for a, b in zip(acts, ref):
+        assert torch.allclose(a.grad, b.grad.float(), atol=1e-4, rtol=1e-3)
+
+
+def test_non_finite_gram_never_reaches_the_solver(monkeypatch):
+    import ses_core
+    seen = []
+    real = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda g: seen.append(torch.isfinite(g).all().item()) or real(g))
+    a = torch.randn(8, 4)
+    a[2, 1] = float("nan")
+    h = ses_core.spectral_entropy(a)
+    assert seen == [True] and h.item() == 0.0
+
+
+def test_global_pool_is_aliased_to_the_block_it_averages_and_solved_once(monkeypatch):
+    import torchvision
+    from ses_core import spectral_entropies
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    names = ["layer4.0", "layer4.1", "avgpool"]
+    col = ActivationCollector(model, names)
+    model(torch.rand(6, 3, 64, 64))
+    acts = col.activations
+    assert acts["avgpool"] is acts["layer4.1"] and acts["layer4.0"] is not acts["layer4.1"]
+    calls = []
+    real = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda g: calls.append(g.shape[0]) or real(g))
+    hs = spectral_entropies(list(acts.values()))
+    assert calls == [2] and hs[1] is hs[2]  # two distinct matrices of one size: one call, batch of 2
+    col.remove()
+
+
+def test_auto_solver_on_cpu_is_float32_and_recorded():
+    from ses_core import pick_solver
+    assert pick_solver([torch.eye(4)]) == ("float32", {})
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    ses = SES(model, ["0", "2"], lam=0.1, beta=0.5, every=1)
+    ses.begin_step()
+    model(torch.randn(32, 8))
+    ses.penalty().backward()
+    assert ses.solver == "float32"
+    with pytest.raises(ValueError, match="unknown SES solver"):
+        SES(model, ["0"], solver="magic")

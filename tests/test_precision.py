@@ -1,0 +1,132 @@
+"""The GPU-only paths exercised on the CPU: --amp bf16/fp16, float32 FGSM in chunks, spectral norm under
+autocast, --preflight writing nothing, --synthetic results kept apart, and the no-GPU guard."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cli
+import evaluation
+import models
+from config import DEFAULTS
+from data_utils import DATASETS
+from training import amp_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+EXP10 = str(ROOT / "exp10_periodic_ses.py")
+
+
+def script(*args, timeout=600, env=None):
+    return subprocess.run([sys.executable, EXP10, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_smoke_grid_runs_under_low_precision_autocast(amp, tmp_path):
+    p = script("--smoke", "--configs", "baseline", "ses_k1", "--amp", amp, "--out-dir", tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    exp = tmp_path / "smoke" / "exp10_periodic_ses"
+    for config in ("baseline", "ses_k1"):
+        run = exp / f"{config}+amp={amp}_seed0"
+        result = json.loads((run / "result.json").read_text())
+        assert result["amp"] == amp and json.loads((run / "config.json").read_text())["amp"] == amp
+        assert all(0 <= v <= 1 for v in result["robustness"].values())
+        ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+        assert bool(ckpt["scaler"]) == (amp == "fp16")  # GradScaler state only on the fp16 path
+
+
+def test_amp_flag_forces_the_path():
+    assert amp_policy("cpu", "fp16").use_scaler and amp_policy("cpu", "bf16").dtype == torch.bfloat16
+    assert amp_policy("cpu", "fp32").dtype is None
+    with pytest.raises(ValueError, match="unknown amp mode"):
+        amp_policy("cpu", "fp8")
+
+
+def confident() -> nn.Module:
+    """A linear model whose logits on x = 0.5 are +-10: p(wrong) = e^-20 ~ 2e-9, below fp16's smallest
+    subnormal (6e-8), so a gradient taken under fp16 autocast is exactly 0 and FGSM would not move x."""
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[5.0] * 4, [-5.0] * 4]))
+    return nn.Sequential(nn.Flatten(), lin)
+
+
+def test_fgsm_input_gradient_is_float32_and_not_zeroed_under_fp16():
+    x = torch.full((3, 1, 2, 2), 0.5)
+    y = torch.zeros(3, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.float16):
+        grad = evaluation.input_gradient(confident(), x, y)
+        adv = evaluation.fgsm(1 / 255)(confident(), x, y, None)
+    assert grad.dtype == torch.float32 and (grad != 0).all()
+    assert ((adv - x).abs() - 1 / 255).abs().max() < 1e-6  # every pixel moved by eps
+
+
+def test_fgsm_runs_in_chunks_of_attack_batch_size():
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3 * 4 * 4, 5)
+
+        def forward(self, x):
+            seen.append((len(x), torch.is_grad_enabled()))
+            return self.lin(x.flatten(1))
+
+    x = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8)
+    y = torch.randint(0, 5, (12,))
+    cfg = dict(DEFAULTS, eval_batch_size=8, attack_batch_size=5, noise_sigmas=[0.1], fgsm_eps=[1 / 255])
+    evaluation.robustness_suite(Spy(), x, y, amp_policy("cpu"), cfg)
+    attack = [n for n, grad in seen if grad]
+    assert attack == [5, 5, 2]                                   # the backward graphs: attack chunks
+    assert [n for n, grad in seen if not grad] == [8, 4, 5, 5, 2]  # noise at eval size, FGSM's eval passes
+
+
+def test_spectral_norm_power_iteration_runs_without_autocast(monkeypatch):
+    states = []
+    real_mv = torch.mv
+
+    def spy_mv(*a, **k):
+        states.append(torch.is_autocast_enabled("cpu"))
+        return real_mv(*a, **k)
+
+    model = models.build_resnet(dict(DEFAULTS, spectral_norm=True), DATASETS["cifar10"])
+    monkeypatch.setattr(torch, "mv", spy_mv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(2, 3, 32, 32))
+    assert states and not any(states) and out.shape == (2, 10)
+    sn = model.fc
+    assert sn.weight.dtype == torch.float32 and sn.weight_u.dtype == torch.float32
+
+
+def test_preflight_prints_the_table_and_writes_no_run_folder(tmp_path):
+    p = script("--smoke", "--preflight", "--configs", "baseline", "ses_k3", "--out-dir", tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step ms" in p.stdout and "SES +%" in p.stdout and "projected sweep" in p.stdout
+    lines = {line.split()[0]: line for line in p.stdout.splitlines() if line.split()[:1] in (["baseline"], ["ses_k3"])}
+    assert lines.keys() == {"baseline", "ses_k3"} and lines["baseline"].split()[4] == "-"
+    float(lines["ses_k3"].split()[4])  # the overhead against the twin measured in the same process
+    assert not tmp_path.exists() or not any(tmp_path.rglob("*.json"))
+
+
+def test_synthetic_data_has_the_real_shapes_and_its_runs_stay_apart(tmp_path):
+    small = dict(DATASETS["cifar10"], sizes=(48, 16))  # the real sizes would take hours on a CPU
+    code = cli.run_experiment(EXP10, dict(dataset="cifar10", layers="last3"), {"baseline": dict(ses=False)}, "doc",
+                              ["--synthetic", "--device", "cpu", "--epochs", "1", "--batch-size", "16",
+                               "--out-dir", str(tmp_path)], datasets={"cifar10": small})
+    assert code == 0
+    run = tmp_path / "synthetic" / "exp10_periodic_ses" / "baseline+batch_size=16+epochs=1_seed0"
+    assert (run / "result.json").is_file() and not (tmp_path / "exp10_periodic_ses").exists()
+    assert DATASETS["cifar100"]["sizes"] == (50_000, 10_000) and DATASETS["tinyimagenet"]["sizes"] == (100_000, 10_000)
+
+
+def test_no_gpu_means_no_silent_cpu_training(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    p = script("--configs", "baseline", "--out-dir", tmp_path)
+    assert p.returncode == 2 and "no GPU on this machine" in p.stderr and "--smoke" in p.stderr
+    assert "--device cpu" in p.stderr and not tmp_path.exists() or not any(tmp_path.iterdir())
