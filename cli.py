@@ -86,6 +86,9 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
                         f"if the final stage runs out of memory)")
     p.add_argument("--lr", type=_checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0"),
                    help=f"peak learning rate (default {base['lr']})")
+    p.add_argument("--clip-grad", type=_checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0"),
+                   metavar="NORM", help=f"clip the global gradient norm to NORM (default {setup.get('clip_grad')}; "
+                                        f"off for the paper's ResNets)")
     p.add_argument("--lam", type=_checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
                    help=f"SES weight lambda (default {base['lam']})")
     p.add_argument("--beta", type=_checked(float, lambda v: 0 < v < 1, "in the open interval (0, 1)"),
@@ -146,7 +149,7 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         parser.exit(2, f"{experiment}.py: no GPU on this machine: a real run of the full grid on the CPU would take "
                        f"days{'' if args.synthetic else ' (after downloading the data)'}. Use --smoke for the "
                        f"end-to-end test on tiny data, --preflight to measure, or --device cpu to train here anyway\n")
-    keys = ["epochs", "batch_size", "attack_batch_size", "lr", "lam", "beta", "every", "layers", "amp"]
+    keys = ["epochs", "batch_size", "attack_batch_size", "lr", "clip_grad", "lam", "beta", "every", "layers", "amp"]
     keys += [kw["dest"] for kw in (extra_flags or {}).values()]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     reg = make_registry(**registry)

@@ -146,6 +146,7 @@ def final_metrics(cfg, model, data, amp, layers, probe_x, history, ses) -> dict:
         train_acc=train_acc, gap=train_acc - acc,
         entropy=entropy, entropy_target={n: cfg["beta"] * math.log(d) for n, d in dims.items()},
         ses_steps=ses.applied_steps if ses else 0, total_steps=sum(h["steps"] for h in history),
+        ses_solver=ses.solver if ses else None, ses_solver_timings_s=ses.solver_timings if ses else None,
         epochs=len(history), epoch_time_s=statistics.median(h["epoch_time_s"] for h in history),
         images_per_s=statistics.median(h["images_per_s"] for h in history),
         amp=amp.name, device=device_name(data.train_x.device))

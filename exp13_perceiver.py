@@ -31,7 +31,7 @@ from lamb import make_lamb
 from perceiver import build_perceiver, latent_taps, save_attention_maps
 from pointclouds import MODELNET40
 
-SETUP = dict(model="perceiver", layers="latents", optimizer="lamb", weight_decay=0.1, epochs=120,
+SETUP = dict(model="perceiver", layers="latents", optimizer="lamb", weight_decay=0.1, clip_grad=10.0, epochs=120,
              scheduler="multistep", milestones=[84, 102, 114], schedule_epochs=120, eval_batch_size=256,
              attention_every=10, weight_sharing=True, pooling="mean", use_learned_pe=False,
              permute_pixels=False, permute_seed=42,

@@ -1,7 +1,7 @@
 """Perceiver (Jaegle et al., 2021) for classification, with taps for SES on the latent array.
 
 Shapes: the input becomes a byte array of N tokens, (B, N, C_in) = raw values (+ position
-encoding); a latent array (M, D), truncated normal sigma 0.02, cross-attends to it (queries from
+encoding); a latent array (M, D), normal sigma 0.02 truncated at +-2 sigma, cross-attends to it (queries from
 the latents, keys/values from the inputs; 1 head), then a latent transformer of
 `num_transformer_blocks` self-attention blocks (`num_heads` heads) refines (B, M, D); this
 (cross-attend, latent transformer) pair repeats `num_cross_attend_stages` times. Weight sharing
@@ -122,14 +122,14 @@ class Perceiver(nn.Module):
             self.register_buffer("mean", torch.tensor(mean).view(1, 1, 3))
             self.register_buffer("std", torch.tensor(std).view(1, 1, 3))
             if use_learned_pe:
-                self.learned_pe = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_tokens, pe_dim), std=0.02))
+                self.learned_pe = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_tokens, pe_dim), std=0.02, a=-0.04, b=0.04))
             else:
                 self.register_buffer("fixed_pe", fourier_features(grid_coords(image_size, image_size), num_bands, max_freq))
             g = torch.Generator().manual_seed(permute_seed)
             perm = torch.randperm(num_tokens, generator=g) if permute_pixels else torch.arange(num_tokens)
             self.register_buffer("pixel_perm", perm)
         extra = 1 if pooling == "cls" else 0
-        self.latents = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_latents + extra, latent_dim), std=0.02))
+        self.latents = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_latents + extra, latent_dim), std=0.02, a=-0.04, b=0.04))
 
         def cross():
             return CrossAttention(latent_dim, in_dim, dropout)

@@ -21,26 +21,27 @@ import torch
 
 from config import resolve_config
 from data_utils import device_name, load_data
-from evaluation import evaluate, fgsm, gaussian_noise, measure_entropy
+from evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
 from runs import build_run, save_checkpoint, sync
 from training import train_epoch
 
 GiB = 2 ** 30
 
 
-def time_steps(run, steps: int, warmup: int = 3) -> float:
+def time_steps(run, steps: int, warmup: int = 10) -> float:
     """Median seconds per training step over `steps` steps after `warmup`, in groups of whole
     SES periods (a k=10 config is timed over 10-step groups)."""
     k = run.ses.every if run.ses is not None else 1
     group = max(k, 1)
     reps = max(2, math.ceil(steps / group))
-    train_epoch(run.model, run.loader, 0, run.opt, run.scaler, run.amp, run.ses, run.mixer, max_steps=warmup)
+    train_epoch(run.model, run.loader, 0, run.opt, run.scaler, run.amp, run.ses, run.mixer, max_steps=warmup,
+                clip_grad=run.cfg["clip_grad"])
     times = []
     for r in range(reps):
         sync(run.device)
         t0 = time.perf_counter()
         done = train_epoch(run.model, run.loader, 1 + r, run.opt, run.scaler, run.amp, run.ses, run.mixer,
-                           max_steps=group)["steps"]
+                           max_steps=group, clip_grad=run.cfg["clip_grad"])["steps"]
         sync(run.device)
         times.append((time.perf_counter() - t0) / done)
     return statistics.median(times)
@@ -72,7 +73,12 @@ def measure(cfg: dict, data, device, reg, steps: int) -> dict:
                                                   gaussian_noise(0.1, d.is_image), max_batches=1), device)
             t_fgsm = time_chunk(lambda: evaluate(run.model, d.test_x, d.test_y, amp, abs_,
                                                  fgsm(1 / 255, d.is_image), max_batches=1), device)
-            t_probe = time_chunk(lambda: measure_entropy(run.model, run.layers, run.probe_x, amp), device)
+            probe_note = None
+            try:
+                t_probe = time_chunk(lambda: measure_entropy(run.model, run.layers, run.probe_x, amp), device)
+            except NonFiniteActivations:  # eval mode after a few steps: BatchNorm statistics not yet trained
+                t_probe, probe_note = 0.0, "probe batch non-finite in eval mode after a few steps (BatchNorm " \
+                                           "statistics untrained); not timed"
         peak_final = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -85,7 +91,7 @@ def measure(cfg: dict, data, device, reg, steps: int) -> dict:
         final = (math.ceil(n_test / ebs) * (t_eval + len(cfg["noise_sigmas"]) * t_noise)
                  + math.ceil(n_test / abs_) * len(cfg["fgsm_eps"]) * t_fgsm
                  + math.ceil(min(cfg["train_eval_size"], len(d.train_y)) / ebs) * t_eval + t_probe)
-        return dict(step_s=step_s, images_per_s=cfg["batch_size"] / step_s, peak_train=peak_train,
+        return dict(note=probe_note, step_s=step_s, images_per_s=cfg["batch_size"] / step_s, peak_train=peak_train,
                     peak_final=peak_final, ckpt_mb=ckpt_mb, run_s=cfg["epochs"] * per_epoch + final,
                     amp=amp.name, steps_per_epoch=len(run.loader))
     finally:
@@ -98,7 +104,7 @@ def fmt_mem(b, total) -> str:
     return f"{b / GiB:.2f}" + (f" ({100 * b / total:.0f}%)" if total else "")
 
 
-def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, reg, steps: int = 10) -> int:
+def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, reg, steps: int = 30) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -131,6 +137,12 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
             worst = 1
             torch.cuda.empty_cache()
             continue
+        except Exception as e:  # noqa: BLE001 - one config's problem is one line, the others still run
+            print(f"  {config}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            worst = 1
+            continue
+        if m.get("note"):
+            print(f"  {config}: {m['note']}")
         rows.append((config, m, len(args.seeds)))
         peak = max(m["peak_train"] or 0, m["peak_final"] or 0)
         if total and peak > 0.9 * total:

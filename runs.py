@@ -223,7 +223,8 @@ def train_run(run: Run, run_dir: Path, reg: Registry, stage: list) -> dict:
         lr = run.opt.param_groups[0]["lr"]
         sync(device)
         t0 = time.perf_counter()
-        stats = train_epoch(run.model, run.loader, epoch, run.opt, run.scaler, run.amp, run.ses, run.mixer)
+        stats = train_epoch(run.model, run.loader, epoch, run.opt, run.scaler, run.amp, run.ses, run.mixer,
+                            clip_grad=cfg["clip_grad"])
         sync(device)
         seconds = time.perf_counter() - t0
         run.sched.step()

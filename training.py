@@ -106,8 +106,10 @@ def build_scheduler(cfg: dict, opt):
 
 # ----------------------------------------------------------------------------- one epoch
 def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolicy,
-                ses: SES | None, mixer, check_every: int = 50, max_steps: int | None = None) -> dict:
-    """One epoch (or its first max_steps steps); returns mean loss/accuracy, images, steps."""
+                ses: SES | None, mixer, check_every: int = 50, max_steps: int | None = None,
+                clip_grad: float | None = None) -> dict:
+    """One epoch (or its first max_steps steps); returns mean loss/accuracy, images, steps.
+    clip_grad: clip the global gradient norm (after unscaling under fp16) to this value."""
     model.train()
     dev = loader.device
     loss_sum = torch.zeros((), device=dev)
@@ -133,6 +135,9 @@ def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolic
         loss = ce + reg
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)  # no host sync (returns a tensor)
         scaler.step(opt)
         scaler.update()
         # bookkeeping stays on the device: no host sync of our own inside the step

@@ -241,3 +241,58 @@ def test_random_scale_is_small_and_per_axis():
     x = torch.ones(64, 10, 3)
     s = pc.random_scale(x, g)
     assert 0.9 <= s.min() and s.max() <= 1.1 and torch.equal(s[:, 0], s[:, 5])
+
+
+def reference_lamb_step(ws, grads, state, lr, b1, b2, eps, wd):
+    """The per-tensor loop LAMB this suite used before (the formulas of the docstring, one tensor at a time)."""
+    for i, (w, g) in enumerate(zip(ws, grads)):
+        s = state.setdefault(i, dict(t=0, m=torch.zeros_like(w), v=torch.zeros_like(w)))
+        s["t"] += 1
+        s["m"] = b1 * s["m"] + (1 - b1) * g
+        s["v"] = b2 * s["v"] + (1 - b2) * g * g
+        u = (s["m"] / (1 - b1 ** s["t"])) / ((s["v"] / (1 - b2 ** s["t"])).sqrt() + eps) + wd * w
+        wn, un = w.norm(), u.norm()
+        trust = wn / un if wn > 0 and un > 0 else 1.0
+        w -= lr * trust * u
+
+
+def test_multi_tensor_lamb_equals_the_per_tensor_loop_step_for_step():
+    torch.manual_seed(0)
+    shapes = [(8, 4), (4,), (3, 3, 2), (5,)]
+    init = [torch.randn(s) if i != 3 else torch.zeros(s) for i, s in enumerate(shapes)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [t.clone().double() for t in init]
+    opt = Lamb(params, lr=0.01, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1)
+    state = {}
+    for _ in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        reference_lamb_step(ref, [g.double() for g in grads], state, 0.01, 0.9, 0.999, 1e-6, 0.1)
+        for p, r in zip(params, ref):
+            assert torch.allclose(p.detach().double(), r, atol=1e-6)
+
+
+def test_make_lamb_exempts_biases_and_norms_from_decay():
+    from lamb import make_lamb
+    m = Perceiver(num_classes=10, input_kind="image", num_tokens=64, image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3,
+                  num_latents=4, latent_dim=16, num_cross_attend_stages=1, num_transformer_blocks=1, num_heads=2,
+                  num_bands=2, use_learned_pe=True)
+    opt = make_lamb(m.parameters(), dict(lr=0.001, weight_decay=0.1))
+    decayed, exempt = opt.param_groups
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and exempt["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decayed["params"]} >= {"latents", "learned_pe", "head.1.weight"}
+    exempt_names = {names[id(p)] for p in exempt["params"]}
+    assert exempt_names and all(n.endswith(".bias") or ".norm" in n or n.startswith("head.0") or "mlp.0" in n
+                                for n in exempt_names), exempt_names
+
+
+def test_latents_and_learned_pe_are_truncated_at_two_sigma():
+    torch.manual_seed(0)
+    m = Perceiver(num_classes=10, input_kind="image", num_tokens=1024, image_size=32, mean=(0.5,) * 3,
+                  std=(0.25,) * 3, num_latents=256, latent_dim=256, num_cross_attend_stages=1, num_transformer_blocks=1,
+                  num_heads=2, num_bands=2, use_learned_pe=True)
+    for t in (m.latents, m.learned_pe):
+        assert t.abs().max().item() <= 0.04 + 1e-7 and t.abs().max().item() > 0.035
