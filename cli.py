@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from data_utils import DataError
 from models import LayerError, resolve_layers
 from registry import make_registry
 from preflight import preflight
-from sweep import Interrupted, run_sweep
+from files import write_json
+from sweep import Interrupted, format_table, run_sweep, summarize
 from training import AMP_MODES
 
 
@@ -95,6 +97,9 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
                    help=f"SES target fraction beta of log d (default {base['beta']})")
     p.add_argument("--every", type=pos_int, help="SES period k: penalty on steps with step %% k == 0, "
                                                  "for every SES config (default: per config)")
+    p.add_argument("--ses-target", choices=["logd", "rank"],
+                   help="SES target per layer: logd = beta * log d (the paper's, default), rank = beta * log "
+                        "min(d, n - 1), which a batch of n can reach")
     p.add_argument("--layers", help=f"hooked layers: a preset of the model or comma-separated module names "
                                     f"(default {base['layers']})")
     p.add_argument("--amp", choices=AMP_MODES, help="precision: auto = bf16 autocast on GPUs of compute "
@@ -102,12 +107,41 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
     p.add_argument("--data-dir", default=default_data_dir(), help="datasets and caches (default %(default)s)")
     p.add_argument("--out-dir", default=default_out_dir(), help="results root (default %(default)s)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available, else cpu; cpu for --smoke)")
+    p.add_argument("--devices", metavar="LIST",
+                   help="one worker per device sharing the out-dir (each run claimed once): cuda:0,cuda:1 or all")
     p.add_argument("--no-download", action="store_true", help="never download; fail with instructions instead")
     p.add_argument("--force", action="store_true",
                    help="delete and rerun the selected runs (only those named by --configs/--seeds), even finished ones")
     for flag, kwargs in (extra_flags or {}).items():  # a script's own settings; None = keep the config's
         p.add_argument(flag, default=None, **kwargs)
     return p
+
+
+def run_workers(parser, experiment: str, grid: dict, args, argv) -> int:
+    """--devices: this command once per device, as child processes sharing the out-dir and its claims."""
+    n = torch.cuda.device_count()
+    devices = [f"cuda:{i}" for i in range(n)] if args.devices == "all" else args.devices.split(",")
+    if not devices or any(d.startswith("cuda") and not torch.cuda.is_available() for d in devices):
+        parser.error(f"argument --devices: {args.devices!r}: this machine has {n} GPU(s)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = argv.index("--devices")
+    base = argv[:i] + argv[i + 2:]
+    base = [a for j, a in enumerate(base) if a != "--device" and (j == 0 or base[j - 1] != "--device")]
+    procs = [subprocess.Popen([sys.executable, sys.argv[0], *base, "--device", d]) for d in devices]
+    print(f"{len(procs)} workers on {', '.join(devices)} share {args.out_dir}")
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.wait()
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    exp_dir = Path(args.out_dir) / ("smoke" if args.smoke else "synthetic" if args.synthetic else "") / experiment
+    if exp_dir.is_dir():
+        summary = summarize(exp_dir, list(grid))
+        write_json(exp_dir / "summary.json", summary)
+        print(format_table(summary["runs"]))
+    return max(codes)
 
 
 def check_layers_flag(parser, experiment, grid, setup, args, overrides, reg) -> None:
@@ -149,10 +183,12 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         parser.exit(2, f"{experiment}.py: no GPU on this machine: a real run of the full grid on the CPU would take "
                        f"days{'' if args.synthetic else ' (after downloading the data)'}. Use --smoke for the "
                        f"end-to-end test on tiny data, --preflight to measure, or --device cpu to train here anyway\n")
-    keys = ["epochs", "batch_size", "attack_batch_size", "lr", "clip_grad", "lam", "beta", "every", "layers", "amp"]
+    keys = ["epochs", "batch_size", "attack_batch_size", "lr", "clip_grad", "lam", "beta", "every", "ses_target", "layers", "amp"]
     keys += [kw["dest"] for kw in (extra_flags or {}).values()]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     reg = make_registry(**registry)
+    if args.devices:
+        return run_workers(parser, experiment, grid, args, argv)
     if args.layers:
         check_layers_flag(parser, experiment, grid, setup, args, overrides, reg)
     try:

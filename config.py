@@ -18,7 +18,7 @@ DEFAULTS = dict(
     epochs=60, batch_size=256, eval_batch_size=1024, attack_batch_size=64, amp="auto",
     optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False, clip_grad=None,
     scheduler="multistep", milestones=[25, 40, 52], schedule_epochs=60, gamma=0.1,
-    ses=False, lam=0.01, beta=0.7, every=1, mix="none", mix_alpha=1.0,
+    ses=False, lam=0.01, beta=0.7, every=1, ses_target="logd", mix="none", mix_alpha=1.0,
     noise_sigmas=[0.05, 0.1], fgsm_eps=[1 / 255, 2 / 255], rob_sigma=0.1,
     train_eval_size=10_000, val_size=0, baseline_config="baseline",
 )

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from data_utils import GpuLoader, device_name
-from ses_core import ActivationCollector, spectral_entropies
+from ses_core import ActivationCollector, entropy_ceiling, entropy_target, spectral_entropies
 from training import AmpPolicy
 
 NOISE_SEED = 20_240_601
@@ -144,7 +144,9 @@ def final_metrics(cfg, model, data, amp, layers, probe_x, history, ses) -> dict:
         experiment=cfg["experiment"], config=cfg["config"], seed=cfg["seed"], baseline_config=cfg["baseline_config"],
         acc=acc, rob=suite[f"gauss_{cfg['rob_sigma']:g}"], robustness=suite, **extra,
         train_acc=train_acc, gap=train_acc - acc,
-        entropy=entropy, entropy_target={n: cfg["beta"] * math.log(d) for n, d in dims.items()},
+        entropy=entropy, entropy_target={n: entropy_target(d, len(probe_x), cfg["beta"], cfg["ses_target"])
+                                         for n, d in dims.items()},
+        entropy_max={n: entropy_ceiling(d, len(probe_x)) for n, d in dims.items()}, ses_target=cfg["ses_target"],
         ses_steps=ses.applied_steps if ses else 0, total_steps=sum(h["steps"] for h in history),
         ses_solver=ses.solver if ses else None, ses_solver_timings_s=ses.solver_timings if ses else None,
         epochs=len(history), epoch_time_s=statistics.median(h["epoch_time_s"] for h in history),

@@ -10,7 +10,7 @@ k=3 75.26 / 47.07 / +65 %; k=5 75.00 / 46.79 / +38 %; k=10 75.85 / 47.28 / +19 %
 Run it:
   Kaggle T4, one file:  python tools/bundle.py exp10_periodic_ses.py -o dist/exp10_periodic_ses.py
                         upload dist/exp10_periodic_ses.py, then in the notebook:
-                        !python exp10_periodic_ses.py          (fp16 + GradScaler chosen on sm_75)
+                        !python /kaggle/input/<your-upload>/exp10_periodic_ses.py   (fp16 + GradScaler on sm_75)
   Lightning L40S/local: python exp10_periodic_ses.py
   CPU smoke test:       python exp10_periodic_ses.py --smoke
 Rerunning the same command resumes unfinished runs and skips finished ones.

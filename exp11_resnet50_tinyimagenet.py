@@ -9,8 +9,8 @@ Run it:
   Lightning L40S (bf16):  python exp11_resnet50_tinyimagenet.py
       The first run downloads tiny-imagenet-200.zip (md5-checked) to data/ and decodes it once to
       data/tinyimagenet_uint8_v1.pt; later runs load that cache in seconds.
-  Kaggle T4 (fp16):       python tools/bundle.py exp11_resnet50_tinyimagenet.py -o dist/exp11.py,
-      upload it, attach Tiny-ImageNet as a dataset (found under /kaggle/input automatically)
+  Kaggle T4 (fp16):       python tools/bundle.py exp11_resnet50_tinyimagenet.py -o dist/exp11_resnet50_tinyimagenet.py,
+      upload it, run !python /kaggle/input/<your-upload>/exp11_resnet50_tinyimagenet.py, attach Tiny-ImageNet as a dataset (found under /kaggle/input automatically)
   CPU smoke test:         python exp11_resnet50_tinyimagenet.py --smoke
 Rerunning the same command resumes unfinished runs and skips finished ones.
 """

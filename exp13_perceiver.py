@@ -21,7 +21,8 @@ gives no CIFAR-10 figure.
 
 Run it:
   Lightning L40S/local: python exp13_perceiver.py [--configs modelnet40_fourier modelnet40_fourier_ses]
-  Kaggle T4, one file:  python tools/bundle.py exp13_perceiver.py -o dist/exp13_perceiver.py
+  Kaggle T4, one file:  python tools/bundle.py exp13_perceiver.py -o dist/exp13_perceiver.py, upload it,
+                        then !python /kaggle/input/<your-upload>/exp13_perceiver.py
   CPU smoke test:       python exp13_perceiver.py --smoke
 """
 import sys

@@ -33,29 +33,37 @@ METRICS = ("acc", "rob", "gap")
 def read_runs(root: Path) -> dict[str, dict]:
     """experiment -> {"runs": {config: [result, ...]}, "unfinished": [run names], "curves": {config: [metrics]}}."""
     out: dict[str, dict] = {}
-    for exp_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("plots", "smoke")):
-        exp = {"runs": {}, "unfinished": [], "curves": {}, "attention": {}}
+    for exp_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("plots", "smoke", "synthetic")):
+        exp = {"runs": {}, "unfinished": [], "failed": [], "curves": {}, "attention": {}}
         for run_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name):
             result = run_dir / "result.json"
             if not result.is_file():
-                if (run_dir / "config.json").is_file():
+                if (run_dir / "failure.json").is_file():
+                    f = json.loads((run_dir / "failure.json").read_text())
+                    exp["failed"].append(f"{run_dir.name} ({f.get('stage')}: {f.get('message')})")
+                elif (run_dir / "config.json").is_file():
                     exp["unfinished"].append(run_dir.name)
                 continue
             r = json.loads(result.read_text())
-            exp["runs"].setdefault(r["config"], []).append(r)
+            r.setdefault("variant", r["config"])
+            exp["runs"].setdefault(r["variant"], []).append(r)
             maps = sorted((run_dir / "attention").glob("epoch_*.pt"))
             if maps:
                 exp["attention"][run_dir.name] = maps[-1]  # the latest saved epoch
             metrics = run_dir / "metrics.jsonl"
             if metrics.is_file():
                 rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-                exp["curves"].setdefault(r["config"], []).append(rows)
+                exp["curves"].setdefault(r["variant"], []).append(rows)
         order = config_order(exp_dir, list(exp["runs"]))
         exp["runs"] = {c: exp["runs"][c] for c in order}
         exp["curves"] = {c: exp["curves"][c] for c in order if c in exp["curves"]}
-        if exp["runs"] or exp["unfinished"]:
+        if exp["runs"] or exp["unfinished"] or exp["failed"]:
             out[exp_dir.name] = exp
     return out
+
+
+def read_runs_safe(root: Path) -> dict:
+    return read_runs(root) if root.is_dir() else {}
 
 
 def config_order(exp_dir: Path, configs: list[str]) -> list[str]:
@@ -71,23 +79,48 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarize(runs: dict[str, list[dict]], reference: dict) -> list[dict]:
-    """One row per config with means/stds in percent, deltas vs baseline in percentage points."""
+# two-sided 95 % Student t quantiles t(0.975, df), df = n - 1
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    return T975.get(df) or T975[max(k for k in T975 if k <= df)] if df < 30 else 1.96 + 2.4 / df
+
+
+def paired_delta(results: list[dict], twin: list[dict], metric: str):
+    """(mean, (lo, hi) or None, n) of the per-seed differences in percentage points, seeds paired."""
+    by_seed = {r["seed"]: r[metric] for r in twin}
+    deltas = [100 * (r[metric] - by_seed[r["seed"]]) for r in results if r["seed"] in by_seed]
+    if not deltas:
+        return None
+    mu = statistics.fmean(deltas)
+    if len(deltas) < 2:
+        return mu, None, 1
+    half = t975(len(deltas) - 1) * statistics.stdev(deltas) / len(deltas) ** 0.5
+    return mu, (mu - half, mu + half), len(deltas)
+
+
+def summarize(runs: dict[str, list[dict]], reference: dict, kind: str | None = None) -> list[dict]:
+    """One row per variant: means/stds in percent, and the Δ against the config's twin (its
+    `baseline_config`, with the same overrides) paired by seed, with a 95 % CI when n >= 2.
+    A paper figure is shown only for a real run whose settings are the config's own."""
     rows = []
-    for config, results in runs.items():
-        base_name = results[0].get("baseline_config", "baseline")  # exp13: a _ses config's plain twin
-        base = runs.get(base_name) if base_name != config else None
-        base_mean = {m: 100 * mean_std([r[m] for r in base])[0] for m in METRICS} if base else None
-        row = {"config": config, "n": len(results), "seeds": sorted(r["seed"] for r in results)}
+    for variant, results in runs.items():
+        config = results[0]["config"]
+        twin_name = results[0].get("baseline_config", "baseline")
+        twin_variant = variant.replace(config, twin_name, 1)
+        twin = runs.get(twin_variant) if twin_name != config else None
+        row = {"config": variant, "n": len(results), "seeds": sorted(r["seed"] for r in results)}
         for m in METRICS:
             mu, sd = mean_std([r[m] for r in results])
             row[m] = (100 * mu, None if sd is None else 100 * sd)
         overheads = [r["overhead"] for r in results if r.get("overhead") is not None]
         row["overhead"] = statistics.fmean(overheads) if overheads else None
-        row["vs"] = base_name if base_mean else None
-        row["d_acc"] = row["acc"][0] - base_mean["acc"] if base_mean else None
-        row["d_rob"] = row["rob"][0] - base_mean["rob"] if base_mean else None
-        row["paper"] = reference.get(config)
+        row["vs"] = twin_variant if twin else None
+        row["d_acc"] = paired_delta(results, twin, "acc") if twin else None
+        row["d_rob"] = paired_delta(results, twin, "rob") if twin else None
+        row["paper"] = reference.get(config) if (kind is None and variant == config) else None
         rows.append(row)
     return rows
 
@@ -101,9 +134,16 @@ def fmt_ms(ms, tex=False) -> str:
 
 
 def fmt_delta(v, tex=False) -> str:
+    """+5.00 [+2.52, +7.48] (n = 3); '~0' marks an interval that contains 0 (within seed noise)."""
     if v is None:
         return "--" if tex else "—"
-    return f"${v:+.2f}$" if tex else f"{v:+.2f}"
+    mu, ci, _ = v
+    if ci is None:
+        return f"${mu:+.2f}$" if tex else f"{mu:+.2f}"
+    noise = ci[0] <= 0 <= ci[1]
+    if tex:
+        return f"${mu:+.2f}$ [{ci[0]:+.1f}, {ci[1]:+.1f}]" + ("$^\\circ$" if noise else "")
+    return f"{mu:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" + (" ~0" if noise else "")
 
 
 def fmt_overhead(v, tex=False) -> str:
@@ -121,10 +161,20 @@ def fmt_paper(p, tex=False) -> str:
     return text
 
 
-def markdown(experiments: dict, tables: dict) -> str:
-    out = ["# SES results", "", "Mean ± std over seeds (std with n − 1, omitted for one seed); final epoch; "
-           "acc = clean test top-1, rob = top-1 under Gaussian noise σ = 0.1, gap = train_acc − acc; "
-           "Δ in percentage points vs the experiment's baseline; overhead = median epoch time ÷ baseline − 1.", ""]
+KIND_NOTE = {"smoke": "SMOKE RESULTS: tiny generated data, 2 epochs; they test the pipeline and say nothing about SES.",
+             "synthetic": "SYNTHETIC RESULTS: generated data of the real shapes; for timing and memory only."}
+
+
+def markdown(experiments: dict, tables: dict, kind: str | None = None) -> str:
+    out = ["# SES results" + (f" ({kind.upper()}: not paper numbers)" if kind else ""), ""]
+    out += [f"**{KIND_NOTE[kind]}**", ""] if kind else []
+    out += ["Mean ± std over seeds (std with n − 1, omitted for one seed); final epoch; "
+            "acc = clean test top-1; rob = our definition: top-1 under additive Gaussian noise σ = 0.1 on [0, 1] "
+            "pixels (on point coordinates for ModelNet40), clamped, fixed noise seed; the paper's rob figures were "
+            "measured under the paper's own definition. gap = train_acc − acc. Δ = per-seed difference against the "
+            "config's twin (`mixup_ses` vs `mixup`, `ses` vs `baseline`), in percentage points: mean, and the 95 % "
+            "Student-t interval (n − 1) when n ≥ 2; ~0 marks an interval containing 0 (within seed noise). "
+            "overhead = median epoch time ÷ the twin's − 1.", ""]
     for exp, rows in tables.items():
         out += [f"## {exp}", "", CAPTIONS.get(exp, ""), "",
                 "| config | n | acc (%) | rob (%) | gap (pp) | Δ acc | Δ rob | overhead | paper acc / rob |",
@@ -136,6 +186,9 @@ def markdown(experiments: dict, tables: dict) -> str:
         unfinished = experiments[exp]["unfinished"]
         if unfinished:
             out += ["", f"Unfinished (not averaged in): {', '.join(unfinished)}"]
+        if experiments[exp]["failed"]:
+            out += ["", "Failed (not averaged in; rerun the same command to retry):"]
+            out += [f"- {f}" for f in experiments[exp]["failed"]]
         out.append("")
     return "\n".join(out)
 
@@ -144,14 +197,22 @@ def tex_escape(s: str) -> str:
     return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
 
 
-def latex(experiments: dict, tables: dict) -> str:
+def latex(experiments: dict, tables: dict, kind: str | None = None) -> str:
     out = ["% Generated by report.py; needs \\usepackage{booktabs}. \\input{tables.tex} in the paper."]
     for exp, rows in tables.items():
         n_seeds = sorted({r["n"] for r in rows})
-        seeds = f"$n = {n_seeds[0]}$ seeds" if len(n_seeds) == 1 else "$n$ seeds per row"
-        caption = (f"{CAPTIONS.get(exp, tex_escape(exp))} Final-epoch test accuracy (Acc), accuracy under "
-                   f"Gaussian noise $\\sigma = 0.1$ (Rob) and train--test gap, mean $\\pm$ std over {seeds}; "
-                   f"$\\Delta$ in percentage points vs.\\ the baseline.")
+        if n_seeds == [1]:
+            seeds = "one seed (no spread)"
+        elif len(n_seeds) == 1:
+            seeds = f"mean $\\pm$ std over $n = {n_seeds[0]}$ seeds"
+        else:
+            seeds = "mean $\\pm$ std over the $n$ seeds of each row"
+        caption = (f"{CAPTIONS.get(exp, tex_escape(exp))} Final-epoch test accuracy (Acc), accuracy under our "
+                   f"Gaussian noise $\\sigma = 0.1$ (Rob; the paper's figures use its own definition) and "
+                   f"train--test gap, {seeds}; $\\Delta$: paired per-seed difference vs.\\ the config's twin "
+                   f"in percentage points, with a 95\\,\\% $t$-interval when $n \\ge 2$ ($^\\circ$: contains 0).")
+        if kind:
+            caption = f"{kind.upper()} RESULTS, NOT PAPER NUMBERS. " + caption
         out += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}",
                 f"\\label{{tab:{exp}}}", "\\begin{tabular}{lrrrrrrrl}", "\\toprule",
                 "Config & $n$ & Acc (\\%) & Rob (\\%) & Gap (pp) & $\\Delta$Acc & $\\Delta$Rob & Overhead & "
@@ -164,6 +225,8 @@ def latex(experiments: dict, tables: dict) -> str:
         out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
         if experiments[exp]["unfinished"]:
             out.append(f"% unfinished runs, not averaged in: {', '.join(experiments[exp]['unfinished'])}")
+        for f in experiments[exp]["failed"]:
+            out.append(f"% failed run, not averaged in: {f}")
     return "\n".join(out) + "\n"
 
 
@@ -292,12 +355,15 @@ def main(argv=None) -> int:
     if not args.results_dir.is_dir():
         p.exit(2, f"report.py: error: {args.results_dir} is not a folder; pass the --out-dir of a sweep\n")
     experiments = read_runs(args.results_dir)
+    kind = args.results_dir.resolve().name if args.results_dir.resolve().name in KIND_NOTE else None
     if not experiments:
-        p.exit(1, f"report.py: error: no <experiment>/<config>_seed<N>/result.json under {args.results_dir}\n")
+        elsewhere = [str(args.results_dir / k) for k in KIND_NOTE if read_runs_safe(args.results_dir / k)]
+        hint = f"; only smoke/synthetic results here: run python report.py {elsewhere[0]}" if elsewhere else ""
+        p.exit(1, f"report.py: error: no <experiment>/<config>_seed<N>/result.json under {args.results_dir}{hint}\n")
     reference = json.loads(args.reference.read_text()) if args.reference.is_file() else {}
-    tables = {exp: summarize(d["runs"], reference.get(exp, {})) for exp, d in experiments.items()}
-    write_text(args.results_dir / "report.md", markdown(experiments, tables))
-    write_text(args.results_dir / "tables.tex", latex(experiments, tables))
+    tables = {exp: summarize(d["runs"], reference.get(exp, {}), kind) for exp, d in experiments.items()}
+    write_text(args.results_dir / "report.md", markdown(experiments, tables, kind))
+    write_text(args.results_dir / "tables.tex", latex(experiments, tables, kind))
     print(f"wrote {args.results_dir / 'report.md'} and {args.results_dir / 'tables.tex'}")
     try:
         import matplotlib

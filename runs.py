@@ -36,7 +36,7 @@ from evaluation import evaluate, final_metrics, final_stage_check, measure_entro
 from files import atomic_torch_save, write_jsonl
 from models import resolve_layers
 from registry import Registry
-from ses_core import SES
+from ses_core import SES, entropy_ceiling, entropy_target
 from training import AmpPolicy, amp_policy, build_optimizer, build_scheduler, train_epoch
 
 
@@ -159,7 +159,7 @@ def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run
     layers = resolve_layers(cfg, model, reg.presets)
     opt = build_optimizer(cfg, model, reg.optimizers)
     sched = build_scheduler(cfg, opt)
-    ses = SES(model, layers, cfg["lam"], cfg["beta"], cfg["every"]) if cfg["ses"] else None
+    ses = SES(model, layers, cfg["lam"], cfg["beta"], cfg["every"], target=cfg["ses_target"]) if cfg["ses"] else None
     mixer = make_mixer(cfg["mix"], data.info["num_classes"], cfg["mix_alpha"])
     augment = data.info.get("augment") or partial(random_crop_flip, pad=data.info["pad"])
     loader = GpuLoader(data.train_x, data.train_y, cfg["batch_size"], device, train=True,
@@ -209,6 +209,18 @@ def save_checkpoint(run: Run, path: Path, epoch: int, history: list) -> None:
                            epoch=epoch, history=history, config=run.cfg, amp=run.amp.name), path)
 
 
+def warn_unreachable_targets(run: Run) -> None:
+    """One line per hooked layer whose target is at or above the entropy a batch can reach."""
+    _, dims = measure_entropy(run.model, run.layers, run.probe_x, run.amp)
+    n = run.cfg["batch_size"]
+    for layer, d in dims.items():
+        target = entropy_target(d, n, run.cfg["beta"], run.cfg["ses_target"])
+        if target >= entropy_ceiling(d, n) - 1e-9:
+            print(f"warning: {layer}: SES target {target:.2f} >= the ceiling log(min(n-1, d)) = "
+                  f"{entropy_ceiling(d, n):.2f} at batch {n}, d = {d}: SES can only push towards a flat spectrum "
+                  f"there (ses_target=rank targets beta * log min(d, n-1) instead)")
+
+
 def train_run(run: Run, run_dir: Path, reg: Registry, stage: list) -> dict:
     """Train to the end from run_dir's checkpoint; return the result. `stage[0]` names where the
     run is (for failure records): 'epoch N' or 'final metrics'."""
@@ -216,6 +228,8 @@ def train_run(run: Run, run_dir: Path, reg: Registry, stage: list) -> dict:
     eval_x, eval_y = ((run.data.val_x, run.data.val_y) if run.eval_split == "val"
                       else (run.data.test_x, run.data.test_y))
     history, start_epoch = resume(run, run_dir)
+    if run.ses is not None and start_epoch == 0:
+        warn_unreachable_targets(run)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(start_epoch, cfg["epochs"]):

@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
+__all__ = ["entropy_ceiling", "entropy_target", "spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
            "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
 
 
@@ -172,12 +172,27 @@ def spectral_entropies(activations: Sequence[torch.Tensor], solver: str = "float
     return [hs[unique[id(a)]] for a in activations]  # type: ignore[misc]
 
 
-def _penalty_terms(acts: Sequence[torch.Tensor], beta: float, solver: str = "float32"):
+TARGETS = ("logd", "rank")
+
+
+def entropy_ceiling(d: int, n: int) -> float:
+    """The highest H a centred batch of n rows in d dimensions can reach: rank <= min(d, n - 1)."""
+    return math.log(max(min(d, n - 1), 1))
+
+
+def entropy_target(d: int, n: int, beta: float, mode: str = "logd") -> float:
+    """beta * log d (the paper's target, 'logd'), or beta * log min(d, n - 1) ('rank': reachable)."""
+    if mode not in TARGETS:
+        raise ValueError(f"unknown ses_target {mode!r}; use logd or rank")
+    return beta * (math.log(d) if mode == "logd" else entropy_ceiling(d, n))
+
+
+def _penalty_terms(acts: Sequence[torch.Tensor], beta: float, solver: str = "float32", target: str = "logd"):
     """(R, [H_l]) for a list of (n, d_l) tensors. Targets stay Python floats: no host->device copy."""
     if not acts:
         raise ValueError("no activations to penalise: is the collector enabled and hooked?")
     hs = spectral_entropies(acts, solver)
-    r = torch.stack([(h - beta * math.log(a.shape[1])) ** 2 for h, a in zip(hs, acts)]).sum()
+    r = torch.stack([(h - entropy_target(a.shape[1], a.shape[0], beta, target)) ** 2 for h, a in zip(hs, acts)]).sum()
     return r, hs
 
 
@@ -290,14 +305,17 @@ class SES:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = 0.01,
-                 beta: float = 0.7, every: int = 1, solver: str = "auto"):
+                 beta: float = 0.7, every: int = 1, solver: str = "auto", target: str = "logd"):
         if not (lam >= 0 and math.isfinite(lam)):
             raise ValueError(f"lam (the SES weight) must be a finite number >= 0, got {lam}")
         if int(every) != every or every < 1:
             raise ValueError(f"every (the SES period k) must be an integer >= 1, got {every}")
         if solver not in SOLVERS:
             raise ValueError(f"unknown SES solver {solver!r}; use one of {', '.join(SOLVERS)}")
+        if target not in TARGETS:
+            raise ValueError(f"unknown ses_target {target!r}; use logd or rank")
         self.lam, self.beta, self.every, self.solver = float(lam), check_beta(beta), int(every), solver
+        self.target = target
         self.solver_timings: dict[str, float] = {}  # "auto" on CUDA: seconds per route, measured once
         self.collector = ActivationCollector(model, layers, enabled=False)
         self.step = 0            # training steps seen so far
@@ -323,7 +341,7 @@ class SES:
             unique = list({id(a): a for a in acts.values()}.values())
             with torch.no_grad(), torch.autocast(device_type=unique[0].device.type, enabled=False):
                 self.solver, self.solver_timings = pick_solver([_centred_gram(a) for a in unique])
-        r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver)
+        r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver, self.target)
         self.last_entropy = {n: h.detach() for n, h in zip(acts, hs)}
         self.collector.disable()
         self.applied_steps += 1

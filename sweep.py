@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from claims import acquire, describe
 from config import resolve_config, run_name
 from data_utils import DataError, device_name, load_data
 from files import write_json
@@ -95,8 +96,16 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
     except (RunError, ValueError) as e:  # bad settings: nothing was written for this run
         print(f"error: {run_dir.name}: {e}", file=sys.stderr)
         return "failed"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim = acquire(run_dir)
+    if claim is None or (run_dir / "result.json").is_file():
+        print(f"{run_dir.name}: " + ("finished by another worker, skipped" if claim is not None else
+                                     f"being trained by {describe(run_dir / 'claim.json')}, skipped"))
+        if claim is not None:
+            claim.release()
+        run.close()
+        return "skipped"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "failure.json").unlink(missing_ok=True)
         if not (run_dir / "config.json").is_file():
             save_code(run_dir / "code")
@@ -117,6 +126,7 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
               f"rerun the same command to retry it)", file=sys.stderr)
         return "failed"
     finally:
+        claim.release()
         run.close()
 
 

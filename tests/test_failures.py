@@ -146,3 +146,34 @@ def test_run_names_carry_the_overrides(value, name):
     import exp10_periodic_ses as exp10
     cfg, _ = resolve_config("exp10_periodic_ses", exp10.SETUP, exp10.GRID, "ses_k1", 0, False, {"every": int(value)})
     assert run_name(cfg) == name and cfg["every"] == int(value)
+
+
+def test_two_concurrent_workers_train_each_run_exactly_once(tmp_path):
+    args = [sys.executable, EXP10, "--smoke", "--configs", "baseline", "ses_k3", "ses_k10", "--seeds", "0", "1",
+            "--out-dir", str(tmp_path)]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    started = [line.split(" / ")[1].split(" on ")[0] for out, _ in outs for line in out.splitlines()
+               if line.startswith("== exp10_periodic_ses / ")]
+    names = {f"{c}_seed{s}" for c in ("baseline", "ses_k3", "ses_k10") for s in (0, 1)}
+    assert sorted(started) == sorted(names)  # every run trained once, by one of the two
+    exp = tmp_path / "smoke" / "exp10_periodic_ses"
+    assert all((exp / n / "result.json").is_file() and not (exp / n / "claim.json").exists() for n in names)
+    summary = json.loads((exp / "summary.json").read_text())
+    assert {f"{r['config']}_seed{r['seed']}" for r in summary["runs"]} == names
+
+
+def test_a_stale_claim_is_taken_over_and_a_live_one_is_respected(tmp_path, monkeypatch, capsys):
+    import claims
+    run = tmp_path / "r_seed0"
+    run.mkdir()
+    (run / "claim.json").write_text(json.dumps(dict(host="dead", pid=1, token="x")))
+    assert claims.acquire(run) is None  # fresh heartbeat: another worker owns it
+    old = time.time() - claims.STALE_S - 5
+    os.utime(run / "claim.json", (old, old))
+    claim = claims.acquire(run)
+    assert claim is not None and claim.owned() and "taking over the stale claim" in capsys.readouterr().out
+    claim.release()
+    assert not (run / "claim.json").exists()

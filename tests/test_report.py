@@ -48,13 +48,16 @@ def test_tables_hold_hand_computed_statistics(tmp_path):
     tex = (tmp_path / "tables.tex").read_text()
     # baseline acc 70/72/74: mean 72, sample std 2; ses acc 75/76/80: mean 77, std sqrt(7) = 2.65
     expected_md = ["| baseline | 3 | 72.00 ± 2.00 | 42.00 ± 2.65 | 12.00 ± 2.00 | — | — | — | 74.99 / 46.32 |",
-                   "| ses_k1 | 3 | 77.00 ± 2.65 | 47.00 ± 1.00 | 6.00 ± 1.73 | +5.00 | +5.00 | +110 % | 76.11 / 47.70 (+195 %) |",
+                   # paired by seed: acc deltas 5, 4, 6 (mean 5, sd 1, t(.975, 2) = 4.303: 5 -+ 4.303 / sqrt 3 = [2.52, 7.48]);
+                   # rob deltas 6, 6, 3 (mean 5, sd sqrt 3: 5 -+ 4.303 = [0.70, 9.30])
+                   "| ses_k1 | 3 | 77.00 ± 2.65 | 47.00 ± 1.00 | 6.00 ± 1.73 | +5.00 [+2.52, +7.48] | +5.00 [+0.70, +9.30] "
+                   "| +110 % | 76.11 / 47.70 (+195 %) |",
                    "| baseline | 1 | 60.00 | 30.00 | 20.00 | — | — | — | — |"]
     for line in expected_md:
         assert line in md, line
     assert "Unfinished (not averaged in): ses_k1_seed3" in md
     expected_tex = ["baseline & 3 & 72.00 $\\pm$ 2.00 & 42.00 $\\pm$ 2.65 & 12.00 $\\pm$ 2.00 & -- & -- & -- & 74.99 / 46.32 \\\\",
-                    "ses\\_k1 & 3 & 77.00 $\\pm$ 2.65 & 47.00 $\\pm$ 1.00 & 6.00 $\\pm$ 1.73 & $+5.00$ & $+5.00$ & "
+                    "ses\\_k1 & 3 & 77.00 $\\pm$ 2.65 & 47.00 $\\pm$ 1.00 & 6.00 $\\pm$ 1.73 & $+5.00$ [+2.5, +7.5] & $+5.00$ [+0.7, +9.3] & "
                     "$+110\\,\\%$ & 76.11 / 47.70 ($+195\\,\\%$) \\\\",
                     "\\label{tab:exp10_periodic_ses}", "\\toprule", "\\bottomrule", "\\caption{"]
     for line in expected_tex:
@@ -84,3 +87,29 @@ def test_bad_folder_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         report.main([str(tmp_path / "nope")])
     assert e.value.code == 2
+
+
+def test_twins_are_paired_by_seed_failed_runs_listed_and_smoke_marked(tmp_path):
+    exp = tmp_path / "smoke" / "exp12_mixup_cutmix_cifar100"
+    accs = {"baseline": [0.50, 0.60], "mixup": [0.70, 0.71], "mixup_ses": [0.71, 0.70]}
+    for config, values in accs.items():
+        for seed, acc in enumerate(values):
+            d = exp / f"{config}_seed{seed}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps(dict(
+                config=config, seed=seed, acc=acc, rob=acc / 2, gap=0.1, baseline_config="mixup" if config == "mixup_ses"
+                else "baseline", experiment=exp.name)))
+    bad = exp / "ses_seed0"
+    bad.mkdir()
+    (bad / "failure.json").write_text(json.dumps(dict(stage="epoch 3", message="non-finite loss")))
+    with pytest.raises(SystemExit) as e:  # the out-dir holds only smoke results: say where they are
+        report.main([str(tmp_path)])
+    assert e.value.code == 1
+    assert report.main([str(tmp_path / "smoke")]) == 0
+    md = (tmp_path / "smoke" / "report.md").read_text()
+    assert "SMOKE" in md.splitlines()[0]
+    # mixup_ses vs mixup, not vs baseline: deltas +1, -1 -> mean 0, interval contains 0
+    row = next(line for line in md.splitlines() if line.startswith("| mixup_ses |"))
+    assert "| +0.00 [" in row and "~0" in row
+    assert "ses_seed0 (epoch 3: non-finite loss)" in md
+    assert "SMOKE RESULTS, NOT PAPER NUMBERS" in (tmp_path / "smoke" / "tables.tex").read_text()

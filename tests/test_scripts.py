@@ -16,7 +16,7 @@ SCRIPTS = {
     "exp13_perceiver": ["cifar10_fourier", "cifar10_fourier_ses", "cifar10_permuted_learned",
                         "cifar10_permuted_learned_ses", "modelnet40_fourier", "modelnet40_fourier_ses"],
 }
-RESULT_FIELDS = {"experiment", "config", "seed", "acc", "rob", "robustness", "train_acc", "gap", "entropy",
+RESULT_FIELDS = {"experiment", "config", "variant", "overrides", "entropy_max", "peak_mem_final_bytes", "seed", "acc", "rob", "robustness", "train_acc", "gap", "entropy",
                  "entropy_target", "ses_steps", "total_steps", "epochs", "epoch_time_s", "images_per_s",
                  "peak_mem_bytes"}
 

@@ -258,3 +258,24 @@ def test_auto_solver_on_cpu_is_float32_and_recorded():
     assert ses.solver == "float32"
     with pytest.raises(ValueError, match="unknown SES solver"):
         SES(model, ["0"], solver="magic")
+
+
+def test_entropy_ceiling_and_targets():
+    from ses_core import entropy_ceiling, entropy_target
+    # exp13 CIFAR-10: n = 64, d = 384: target 0.7 log 384 = 4.17 above the ceiling log 63 = 4.14
+    assert entropy_ceiling(384, 64) == pytest.approx(math.log(63))
+    assert entropy_target(384, 64, 0.7) == pytest.approx(0.7 * math.log(384))
+    assert entropy_target(384, 64, 0.7) > entropy_ceiling(384, 64)
+    # exp11: n = 256, d = 2048: 5.34 below log 255 = 5.54, reachable
+    assert entropy_target(2048, 256, 0.7) < entropy_ceiling(2048, 256)
+    assert entropy_ceiling(2048, 256) == pytest.approx(math.log(255))
+    assert entropy_target(384, 64, 0.7, "rank") == pytest.approx(0.7 * math.log(63))
+    model = nn.Sequential(nn.Linear(8, 16))
+    acts = torch.randn(4, 16)
+    for mode, target in (("logd", 0.5 * math.log(16)), ("rank", 0.5 * math.log(3))):
+        ses = SES(model, ["0"], lam=1.0, beta=0.5, target=mode, solver="float32")
+        ses.begin_step()
+        model(torch.randn(4, 8))
+        h = spectral_entropy(ses.collector.activations["0"]).item()
+        assert ses.penalty().item() == pytest.approx((h - target) ** 2, rel=1e-5)
+    del acts
