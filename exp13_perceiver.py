@@ -25,6 +25,7 @@ Run it:
                         then !python /kaggle/input/<your-upload>/exp13_perceiver.py
   CPU smoke test:       python exp13_perceiver.py --smoke
 """
+import argparse
 import sys
 
 from cli import run_experiment
@@ -34,8 +35,8 @@ from pointclouds import MODELNET40
 
 SETUP = dict(model="perceiver", layers="latents", optimizer="lamb", weight_decay=0.1, clip_grad=10.0, epochs=120,
              scheduler="multistep", milestones=[84, 102, 114], schedule_epochs=120, eval_batch_size=256,
-             attention_every=10, weight_sharing=True, pooling="mean", use_learned_pe=False,
-             permute_pixels=False, permute_seed=42,
+             attention_every=10, weight_sharing="paper", pooling="mean", use_learned_pe=False,
+             permute_pixels=False, permute_seed=42, permute_order="after_pe",
              smoke=dict(batch_size=2, eval_batch_size=4, n_train=8, n_test=4, val_size=4))  # all 6 runs < 1 min on 2 cores
 CIFAR10 = dict(dataset="cifar10", num_bands=64, max_freq=32.0, num_latents=96, latent_dim=384,
                num_cross_attend_stages=4, num_transformer_blocks=4, num_heads=3, dropout=0.2,
@@ -52,12 +53,16 @@ GRID = {f"{name}{suffix}": dict(cfg, ses=ses, baseline_config=name)
 FLAGS = {
     "--attention-every": dict(dest="attention_every", type=int, metavar="E",
                               help="save cross-attention maps every E epochs (default 10; 0 = never)"),
-    "--no-weight-sharing": dict(dest="weight_sharing", action="store_const", const=False,
-                                help="every cross-attend / latent transformer repeat gets its own weights"),
-    "--use-learned-pe": dict(dest="use_learned_pe", action="store_const", const=True,
-                             help="learned position encodings instead of Fourier features (images)"),
-    "--permute-pixels": dict(dest="permute_pixels", action="store_const", const=True,
-                             help="apply a fixed pixel permutation to train and test images"),
+    "--weight-sharing": dict(dest="weight_sharing", choices=["paper", "port", "none"],
+                             help="paper (default): first cross-attend unshared, one latent transformer shared by "
+                                  "all repeats; port: first latent transformer unshared too; none: nothing shared"),
+    "--learned-pe": dict(dest="use_learned_pe", action=argparse.BooleanOptionalAction,
+                         help="learned position encodings instead of Fourier features, images (default: per config)"),
+    "--permute-pixels": dict(dest="permute_pixels", action=argparse.BooleanOptionalAction,
+                             help="a fixed pixel permutation of train and test images (default: per config)"),
+    "--permute-order": dict(dest="permute_order", choices=["after_pe", "before_pe"],
+                            help="after_pe (the paper's, default): pixels move with their position features; "
+                                 "before_pe: pixel values move over fixed positions"),
     "--permute-seed": dict(dest="permute_seed", type=int, help="seed of that permutation (default 42)"),
     "--pooling": dict(dest="pooling", choices=["mean", "cls"], help="output pooling (default mean)"),
     "--optimizer": dict(dest="optimizer", choices=["lamb", "adamw", "sgd"], help="optimizer (default lamb)"),

@@ -5,8 +5,10 @@ encoding); a latent array (M, D), normal sigma 0.02 truncated at +-2 sigma, cros
 the latents, keys/values from the inputs; 1 head), then a latent transformer of
 `num_transformer_blocks` self-attention blocks (`num_heads` heads) refines (B, M, D); this
 (cross-attend, latent transformer) pair repeats `num_cross_attend_stages` times. Weight sharing
-as in the paper: the first cross-attend and first latent transformer have their own weights, all
-later repeats share one set (`weight_sharing=False` gives every repeat its own). Pre-norm
+(`weight_sharing`): "paper" (default; Jaegle et al. 2021, sec. 2: the first cross-attend has its own
+weights, later cross-attends share one set, and ONE latent transformer is shared by every repeat,
+which is what the paper's 44.9M-parameter ImageNet count implies); "port" (a popular PyTorch port:
+the first latent transformer unshared too); "none" (every repeat its own weights). Pre-norm
 residual blocks, GELU MLPs, dropout. Output: mean over latents or a learned CLS latent -> LayerNorm
 -> Linear. After every latent block the (B, M, D) latents pass through an nn.Identity tap
 (`taps.<i>`), so SES hooks distinct modules even when the blocks are shared (pooled over latents).
@@ -16,7 +18,12 @@ f_k linearly spaced from 1 to max_freq / 2, features [x, sin(pi f_k x), cos(pi f
 (no random projection); or learned encodings (N, pe_dim), truncated normal 0.02.
 Images (B, 3, H, W) in [0, 1] -> H*W pixel tokens (normalised values + PE); an optional fixed
 pixel permutation (seeded) reorders the pixel values over the fixed positions, identically for
-training and test. Point clouds (B, P, 3) -> P tokens (xyz + Fourier features of xyz).
+training and test. permute_order "after_pe" (the paper's permuted-ImageNet setting, default): each
+pixel moves together with its position features, so the token set is only reordered and a
+Fourier-feature Perceiver (attention is permutation invariant over its inputs) computes exactly
+the same function; "before_pe": the pixel values move over fixed positions, which destroys the
+spatial structure the Fourier features describe. With learned encodings the two orders are
+statistically the same (a fixed relabelling of learned parameters). Point clouds (B, P, 3) -> P tokens (xyz + Fourier features of xyz).
 """
 from __future__ import annotations
 
@@ -107,14 +114,20 @@ class Perceiver(nn.Module):
                  mean=None, std=None, num_latents: int = 96, latent_dim: int = 384, num_cross_attend_stages: int = 4,
                  num_transformer_blocks: int = 4, num_heads: int = 3, dropout: float = 0.2,
                  num_bands: int = 64, max_freq: float = 32.0, use_learned_pe: bool = False, pe_dim: int = 256,
-                 weight_sharing: bool = True, pooling: str = "mean", permute_pixels: bool = False,
-                 permute_seed: int = 42):
+                 weight_sharing: str = "paper", pooling: str = "mean", permute_pixels: bool = False,
+                 permute_seed: int = 42, permute_order: str = "after_pe"):
         super().__init__()
         if input_kind not in ("image", "points") or pooling not in ("mean", "cls"):
             raise ValueError(f"input_kind must be image or points, pooling mean or cls; got {input_kind}, {pooling}")
         if input_kind == "points" and (use_learned_pe or permute_pixels):
             raise ValueError("point clouds use Fourier features of their coordinates: no learned PE or pixel permutation")
+        if isinstance(weight_sharing, bool):  # older configs: True meant the port's convention
+            weight_sharing = "port" if weight_sharing else "none"
+        if weight_sharing not in ("paper", "port", "none") or permute_order not in ("after_pe", "before_pe"):
+            raise ValueError(f"weight_sharing must be paper, port or none and permute_order after_pe or before_pe; "
+                             f"got {weight_sharing}, {permute_order}")
         self.input_kind, self.num_bands, self.max_freq, self.pooling = input_kind, num_bands, max_freq, pooling
+        self.permute_order = permute_order
         axes = 2 if input_kind == "image" else 3
         pe = pe_dim if use_learned_pe else axes * (2 * num_bands + 1)
         in_dim = 3 + pe
@@ -137,10 +150,14 @@ class Perceiver(nn.Module):
         def latent_transformer():
             return nn.Sequential(*[SelfAttentionBlock(latent_dim, num_heads, dropout) for _ in range(num_transformer_blocks)])
         repeats = num_cross_attend_stages
-        if weight_sharing:
+        if weight_sharing in ("paper", "port"):
             shared = (cross(), latent_transformer()) if repeats > 1 else (None, None)
             self.cross = nn.ModuleList([cross()] + [shared[0]] * (repeats - 1))
-            self.transformers = nn.ModuleList([latent_transformer()] + [shared[1]] * (repeats - 1))
+            if weight_sharing == "paper":
+                transformer = latent_transformer()
+                self.transformers = nn.ModuleList([transformer] * repeats)
+            else:
+                self.transformers = nn.ModuleList([latent_transformer()] + [shared[1]] * (repeats - 1))
         else:
             self.cross = nn.ModuleList([cross() for _ in range(repeats)])
             self.transformers = nn.ModuleList([latent_transformer() for _ in range(repeats)])
@@ -152,10 +169,11 @@ class Perceiver(nn.Module):
         if self.input_kind == "points":  # (B, P, 3) xyz in the unit sphere
             return torch.cat([x.float(), fourier_features(x, self.num_bands, self.max_freq)], -1)
         b = x.shape[0]
-        pix = x.flatten(2).transpose(1, 2)                     # (B, H*W, 3), row-major
-        pix = (pix[:, self.pixel_perm] - self.mean) / self.std  # permuted values, fixed positions
-        pe = self.learned_pe if hasattr(self, "learned_pe") else self.fixed_pe
-        return torch.cat([pix, pe.to(pix.dtype).expand(b, -1, -1)], -1)
+        pix = (x.flatten(2).transpose(1, 2) - self.mean) / self.std  # (B, H*W, 3), row-major
+        pe = (self.learned_pe if hasattr(self, "learned_pe") else self.fixed_pe).to(pix.dtype).expand(b, -1, -1)
+        if self.permute_order == "before_pe":  # permuted values over fixed positions
+            return torch.cat([pix[:, self.pixel_perm], pe], -1)
+        return torch.cat([pix, pe], -1)[:, self.pixel_perm]  # each pixel keeps its position features
 
     def forward(self, x, mask=None, return_attention=False):
         inputs = self.tokens(x)
@@ -193,7 +211,8 @@ def build_perceiver(cfg: dict, info: dict) -> Perceiver:
         num_cross_attend_stages=cfg["num_cross_attend_stages"], num_transformer_blocks=cfg["num_transformer_blocks"],
         num_heads=cfg["num_heads"], dropout=cfg["dropout"], num_bands=cfg["num_bands"], max_freq=cfg["max_freq"],
         use_learned_pe=cfg["use_learned_pe"], weight_sharing=cfg["weight_sharing"], pooling=cfg["pooling"],
-        permute_pixels=cfg["permute_pixels"], permute_seed=cfg["permute_seed"])
+        permute_pixels=cfg["permute_pixels"], permute_seed=cfg["permute_seed"],
+        permute_order=cfg.get("permute_order", "after_pe"))
 
 
 def save_attention_maps(model, data, run_dir: Path, epoch: int, cfg: dict, n_samples: int = 4) -> None:

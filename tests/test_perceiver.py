@@ -89,7 +89,7 @@ def n_params(m):
 
 
 def test_weight_sharing_shares_and_no_sharing_does_not():
-    shared, separate = image_model(), image_model(weight_sharing=False)
+    shared, separate = image_model(weight_sharing="port"), image_model(weight_sharing="none")
     assert shared.cross[1] is shared.cross[2] and shared.cross[0] is not shared.cross[1]
     assert shared.transformers[1] is shared.transformers[2] and shared.transformers[0] is not shared.transformers[1]
     assert len({id(c) for c in separate.cross}) == 3 and len({id(t) for t in separate.transformers}) == 3
@@ -296,3 +296,39 @@ def test_latents_and_learned_pe_are_truncated_at_two_sigma():
                   num_heads=2, num_bands=2, use_learned_pe=True)
     for t in (m.latents, m.learned_pe):
         assert t.abs().max().item() <= 0.04 + 1e-7 and t.abs().max().item() > 0.035
+
+
+def test_paper_weight_sharing_shares_one_latent_transformer_over_all_repeats():
+    paper, port = image_model(), image_model(weight_sharing="port")
+    assert len({id(t) for t in paper.transformers}) == 1
+    assert paper.cross[0] is not paper.cross[1] and paper.cross[1] is paper.cross[2]
+    assert n_params(port) - n_params(paper) == n_params(paper.transformers[0])  # one transformer fewer
+    assert {id(p) for p in paper.parameters()} == {id(p) for p in set(paper.parameters())}
+
+
+def test_paper_order_permutation_leaves_a_fourier_perceiver_unchanged():
+    torch.manual_seed(0)
+    plain = image_model().eval()
+    x = torch.rand(2, 3, 8, 8)
+    for order, same in (("after_pe", True), ("before_pe", False)):
+        torch.manual_seed(0)
+        perm = image_model(permute_pixels=True, permute_seed=3, permute_order=order).eval()
+        perm.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "pixel_perm"}, strict=False)
+        assert not torch.equal(perm.pixel_perm, torch.arange(64))
+        with torch.no_grad():
+            diff = (perm(x) - plain(x)).abs().max().item()
+        assert (diff < 1e-5) == same, (order, diff)
+
+
+def test_exp13_flags_switch_off_and_help_shows_each_experiments_defaults():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "exp13_perceiver.py"), "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "--no-learned-pe" in out and "--no-permute-pixels" in out and "--weight-sharing" in out
+    from config import resolve_config
+    import exp13_perceiver as e13
+    cfg, changed = resolve_config("exp13_perceiver", e13.SETUP, e13.GRID, "cifar10_permuted_learned", 0, False,
+                                  {"permute_pixels": False, "use_learned_pe": False})
+    assert not cfg["permute_pixels"] and not cfg["use_learned_pe"] and set(changed) == {"permute_pixels", "use_learned_pe"}
