@@ -1,16 +1,16 @@
-"""Exp 13 - The Perceiver experiments of the second seed, done right, with and without SES.
+"""Exp 13 - The experiments of a public Perceiver project (its README is in the paper's notes), done right, with and without SES.
 
 Paper question: does SES help an attention model, not only CNNs? SES (lam 0.01, beta 0.7) acts
 on the latent array: every latent self-attention block's output (B, M, D), pooled over the M
-latents to (B, D). Three experiments from the seed's commands, each also with `_ses`:
+latents to (B, D). Three experiments from that project's commands, each also with `_ses`:
   cifar10_fourier           CIFAR-10, Fourier PE (64 bands, max freq 32), 96 x 384 latents,
                             4 cross-attends, 4 blocks, 3 heads, dropout 0.2, LAMB 0.004, batch 64
   cifar10_permuted_learned  CIFAR-10 pixels permuted by a fixed seed (42), learned PE, 1 cross-attend
   modelnet40_fourier        ModelNet40, 2048 surface points, Fourier PE (64 bands, max freq 1120),
                             128 x 512 latents, 2 cross-attends, 6 blocks, 8 heads, dropout 0.1,
-                            LAMB 0.001, batch 32 (the seed's 8 leaves a GPU mostly idle for 2048-token
+                            LAMB 0.001, batch 32 (the project's 8 leaves a GPU mostly idle for 2048-token
                             inputs; LAMB's layer-wise trust ratio is made for larger batches)
-Fixed against the public code the seed describes: the permute and learned-PE flags act, the band
+Fixed against that project's public code: the permute and learned-PE flags act, the band
 count reaches the encoder and no random projection follows it, latents start at sigma 0.02, a fixed
 hold-out of the training set is the validation split (5k for CIFAR-10; 1k of ModelNet40's 9.8k,
 as 5k would halve its training set) and the test set is used once, at the end; every run is seeded.
