@@ -3,7 +3,8 @@
 A claim is <run-dir>/claim.json, created with O_CREAT | O_EXCL (atomic on local and NFS v3+
 filesystems), naming the owner's host, pid and a random token; a thread refreshes its mtime every
 HEARTBEAT_S seconds while the run trains. Another worker skips a run whose claim is fresh; a claim
-whose heartbeat is older than STALE_S (its worker was killed, or its notebook died) is taken over:
+whose heartbeat is older than STALE_S (its worker was killed, or its notebook died), or that names
+this host and a process that no longer exists, is taken over:
 the taker replaces it atomically and then checks that its own token is the one on disk, so two
 takers cannot both win. result.json is checked again after claiming, so a finished run is never
 trained twice.
@@ -61,6 +62,20 @@ def describe(path: Path) -> str:
         return "another worker"
 
 
+def _dead_here(path: Path) -> bool:
+    """The claim names this host and a process that no longer exists (killed, or a previous shell)."""
+    try:
+        c = json.loads(path.read_text())
+        if c.get("host") != platform.node() or not isinstance(c.get("pid"), int):
+            return False
+        os.kill(c["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 def acquire(run_dir: Path) -> Claim | None:
     """The claim of run_dir for this process, or None if a live worker holds it."""
     path = run_dir / "claim.json"
@@ -76,7 +91,7 @@ def acquire(run_dir: Path) -> Claim | None:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:  # released meanwhile: try once more
         return acquire(run_dir) if not (run_dir / "result.json").exists() else None
-    if age < STALE_S:
+    if age < STALE_S and not _dead_here(path):
         return None
     print(f"note: taking over the stale claim of {run_dir.name} ({describe(path)})")
     tmp = path.with_name(f"claim.{token}.tmp")

@@ -54,11 +54,31 @@ def default_data_dir() -> str:
     return "/kaggle/working/data" if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "data"
 
 
+def per_config(key: str, setup: dict, grid: dict):
+    """The default of a setting as --help should show it: one value, or 'a (x) / b (y)' per config."""
+    own = {name: cfg.get(key, setup.get(key, DEFAULTS[key])) for name, cfg in grid.items()}
+    values = list(dict.fromkeys(json.dumps(v) for v in own.values()))
+    if len(values) == 1:
+        return own[next(iter(own))]
+    return " / ".join(f"{json.loads(v)} ({', '.join(n for n in own if json.dumps(own[n]) == v)})" for v in values)
+
+
+def override_notes(grid: dict, setup: dict, configs: list, overrides: dict) -> list[str]:
+    """One line per command-line setting that replaces different per-config values."""
+    notes = []
+    for key, value in overrides.items():
+        own = {c: grid[c].get(key, setup.get(key, DEFAULTS.get(key))) for c in configs}
+        if len({json.dumps(v) for v in own.values()}) > 1:
+            notes.append(f"note: --{key.replace('_', '-')} {value} replaces the per-config values "
+                         + ", ".join(f"{c}: {v}" for c, v in own.items()) + " (runs named accordingly)")
+    return notes
+
+
 def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags=None) -> argparse.ArgumentParser:
     width = max(len(n) for n in grid) + 2
     grid_text = "\n".join(f"  {name:<{width}}{json.dumps(v)}" for name, v in grid.items())
-    base = {k: setup.get(k, DEFAULTS[k]) for k in ("dataset", "model", "layers", "epochs", "batch_size",
-                                                    "lr", "lam", "beta", "every", "attack_batch_size")}
+    base = {k: per_config(k, setup, grid) for k in ("dataset", "model", "layers", "epochs", "batch_size",
+                                                     "lr", "lam", "beta", "every", "attack_batch_size")}
     p = OneLineParser(prog=f"{experiment}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog=f"configs (settings over the defaults {json.dumps(base)}):\n{grid_text}\n\n"
                              f"outputs: <out-dir>/{experiment}/<config>_seed<N>/ config.json metrics.jsonl "
@@ -187,6 +207,8 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
     keys += [kw["dest"] for kw in (extra_flags or {}).values()]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     reg = make_registry(**registry)
+    for note in override_notes(grid, setup, args.configs, overrides):
+        print(note)
     if args.devices:
         return run_workers(parser, experiment, grid, args, argv)
     if args.layers:

@@ -169,7 +169,7 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_respected(tmp_path, monke
     import claims
     run = tmp_path / "r_seed0"
     run.mkdir()
-    (run / "claim.json").write_text(json.dumps(dict(host="dead", pid=1, token="x")))
+    (run / "claim.json").write_text(json.dumps(dict(host="elsewhere", pid=1, token="x")))
     assert claims.acquire(run) is None  # fresh heartbeat: another worker owns it
     old = time.time() - claims.STALE_S - 5
     os.utime(run / "claim.json", (old, old))
@@ -177,3 +177,9 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_respected(tmp_path, monke
     assert claim is not None and claim.owned() and "taking over the stale claim" in capsys.readouterr().out
     claim.release()
     assert not (run / "claim.json").exists()
+    import platform
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / "claim.json").write_text(json.dumps(dict(host=platform.node(), pid=int(dead.stdout), token="y")))
+    claim = claims.acquire(run)  # a fresh claim of a process of this host that no longer exists
+    assert claim is not None and claim.owned()
+    claim.release()

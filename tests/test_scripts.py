@@ -100,3 +100,18 @@ def test_bundle_embeds_modules_verbatim():
     text = bundle.bundle(ROOT / "exp10_periodic_ses.py")
     for src in mods.values():
         assert bundle.literal(src) in text
+
+
+def test_each_bundle_embeds_only_what_its_script_needs():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bundle
+    plain = set(bundle.collect(ROOT / "exp10_periodic_ses.py"))
+    assert not plain & {"lamb", "perceiver", "pointclouds"}
+    assert {"lamb", "perceiver", "pointclouds"} <= set(bundle.collect(ROOT / "exp13_perceiver.py"))
+
+
+def test_exp13_help_shows_each_experiments_own_defaults():
+    p = run([ROOT / "exp13_perceiver.py", "--help"], cwd=ROOT)
+    text = " ".join(p.stdout.split())
+    assert "0.004 (cifar10_fourier" in text and "0.001 (modelnet40_fourier" in text
+    assert "64 (cifar10_fourier" in text and "32 (modelnet40_fourier" in text and "default 0.1)" not in text
