@@ -158,18 +158,16 @@ def spectral_entropies(activations: Sequence[torch.Tensor], solver: str = "float
     """
     if not activations:
         return []
-    unique: dict[int, int] = {}
-    for a in activations:
-        unique.setdefault(id(a), len(unique))
-    firsts = {j: a for a in activations for j in [unique[id(a)]]}
+    unique = {id(a): a for a in activations}  # first occurrence of each tensor object, in order
+    index = {key: i for i, key in enumerate(unique)}
     with torch.autocast(device_type=activations[0].device.type, enabled=False):
-        grams = [_centred_gram(firsts[j]) for j in range(len(firsts))]
+        grams = [_centred_gram(a) for a in unique.values()]
         hs: list[torch.Tensor | None] = [None] * len(grams)
         for idx in _groups(grams).values():
             h = _entropy_of_gram(torch.stack([grams[i] for i in idx]), solver)
             for j, i in enumerate(idx):
                 hs[i] = h[j]
-    return [hs[unique[id(a)]] for a in activations]  # type: ignore[misc]
+    return [hs[index[id(a)]] for a in activations]  # type: ignore[misc]
 
 
 TARGETS = ("logd", "rank")
