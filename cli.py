@@ -130,6 +130,8 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
     p.add_argument("--devices", metavar="LIST",
                    help="one worker per device sharing the out-dir (each run claimed once): cuda:0,cuda:1 or all")
     p.add_argument("--no-download", action="store_true", help="never download; fail with instructions instead")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log every epoch to <run-dir>/tensorboard/ (tensorboard --logdir <out-dir>)")
     p.add_argument("--force", action="store_true",
                    help="delete and rerun the selected runs (only those named by --configs/--seeds), even finished ones")
     for flag, kwargs in (extra_flags or {}).items():  # a script's own settings; None = keep the config's

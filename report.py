@@ -1,15 +1,15 @@
 """Results folder -> the paper's tables (Markdown + LaTeX booktabs) and plots.
 
-    python report.py results                 # writes results/report.md, results/tables.tex, results/plots/
+    python report.py results                 # results/report.md, tables.tex, macros.tex, plots/
     python report.py results --reference results/paper_reference.json
 
 Reads every <experiment>/<config>_seed<N>/result.json (and metrics.jsonl) under RESULTS_DIR.
 Per experiment, one row per config: acc, rob, gap as mean +- std over seeds (std with n - 1,
-omitted for a single seed), n, delta acc / delta rob vs that experiment's baseline in percentage
-points, overhead where measured, and the paper's figure beside ours where one exists. Final-epoch
+omitted for a single seed), n, delta acc / delta rob against the config's twin, paired by seed, in
+percentage points with a 95 % t-interval, overhead where measured, and the paper's figure beside ours where one exists. Final-epoch
 numbers only: nothing is selected on the test set. Unfinished runs are listed, never averaged in.
-Plots (matplotlib, optional): test accuracy and training loss per epoch for every config, and the
-per-layer spectral entropy per epoch against the dashed beta*log d targets, baseline vs SES.
+The text outputs are made in report_tables.py (tables.tex fits one column; macros.tex holds one
+\newcommand per headline number), the figures in report_plots.py (PDF and PNG; matplotlib optional).
 """
 from __future__ import annotations
 
@@ -20,12 +20,9 @@ import statistics
 import sys
 from pathlib import Path
 
-CAPTIONS = {
-    "exp10_periodic_ses": "Periodic SES on CIFAR-100 (ResNet-18): SES applied every $k$-th step.",
-    "exp11_resnet50_tinyimagenet": "ResNet-50 on Tiny-ImageNet: baseline vs SES on layer4 + avgpool.",
-    "exp12_mixup_cutmix_cifar100": "SES combined with Mixup and CutMix on CIFAR-100 (ResNet-18).",
-    "exp13_perceiver": "Perceiver on CIFAR-10 and ModelNet40, with and without SES on the latents.",
-}
+from report_plots import plot_experiment
+from report_tables import KIND_NOTE, latex, macros, markdown
+
 METRICS = ("acc", "rob", "gap")
 
 
@@ -125,221 +122,6 @@ def summarize(runs: dict[str, list[dict]], reference: dict, kind: str | None = N
     return rows
 
 
-# ----------------------------------------------------------------------------- formatting
-def fmt_ms(ms, tex=False) -> str:
-    mu, sd = ms
-    if sd is None:
-        return f"{mu:.2f}"
-    return f"{mu:.2f} $\\pm$ {sd:.2f}" if tex else f"{mu:.2f} ± {sd:.2f}"
-
-
-def fmt_delta(v, tex=False) -> str:
-    """+5.00 [+2.52, +7.48] (n = 3); '~0' marks an interval that contains 0 (within seed noise)."""
-    if v is None:
-        return "--" if tex else "—"
-    mu, ci, _ = v
-    if ci is None:
-        return f"${mu:+.2f}$" if tex else f"{mu:+.2f}"
-    noise = ci[0] <= 0 <= ci[1]
-    if tex:
-        return f"${mu:+.2f}$ [{ci[0]:+.1f}, {ci[1]:+.1f}]" + ("$^\\circ$" if noise else "")
-    return f"{mu:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" + (" ~0" if noise else "")
-
-
-def fmt_overhead(v, tex=False) -> str:
-    if v is None:
-        return "—"
-    return f"${100 * v:+.0f}\\,\\%$" if tex else f"{100 * v:+.0f} %"
-
-
-def fmt_paper(p, tex=False) -> str:
-    if not p:
-        return "—"
-    text = f"{p['acc']:.2f} / {p['rob']:.2f}"
-    if p.get("overhead") is not None:
-        text += f" ({fmt_overhead(p['overhead'], tex)})"
-    return text
-
-
-KIND_NOTE = {"smoke": "SMOKE RESULTS: tiny generated data, 2 epochs; they test the pipeline and say nothing about SES.",
-             "synthetic": "SYNTHETIC RESULTS: generated data of the real shapes; for timing and memory only."}
-
-
-def markdown(experiments: dict, tables: dict, kind: str | None = None) -> str:
-    out = ["# SES results" + (f" ({kind.upper()}: not paper numbers)" if kind else ""), ""]
-    out += [f"**{KIND_NOTE[kind]}**", ""] if kind else []
-    out += ["Mean ± std over seeds (std with n − 1, omitted for one seed); final epoch; "
-            "acc = clean test top-1; rob = our definition: top-1 under additive Gaussian noise σ = 0.1 on [0, 1] "
-            "pixels (on point coordinates for ModelNet40), clamped, fixed noise seed; the paper's rob figures were "
-            "measured under the paper's own definition. gap = train_acc − acc. Δ = per-seed difference against the "
-            "config's twin (`mixup_ses` vs `mixup`, `ses` vs `baseline`), in percentage points: mean, and the 95 % "
-            "Student-t interval (n − 1) when n ≥ 2; ~0 marks an interval containing 0 (within seed noise). "
-            "overhead = median epoch time ÷ the twin's − 1.", ""]
-    for exp, rows in tables.items():
-        out += [f"## {exp}", "", CAPTIONS.get(exp, ""), "",
-                "| config | n | acc (%) | rob (%) | gap (pp) | Δ acc | Δ rob | overhead | paper acc / rob |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            out.append(f"| {r['config']} | {r['n']} | {fmt_ms(r['acc'])} | {fmt_ms(r['rob'])} | {fmt_ms(r['gap'])} | "
-                       f"{fmt_delta(r['d_acc'])} | {fmt_delta(r['d_rob'])} | {fmt_overhead(r['overhead'])} | "
-                       f"{fmt_paper(r['paper'])} |")
-        unfinished = experiments[exp]["unfinished"]
-        if unfinished:
-            out += ["", f"Unfinished (not averaged in): {', '.join(unfinished)}"]
-        if experiments[exp]["failed"]:
-            out += ["", "Failed (not averaged in; rerun the same command to retry):"]
-            out += [f"- {f}" for f in experiments[exp]["failed"]]
-        out.append("")
-    return "\n".join(out)
-
-
-def tex_escape(s: str) -> str:
-    return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
-
-
-def latex(experiments: dict, tables: dict, kind: str | None = None) -> str:
-    out = ["% Generated by report.py; needs \\usepackage{booktabs}. \\input{tables.tex} in the paper."]
-    for exp, rows in tables.items():
-        n_seeds = sorted({r["n"] for r in rows})
-        if n_seeds == [1]:
-            seeds = "one seed (no spread)"
-        elif len(n_seeds) == 1:
-            seeds = f"mean $\\pm$ std over $n = {n_seeds[0]}$ seeds"
-        else:
-            seeds = "mean $\\pm$ std over the $n$ seeds of each row"
-        caption = (f"{CAPTIONS.get(exp, tex_escape(exp))} Final-epoch test accuracy (Acc), accuracy under our "
-                   f"Gaussian noise $\\sigma = 0.1$ (Rob; the paper's figures use its own definition) and "
-                   f"train--test gap, {seeds}; $\\Delta$: paired per-seed difference vs.\\ the config's twin "
-                   f"in percentage points, with a 95\\,\\% $t$-interval when $n \\ge 2$ ($^\\circ$: contains 0).")
-        if kind:
-            caption = f"{kind.upper()} RESULTS, NOT PAPER NUMBERS. " + caption
-        out += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}",
-                f"\\label{{tab:{exp}}}", "\\begin{tabular}{lrrrrrrrl}", "\\toprule",
-                "Config & $n$ & Acc (\\%) & Rob (\\%) & Gap (pp) & $\\Delta$Acc & $\\Delta$Rob & Overhead & "
-                "Paper Acc / Rob \\\\", "\\midrule"]
-        for r in rows:
-            out.append(f"{tex_escape(r['config'])} & {r['n']} & {fmt_ms(r['acc'], True)} & {fmt_ms(r['rob'], True)} & "
-                       f"{fmt_ms(r['gap'], True)} & {fmt_delta(r['d_acc'], True)} & {fmt_delta(r['d_rob'], True)} & "
-                       f"{fmt_overhead(r['overhead'], True).replace('—', '--')} & "
-                       f"{fmt_paper(r['paper'], True).replace('—', '--')} \\\\")
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
-        if experiments[exp]["unfinished"]:
-            out.append(f"% unfinished runs, not averaged in: {', '.join(experiments[exp]['unfinished'])}")
-        for f in experiments[exp]["failed"]:
-            out.append(f"% failed run, not averaged in: {f}")
-    return "\n".join(out) + "\n"
-
-
-# ----------------------------------------------------------------------------- plots
-def mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
-    """Per-epoch mean over seeds, over the epochs every seed has."""
-    n = min(len(c) for c in curves)
-    return ([curves[0][i]["epoch"] for i in range(n)],
-            [statistics.fmean(c[i][key] for c in curves) for i in range(n)])
-
-
-def plot_experiment(plt, exp: str, data: dict, out_dir: Path) -> list[Path]:
-    written = []
-    curves = data["curves"]
-    if not curves:
-        return written
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    split = "val" if any("val_acc" in runs[0][0] for runs in curves.values()) else "test"
-    for config, runs in curves.items():
-        ep, acc = mean_curve(runs, f"{split}_acc" if f"{split}_acc" in runs[0][0] else "test_acc")
-        ax_acc.plot(ep, [100 * a for a in acc], label=f"{config} (n={len(runs)})")
-        ep, loss = mean_curve(runs, "train_loss")
-        ax_loss.plot(ep, loss, label=config)
-    name = "validation (hold-out)" if split == "val" else "test"
-    ax_acc.set(title=f"{exp}: {name} accuracy", xlabel="epoch", ylabel=f"clean {name} top-1 (%)")
-    ax_loss.set(title=f"{exp}: training loss (CE + λR for SES)", xlabel="epoch", ylabel="loss (nats)")
-    ax_acc.legend(fontsize=8)
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-    written.append(save(fig, plt, out_dir / f"{exp}_curves.png"))
-
-    targets = {c: runs[0]["entropy_target"] for c, runs in data["runs"].items() if runs[0].get("entropy_target")}
-    for config in [c for c in curves if data["runs"][c][0].get("ses_steps", 0) > 0]:
-        base = data["runs"][config][0].get("baseline_config", "baseline")
-        panels = [base, config] if base in curves and base != config else [config]
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), sharey=True, squeeze=False)
-        for ax, c in zip(axes[0], panels):
-            layers = list(curves[c][0][0]["entropy"])
-            colors = plt.cm.viridis([i / max(len(layers) - 1, 1) for i in range(len(layers))])
-            for color, layer in zip(colors, layers):
-                n = min(len(r) for r in curves[c])
-                ep = [curves[c][0][i]["epoch"] for i in range(n)]
-                h = [statistics.fmean(r[i]["entropy"][layer] for r in curves[c]) for i in range(n)]
-                ax.plot(ep, h, color=color, label=layer)
-                if layer in targets.get(c, {}):
-                    ax.axhline(targets[c][layer], color=color, ls="--", lw=0.8)
-            ax.set(title=f"{exp}: {c}", xlabel="epoch", ylabel="spectral entropy H (nats)")
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, title="layer (dashed: β·log d)", loc="center left", bbox_to_anchor=(1, 0.5))
-        written.append(save(fig, plt, out_dir / f"{exp}_entropy_{config}.png"))
-    for run_name, path in data["attention"].items():
-        written.append(plot_attention(plt, f"{exp} / {run_name}", path, out_dir / f"{exp}_attention_{run_name}.png"))
-    return written
-
-
-def slots_to_image(weights, perm, h: int, w: int):
-    """Attention over token slots (N,) -> (h, w) image; slot j carries pixel perm[j] when permuted."""
-    import torch
-    out = torch.zeros_like(weights)
-    out[perm if perm is not None else slice(None)] = weights
-    return out.view(h, w).numpy()
-
-
-def plot_attention(plt, title: str, path: Path, out: Path, n_latents: int = 3) -> Path:
-    """Cross-attention of the first cross-attend for the saved test samples: one row per sample.
-
-    Images: input | mean over latents | overlay | single latents (mapped back to pixel positions
-    when the pixels were permuted). Point clouds: x-y projection coloured by attention.
-    """
-    import torch
-    d = torch.load(path, map_location="cpu", weights_only=False)
-    maps = d["maps"][:, 0].float()                        # (S, M, N): first cross-attend
-    x, labels = d["inputs"], d["labels"]
-    is_image = x.dtype == torch.uint8
-    cols = 3 + n_latents if is_image else 1 + n_latents
-    fig, axes = plt.subplots(len(x), cols, figsize=(2.3 * cols, 2.3 * len(x)), squeeze=False)
-    for i in range(len(x)):
-        heads = [("mean over latents", maps[i].mean(0))] + [(f"latent {j}", maps[i, j]) for j in range(n_latents)]
-        if is_image:
-            h, w = x.shape[2:]
-            perm = d.get("pixel_perm")
-            img = x[i].permute(1, 2, 0).numpy()
-            axes[i][0].imshow(img)
-            axes[i][0].set_title(f"input (label {int(labels[i])})", fontsize=8)
-            axes[i][1].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis")
-            axes[i][1].set_title("attention, mean over latents", fontsize=8)
-            axes[i][2].imshow(img)
-            axes[i][2].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis", alpha=0.6)
-            axes[i][2].set_title("overlay", fontsize=8)
-            for k, (name, wts) in enumerate(heads[1:], start=3):
-                axes[i][k].imshow(slots_to_image(wts, perm, h, w), cmap="viridis")
-                axes[i][k].set_title(name, fontsize=8)
-        else:
-            for k, (name, wts) in enumerate(heads):
-                axes[i][k].scatter(x[i, :, 0], x[i, :, 1], c=wts.numpy(), s=2, cmap="viridis")
-                axes[i][k].set_title(f"{name} (label {int(labels[i])})" if k == 0 else name, fontsize=8)
-                axes[i][k].set_aspect("equal")
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"{title}: cross-attention weights, epoch {d['epoch']}", fontsize=10)
-    return save(fig, plt, out)
-
-
-def save(fig, plt, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -364,7 +146,8 @@ def main(argv=None) -> int:
     tables = {exp: summarize(d["runs"], reference.get(exp, {}), kind) for exp, d in experiments.items()}
     write_text(args.results_dir / "report.md", markdown(experiments, tables, kind))
     write_text(args.results_dir / "tables.tex", latex(experiments, tables, kind))
-    print(f"wrote {args.results_dir / 'report.md'} and {args.results_dir / 'tables.tex'}")
+    write_text(args.results_dir / "macros.tex", macros(tables, kind))
+    print(f"wrote {args.results_dir / 'report.md'}, tables.tex and macros.tex")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -375,7 +158,7 @@ def main(argv=None) -> int:
     plots = args.results_dir / "plots"
     plots.mkdir(exist_ok=True)
     written = [f for exp, d in experiments.items() for f in plot_experiment(plt, exp, d, plots)]
-    print(f"wrote {len(written)} plots to {plots}")
+    print(f"wrote {len(written) // 2} figures to {plots} (PDF and PNG)")
     return 0
 
 

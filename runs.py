@@ -5,7 +5,10 @@ a checkpoint after each, resume it, and compute its final metrics.
     config.json     resolved settings, library versions, GPU, git commit (written once checks pass)
     checkpoint.pt   every epoch, atomically: model, optimizer, scheduler, scaler, SES counters, the
                     RNG states of this process's device, epoch, metric history
-    metrics.jsonl   one line per finished epoch (rewritten atomically from the checkpoint)
+    metrics.jsonl   one line per finished epoch (rewritten atomically from the checkpoint): losses,
+                    accuracies, lr, time, `entropy` (eval-mode H on the probe batch) and, for SES
+                    runs, `ses_entropy` (the train-mode H SES penalised, mean over the epoch's SES steps)
+    tensorboard/    with --tensorboard: the same per epoch, for TensorBoard
     result.json     written last, atomically (by the sweep): its presence means the run is finished
 On the CPU a resumed run reproduces an uninterrupted one exactly (data order and augmentation depend
 only on (seed, epoch), and the RNG states are checkpointed). A checkpoint resumes across precision
@@ -37,6 +40,7 @@ from files import atomic_torch_save, write_jsonl
 from models import resolve_layers
 from registry import Registry
 from ses_core import SES, entropy_ceiling, entropy_target
+from tensorboard_log import TensorBoard
 from training import AmpPolicy, amp_policy, build_optimizer, build_scheduler, train_epoch
 
 
@@ -209,29 +213,56 @@ def save_checkpoint(run: Run, path: Path, epoch: int, history: list) -> None:
                            epoch=epoch, history=history, config=run.cfg, amp=run.amp.name), path)
 
 
-def warn_unreachable_targets(run: Run) -> None:
-    """One line per hooked layer whose target is at or above the entropy a batch can reach."""
+def layer_targets(run: Run, warn: bool) -> dict[str, float]:
+    """Each hooked layer's SES target; with warn, one line per layer whose target is at or above
+    the entropy a batch can reach."""
     _, dims = measure_entropy(run.model, run.layers, run.probe_x, run.amp)
-    n = run.cfg["batch_size"]
+    n, targets = run.cfg["batch_size"], {}
     for layer, d in dims.items():
-        target = entropy_target(d, n, run.cfg["beta"], run.cfg["ses_target"])
-        if target >= entropy_ceiling(d, n) - 1e-9:
+        targets[layer] = target = entropy_target(d, n, run.cfg["beta"], run.cfg["ses_target"])
+        if warn and target >= entropy_ceiling(d, n) - 1e-9:
             print(f"warning: {layer}: SES target {target:.2f} >= the ceiling log(min(n-1, d)) = "
                   f"{entropy_ceiling(d, n):.2f} at batch {n}, d = {d}: SES can only push towards a flat spectrum "
                   f"there (ses_target=rank targets beta * log min(d, n-1) instead)")
+    return targets
 
 
-def train_run(run: Run, run_dir: Path, reg: Registry, stage: list) -> dict:
+def train_run(run: Run, run_dir: Path, reg: Registry, stage: list, tensorboard: bool = False) -> dict:
     """Train to the end from run_dir's checkpoint; return the result. `stage[0]` names where the
-    run is (for failure records): 'epoch N' or 'final metrics'."""
+    run is (for failure records): 'epoch N' or 'final metrics'. tensorboard: also log each epoch
+    to <run-dir>/tensorboard/."""
+    cfg, device = run.cfg, run.device
+    history, start_epoch = resume(run, run_dir)
+    warn = run.ses is not None and start_epoch == 0
+    targets = layer_targets(run, warn) if warn or tensorboard else {}
+    board = TensorBoard(run_dir, targets) if tensorboard else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        train_epochs(run, run_dir, reg, stage, history, start_epoch, board)
+    finally:
+        if board is not None:
+            board.close()
+    stage[0] = "final metrics"
+    peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with run.paused():
+        result = final_metrics(cfg, run.model, run.data, run.amp, run.layers, run.probe_x, history, run.ses)
+    result["peak_mem_bytes"] = peak_train if start_epoch < cfg["epochs"] else None
+    result["peak_mem_final_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    result["device_mem_bytes"] = (torch.cuda.get_device_properties(device).total_memory
+                                  if device.type == "cuda" else None)
+    return result
+
+
+def train_epochs(run: Run, run_dir: Path, reg: Registry, stage: list, history: list, start_epoch: int,
+                 board: TensorBoard | None) -> None:
+    """Epochs start_epoch.. : each ends with evaluation, the probe, the epoch callbacks, a
+    checkpoint, metrics.jsonl and (with --tensorboard) the TensorBoard row."""
     cfg, device = run.cfg, run.device
     eval_x, eval_y = ((run.data.val_x, run.data.val_y) if run.eval_split == "val"
                       else (run.data.test_x, run.data.test_y))
-    history, start_epoch = resume(run, run_dir)
-    if run.ses is not None and start_epoch == 0:
-        warn_unreachable_targets(run)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(start_epoch, cfg["epochs"]):
         stage[0] = f"epoch {epoch + 1}"
         lr = run.opt.param_groups[0]["lr"]
@@ -249,20 +280,12 @@ def train_run(run: Run, run_dir: Path, reg: Registry, stage: list) -> dict:
                 callback(run.model, run.data, run_dir, epoch + 1, cfg)
         history.append(dict(epoch=epoch + 1, lr=lr, **stats, **{f"{run.eval_split}_acc": eval_acc,
                                                                f"{run.eval_split}_loss": eval_loss},
-                            entropy=entropy, ses_steps=run.ses.applied_steps if run.ses else 0,
+                            entropy=entropy, **({"ses_entropy": run.ses.epoch_entropy()} if run.ses else {}),
+                            ses_steps=run.ses.applied_steps if run.ses else 0,
                             epoch_time_s=seconds, images_per_s=stats["images"] / seconds))
         save_checkpoint(run, run_dir / "checkpoint.pt", epoch + 1, history)
         write_jsonl(run_dir / "metrics.jsonl", history)
+        if board is not None:
+            board.epoch(history[-1])
         print(f"  {run_dir.name} epoch {epoch + 1}/{cfg['epochs']}: loss {stats['train_loss']:.3f} "
               f"{run.eval_split} acc {100 * eval_acc:.2f}% ({seconds:.1f}s, {stats['images'] / seconds:.0f} img/s)")
-    stage[0] = "final metrics"
-    peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with run.paused():
-        result = final_metrics(cfg, run.model, run.data, run.amp, run.layers, run.probe_x, history, run.ses)
-    result["peak_mem_bytes"] = peak_train if start_epoch < cfg["epochs"] else None
-    result["peak_mem_final_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    result["device_mem_bytes"] = (torch.cuda.get_device_properties(device).total_memory
-                                  if device.type == "cuda" else None)
-    return result

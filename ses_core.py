@@ -299,7 +299,9 @@ class SES:
         logits = model(x)
         loss = ce + ses.penalty()              # lam * R on due steps, 0.0 otherwise
     Other steps cost what a plain CE step costs. `applied_steps` counts the steps where the
-    penalty was applied; `last_entropy` holds the last per-layer H (detached, on the device).
+    penalty was applied; `last_entropy` holds the last per-layer H (detached, on the device), and
+    `epoch_entropy()` the per-layer mean of the penalised H since its last call (summed on the
+    device; its one host sync happens there, once per epoch).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = 0.01,
@@ -319,6 +321,8 @@ class SES:
         self.step = 0            # training steps seen so far
         self.applied_steps = 0   # steps on which the penalty was added
         self.last_entropy: dict[str, torch.Tensor] = {}
+        self._entropy_sum: dict[str, torch.Tensor] = {}
+        self._entropy_steps = 0
 
     def begin_step(self) -> bool:
         """Enable the hooks if this step is due; return whether it is."""
@@ -341,9 +345,18 @@ class SES:
                 self.solver, self.solver_timings = pick_solver([_centred_gram(a) for a in unique])
         r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver, self.target)
         self.last_entropy = {n: h.detach() for n, h in zip(acts, hs)}
+        for n, h in self.last_entropy.items():
+            self._entropy_sum[n] = self._entropy_sum.get(n, 0.0) + h.float()
+        self._entropy_steps += 1
         self.collector.disable()
         self.applied_steps += 1
         return self.lam * r
+
+    def epoch_entropy(self) -> dict[str, float]:
+        """Mean train-mode H per layer over the penalised steps since the last call ({} if none); resets."""
+        out = {n: float(v) / self._entropy_steps for n, v in self._entropy_sum.items()}
+        self._entropy_sum, self._entropy_steps = {}, 0
+        return out
 
     def state_dict(self) -> dict:
         return {"step": self.step, "applied_steps": self.applied_steps}

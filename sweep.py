@@ -6,7 +6,8 @@ resume, write result.json. Any error inside a run (non-finite loss or activation
 an error in the final metrics, a solver failure) prints one line, leaves failure.json in the run
 folder (what failed, where, when), and the sweep goes on; a rerun retries failed runs, and a run
 that failed after its last epoch redoes only its final metrics. Ctrl-C ends with one line and
-exit 130; the checkpoint of the last finished epoch stays intact.
+exit 130; the checkpoint of the last finished epoch stays intact. A --smoke run deletes its
+checkpoint once result.json is written (real runs keep theirs), so smoke runs leave a few MB.
 """
 from __future__ import annotations
 
@@ -113,10 +114,12 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
         print(f"== {exp_dir.name} / {run_dir.name} on {device_name(device)} ({run.amp.name})")
         stage[0] = "final-stage check"
         check_final_stage(run)
-        result = train_run(run, run_dir, reg, stage)
+        result = train_run(run, run_dir, reg, stage, tensorboard=getattr(args, "tensorboard", False))
         result.update(variant=cfg["variant"], overrides=cfg["overrides"])
         add_overhead(result, exp_dir)
         write_json(run_dir / "result.json", result)
+        if args.smoke:  # written and resumable every epoch like a real run's; worthless once the result is in
+            (run_dir / "checkpoint.pt").unlink(missing_ok=True)
         return "done"
     except KeyboardInterrupt:
         raise Interrupted() from None

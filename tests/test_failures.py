@@ -112,10 +112,13 @@ def test_resume_across_precision_and_gpu_count(tmp_path, capsys):
     assert not bf16.scaler.is_enabled()
     runs.save_checkpoint(bf16, tmp_path / "checkpoint.pt", 1, [dict(epoch=1)])
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert not ckpt["scaler"]  # GradScaler state only on the fp16 path
     ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # 2-GPU format
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     fp16 = runs.build_run(dict(cfg, amp="fp16"), data, torch.device("cpu"), reg)
     assert fp16.scaler.is_enabled()
+    runs.save_checkpoint(fp16, tmp_path / "fp16.pt", 1, [dict(epoch=1)])
+    assert torch.load(tmp_path / "fp16.pt", weights_only=False)["scaler"]["scale"] > 0
     history, epoch = runs.resume(fp16, tmp_path)
     assert epoch == 1 and history == [dict(epoch=1)]
     assert "the loss scale starts afresh" in capsys.readouterr().out

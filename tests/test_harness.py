@@ -234,3 +234,35 @@ def test_evaluation_runs_with_the_ses_collector_disabled(monkeypatch, tmp_path):
                              {"ses": dict(ses=True, every=1)}, "doc",
                              ["--smoke", "--epochs", "1", "--out-dir", str(tmp_path)])
     assert code == 0 and made and made[0].applied_steps == 3
+
+
+# ----------------------------------------------------------------------------- monitoring
+def test_tensorboard_logs_every_epoch_with_per_layer_h_and_targets(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    p = run_script("exp10_periodic_ses.py", "--smoke", "--configs", "ses_k1", "--layers", "last3", "--tensorboard",
+                   "--out-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    run_dir = next((tmp_path / "smoke" / "exp10_periodic_ses").glob("ses_k1*_seed0"))
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((run_dir / "result.json").read_text())
+    for layer in metrics[0]["entropy"]:
+        assert {f"entropy/{layer}/probe", f"entropy/{layer}/penalised", f"entropy/{layer}/target"} <= tags
+        logged = [e.value for e in events.Scalars(f"entropy/{layer}/penalised")]
+        assert logged == pytest.approx([m["ses_entropy"][layer] for m in metrics])  # the same numbers as the file
+        assert events.Scalars(f"entropy/{layer}/target")[0].value == pytest.approx(result["entropy_target"][layer])
+    assert {"loss/train", "acc/test", "lr", "images_per_s"} <= tags
+    assert [e.step for e in events.Scalars("acc/test")] == [1, 2]
+
+
+def test_tensorboard_missing_is_one_line_not_a_failure(tmp_path, monkeypatch, capsys):
+    import tensorboard_log
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import -> ImportError
+    board = tensorboard_log.TensorBoard(tmp_path, {"fc": 1.0})
+    board.epoch(dict(epoch=1, entropy={"fc": 2.0}))
+    board.close()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "pip install tensorboard" in out and not (tmp_path / "tensorboard").exists()

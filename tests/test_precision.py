@@ -35,8 +35,7 @@ def test_smoke_grid_runs_under_low_precision_autocast(amp, tmp_path):
         result = json.loads((run / "result.json").read_text())
         assert result["amp"] == amp and json.loads((run / "config.json").read_text())["amp"] == amp
         assert all(0 <= v <= 1 for v in result["robustness"].values())
-        ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-        assert bool(ckpt["scaler"]) == (amp == "fp16")  # GradScaler state only on the fp16 path
+        assert not (run / "checkpoint.pt").exists()  # a finished smoke run drops its checkpoint
 
 
 def test_amp_flag_forces_the_path():

@@ -1,5 +1,6 @@
 """Every experiment script end to end with --smoke, the rerun skip, --help, and the one-file bundle."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import report_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
@@ -28,8 +31,9 @@ def run(cmd, cwd, timeout=600):
 def check_experiment(exp_dir: Path, name: str, configs: list[str]):
     for config in configs:
         run_dir = exp_dir / f"{config}_seed0"
-        for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "result.json"):
+        for f in ("config.json", "metrics.jsonl", "result.json"):
             assert (run_dir / f).is_file(), f"{run_dir / f} missing"
+        assert not (run_dir / "checkpoint.pt").exists()  # written every epoch, dropped once the smoke result is in
         assert list((run_dir / "code").glob("*.py"))  # the producing code, next to the result
         r = json.loads((run_dir / "result.json").read_text())
         assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)
@@ -44,11 +48,15 @@ def check_experiment(exp_dir: Path, name: str, configs: list[str]):
             assert r["ses_steps"] == len(range(0, r["total_steps"], k)) and "overhead" in r
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+        for row in map(json.loads, lines):  # the penalised train-mode H beside the eval-mode probe H
+            assert ("ses_entropy" in row) == is_ses and set(row.get("ses_entropy", row["entropy"])) == set(row["entropy"])
         if name == "exp13_perceiver":  # validation hold-out per epoch, attention maps at the end
             assert "val_acc" in json.loads(lines[-1]) and "test_acc" not in json.loads(lines[-1])
             maps = torch.load(run_dir / "attention" / "epoch_002.pt", weights_only=False)["maps"]
             assert maps.shape[:2] == (4, {"cifar10_fourier": 4, "modelnet40_fourier": 2}.get(r["baseline_config"], 1))
             assert maps.shape[-1] == (2048 if config.startswith("modelnet40") else 1024)
+    size = sum(f.stat().st_size for f in exp_dir.rglob("*") if f.is_file())
+    assert size < 4 * 2**20 * len(configs), f"a smoke run left {size / 2**20:.0f} MB"
     summary = json.loads((exp_dir / "summary.json").read_text())
     assert [r["config"] for r in summary["runs"]] == configs and summary["unfinished"] == []
 
@@ -115,3 +123,23 @@ def test_exp13_help_shows_each_experiments_own_defaults():
     text = " ".join(p.stdout.split())
     assert "0.004 (cifar10_fourier" in text and "0.001 (modelnet40_fourier" in text
     assert "64 (cifar10_fourier" in text and "32 (modelnet40_fourier" in text and "default 0.1)" not in text
+
+
+def test_two_seed_exp12_report_pairs_mixup_ses_with_mixup_and_fits_one_column(tmp_path):
+    """The report-issue's acceptance run: a two-seed smoke sweep of exp12's Mixup pair, then report.py."""
+    p = run([ROOT / "exp12_mixup_cutmix_cifar100.py", "--smoke", "--configs", "mixup", "mixup_ses", "--seeds", "0", "1",
+             "--out-dir", tmp_path], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = run([ROOT / "report.py", tmp_path / "smoke"], cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    md = (tmp_path / "smoke" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| mixup_ses |"))
+    assert "| 2 |" in row and re.search(r"\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", row), row
+    tex = (tmp_path / "smoke" / "tables.tex").read_text()
+    body = [line.removesuffix(" \\\\").split(" & ") for line in tex.splitlines() if line.count(" & ") == 7]
+    assert len(body) == 3  # the header, mixup, mixup_ses
+    assert report_tables.tex_width_pt(body[1:]) <= report_tables.TEXTWIDTH_PT
+    assert "\\newcommand{\\sesExpTwelveMixupSesDeltaAcc}" in (tmp_path / "smoke" / "macros.tex").read_text()
+    plots = tmp_path / "smoke" / "plots"
+    assert (plots / "exp12_mixup_cutmix_cifar100_entropy_mixup_ses.pdf").is_file()
+    assert (plots / "exp12_mixup_cutmix_cifar100_curves.pdf").is_file()
