@@ -73,7 +73,16 @@ def _dead_here(path: Path) -> bool:
         return True
     except (OSError, ValueError):
         return False
-    return False
+    return _zombie(c["pid"])
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process nobody has reaped yet (a torchrun rank whose parent was killed too) still
+    answers kill(pid, 0); Linux's /proc says it is a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def acquire(run_dir: Path) -> Claim | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import multigpu
 from config import DEFAULTS, resolve_config
 from data_utils import DataError
 from models import LayerError, resolve_layers
@@ -201,6 +202,11 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         parser.error(f"argument --device: {args.device!r} is not a device (use cuda, cuda:0 or cpu)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
+    if multigpu.launched() and args.devices:
+        parser.error("argument --devices: starts one worker per GPU by itself; under torchrun leave it out")
+    world, args.device = multigpu.init(args.device)
+    if not world.main:  # under torchrun, rank 0 alone prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
     if args.device == "cpu" and not explicit_device and not (args.smoke or args.preflight):
         parser.exit(2, f"{experiment}.py: no GPU on this machine: a real run of the full grid on the CPU would take "
                        f"days{'' if args.synthetic else ' (after downloading the data)'}. Use --smoke for the "
@@ -228,3 +234,5 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        multigpu.finish()

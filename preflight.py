@@ -22,6 +22,7 @@ import torch
 from config import resolve_config
 from data_utils import device_name, load_data
 from evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
+import multigpu
 from runs import build_run, save_checkpoint, sync
 from training import train_epoch
 
@@ -34,14 +35,14 @@ def time_steps(run, steps: int, warmup: int = 10) -> float:
     k = run.ses.every if run.ses is not None else 1
     group = max(k, 1)
     reps = max(2, math.ceil(steps / group))
-    train_epoch(run.model, run.loader, 0, run.opt, run.scaler, run.amp, run.ses, run.mixer, max_steps=warmup,
-                clip_grad=run.cfg["clip_grad"])
+    train_epoch(run.train_model, run.loader, 0, run.opt, run.scaler, run.amp, run.ses, run.mixer, max_steps=warmup,
+                clip_grad=run.cfg["clip_grad"], shard=run.shard)
     times = []
     for r in range(reps):
         sync(run.device)
         t0 = time.perf_counter()
-        done = train_epoch(run.model, run.loader, 1 + r, run.opt, run.scaler, run.amp, run.ses, run.mixer,
-                           max_steps=group, clip_grad=run.cfg["clip_grad"])["steps"]
+        done = train_epoch(run.train_model, run.loader, 1 + r, run.opt, run.scaler, run.amp, run.ses, run.mixer,
+                           max_steps=group, clip_grad=run.cfg["clip_grad"], shard=run.shard)["steps"]
         sync(run.device)
         times.append((time.perf_counter() - t0) / done)
     return statistics.median(times)
@@ -91,8 +92,11 @@ def measure(cfg: dict, data, device, reg, steps: int) -> dict:
         final = (math.ceil(n_test / ebs) * (t_eval + len(cfg["noise_sigmas"]) * t_noise)
                  + math.ceil(n_test / abs_) * len(cfg["fgsm_eps"]) * t_fgsm
                  + math.ceil(min(cfg["train_eval_size"], len(d.train_y)) / ebs) * t_eval + t_probe)
+        per_gpu = multigpu.gather_objects((device_name(device), peak_train, peak_final))
+        peak_train = max(p[1] for p in per_gpu) if peak_train is not None else None
+        peak_final = max(p[2] for p in per_gpu) if peak_final is not None else None
         return dict(note=probe_note, step_s=step_s, images_per_s=cfg["batch_size"] / step_s, peak_train=peak_train,
-                    peak_final=peak_final, ckpt_mb=ckpt_mb, run_s=cfg["epochs"] * per_epoch + final,
+                    peak_final=peak_final, per_gpu=per_gpu if len(per_gpu) > 1 else None, ckpt_mb=ckpt_mb, run_s=cfg["epochs"] * per_epoch + final,
                     amp=amp.name, steps_per_epoch=len(run.loader))
     finally:
         run.close()
@@ -143,6 +147,9 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
             continue
         if m.get("note"):
             print(f"  {config}: {m['note']}")
+        if m.get("per_gpu"):  # torchrun: every process's peaks (the table shows the largest)
+            print(f"  {config}: per GPU (train / final GiB): " + ", ".join(
+                f"rank {r} {name} {fmt_mem(t, None)} / {fmt_mem(f, None)}" for r, (name, t, f) in enumerate(m["per_gpu"])))
         rows.append((config, m, len(args.seeds)))
         peak = max(m["peak_train"] or 0, m["peak_final"] or 0)
         if total and peak > 0.9 * total:

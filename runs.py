@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import multigpu
 from data_utils import Data, GpuLoader, device_name, make_mixer, random_crop_flip
 from evaluation import evaluate, final_metrics, final_stage_check, measure_entropy
 from files import atomic_torch_save, write_jsonl
@@ -136,6 +137,8 @@ class Run:
     loader: GpuLoader
     probe_x: torch.Tensor
     eval_split: str
+    train_model: torch.nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    shard: slice | None           # this process's rows of each global batch (torchrun), else None
 
     def paused(self):
         """Context in which the SES hooks store nothing (evaluation must never collect)."""
@@ -144,7 +147,7 @@ class Run:
     def close(self) -> None:
         if self.ses is not None:
             self.ses.remove()
-        self.model = self.opt = self.sched = self.scaler = self.ses = self.loader = None
+        self.model = self.train_model = self.opt = self.sched = self.scaler = self.ses = self.loader = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -156,6 +159,9 @@ def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run
     data = data.with_validation(cfg["val_size"])
     if cfg["batch_size"] > len(data.train_y):
         raise RunError(f"--batch-size {cfg['batch_size']} exceeds the {len(data.train_y)} training samples")
+    world = multigpu.current()
+    if cfg["batch_size"] % world.size:
+        raise RunError(f"--batch-size {cfg['batch_size']} must divide by the {world.size} processes of this torchrun")
     if cfg["model"] not in reg.models:
         raise RunError(f"unknown model {cfg['model']!r}; known: {', '.join(reg.models)}")
     seed_everything(cfg["seed"])
@@ -171,8 +177,11 @@ def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run
     probe_idx = data.fixed_subset(cfg["batch_size"], seed=1)
     probe_x = next(GpuLoader(data.train_x[probe_idx], data.train_y[probe_idx], len(probe_idx), device,
                              train=False).epoch())[0]  # fixed batch for the per-epoch entropy
+    if ses is not None and world.size > 1:
+        ses.gather = multigpu.gather_rows  # SES on the global batch
     return Run(cfg, data, device, amp, model, layers, opt, sched, amp.scaler(), ses, mixer, loader, probe_x,
-               "val" if data.val_x is not None else "test")
+               "val" if data.val_x is not None else "test", multigpu.wrap(model, device),
+               multigpu.shard(world, cfg["batch_size"]) if world.size > 1 else None)
 
 
 def check_final_stage(run: Run) -> int | None:
@@ -235,7 +244,7 @@ def train_run(run: Run, run_dir: Path, reg: Registry, stage: list, tensorboard: 
     history, start_epoch = resume(run, run_dir)
     warn = run.ses is not None and start_epoch == 0
     targets = layer_targets(run, warn) if warn or tensorboard else {}
-    board = TensorBoard(run_dir, targets) if tensorboard else None
+    board = TensorBoard(run_dir, targets) if tensorboard and multigpu.current().main else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -260,7 +269,7 @@ def train_epochs(run: Run, run_dir: Path, reg: Registry, stage: list, history: l
                  board: TensorBoard | None) -> None:
     """Epochs start_epoch.. : each ends with evaluation, the probe, the epoch callbacks, a
     checkpoint, metrics.jsonl and (with --tensorboard) the TensorBoard row."""
-    cfg, device = run.cfg, run.device
+    cfg, device, main = run.cfg, run.device, multigpu.current().main
     eval_x, eval_y = ((run.data.val_x, run.data.val_y) if run.eval_split == "val"
                       else (run.data.test_x, run.data.test_y))
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -268,24 +277,25 @@ def train_epochs(run: Run, run_dir: Path, reg: Registry, stage: list, history: l
         lr = run.opt.param_groups[0]["lr"]
         sync(device)
         t0 = time.perf_counter()
-        stats = train_epoch(run.model, run.loader, epoch, run.opt, run.scaler, run.amp, run.ses, run.mixer,
-                            clip_grad=cfg["clip_grad"])
+        stats = train_epoch(run.train_model, run.loader, epoch, run.opt, run.scaler, run.amp, run.ses, run.mixer,
+                            clip_grad=cfg["clip_grad"], shard=run.shard)
         sync(device)
         seconds = time.perf_counter() - t0
         run.sched.step()
         with run.paused():  # eval: never collect
             eval_acc, eval_loss = evaluate(run.model, eval_x, eval_y, run.amp, cfg["eval_batch_size"])
             entropy, _ = measure_entropy(run.model, run.layers, run.probe_x, run.amp)
-            for callback in reg.epoch_callbacks:
+            for callback in reg.epoch_callbacks if main else ():
                 callback(run.model, run.data, run_dir, epoch + 1, cfg)
         history.append(dict(epoch=epoch + 1, lr=lr, **stats, **{f"{run.eval_split}_acc": eval_acc,
                                                                f"{run.eval_split}_loss": eval_loss},
                             entropy=entropy, **({"ses_entropy": run.ses.epoch_entropy()} if run.ses else {}),
                             ses_steps=run.ses.applied_steps if run.ses else 0,
                             epoch_time_s=seconds, images_per_s=stats["images"] / seconds))
-        save_checkpoint(run, run_dir / "checkpoint.pt", epoch + 1, history)
-        write_jsonl(run_dir / "metrics.jsonl", history)
-        if board is not None:
-            board.epoch(history[-1])
+        if main:  # under torchrun, rank 0 alone writes
+            save_checkpoint(run, run_dir / "checkpoint.pt", epoch + 1, history)
+            write_jsonl(run_dir / "metrics.jsonl", history)
+            if board is not None:
+                board.epoch(history[-1])
         print(f"  {run_dir.name} epoch {epoch + 1}/{cfg['epochs']}: loss {stats['train_loss']:.3f} "
               f"{run.eval_split} acc {100 * eval_acc:.2f}% ({seconds:.1f}s, {stats['images'] / seconds:.0f} img/s)")

@@ -321,6 +321,7 @@ class SES:
         self.step = 0            # training steps seen so far
         self.applied_steps = 0   # steps on which the penalty was added
         self.last_entropy: dict[str, torch.Tensor] = {}
+        self.gather = None  # (n_local, d) -> (n_global, d), differentiable; set for multi-process runs
         self._entropy_sum: dict[str, torch.Tensor] = {}
         self._entropy_steps = 0
 
@@ -339,6 +340,9 @@ class SES:
         if not due:
             return 0.0
         acts = self.collector.activations
+        if self.gather is not None:  # several processes: SES on the global batch (multigpu.gather_rows)
+            pooled = {id(a): self.gather(a) for a in acts.values()}
+            acts = {n: pooled[id(a)] for n, a in acts.items()}
         if self.solver == "auto":
             unique = list({id(a): a for a in acts.values()}.values())
             with torch.no_grad(), torch.autocast(device_type=unique[0].device.type, enabled=False):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import multigpu
 from claims import acquire, describe
 from config import resolve_config, run_name
 from data_utils import DataError, device_name, load_data
@@ -30,6 +31,12 @@ from training import NonFiniteLoss
 
 OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (FGSM chunk) or --eval-batch-size",
             "final metrics": "--attack-batch-size (FGSM chunk) or --eval-batch-size"}
+
+
+class Followed:
+    """What a torchrun rank other than 0 holds instead of a claim (rank 0 claims for the job)."""
+    def release(self) -> None:
+        pass
 
 
 class Interrupted(Exception):
@@ -78,8 +85,10 @@ def record_failure(run_dir: Path, stage: str, err: BaseException) -> str:
 def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device) -> str:
     """Train one run to its result; returns 'done', 'skipped' or 'failed'."""
     run_dir = exp_dir / run_name(cfg)
-    if args.force and run_dir.exists():
+    world = multigpu.current()  # under torchrun, rank 0 alone writes; the others follow its decisions
+    if args.force and run_dir.exists() and world.main:
         shutil.rmtree(run_dir)
+    multigpu.barrier()
     check_same_settings(run_dir, cfg)
     if (run_dir / "result.json").is_file():
         print(f"{run_dir.name}: finished earlier, skipped")
@@ -91,15 +100,20 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
             info = dict(reg.datasets[cfg["dataset"]])
             generated = ((cfg["smoke_sizes"]["n_train"], cfg["smoke_sizes"]["n_test"]) if args.smoke
                          else info.get("sizes") if args.synthetic else None)
+            if not world.main:
+                multigpu.barrier()  # rank 0 downloads and caches first
             datasets[cfg["dataset"]] = load_data(cfg["dataset"], info, device, args.data_dir, not args.no_download,
                                                  generated, reg.datasets)
+            if world.main:
+                multigpu.barrier()
         run = build_run(cfg, datasets[cfg["dataset"]], device, reg)
     except (RunError, ValueError) as e:  # bad settings: nothing was written for this run
         print(f"error: {run_dir.name}: {e}", file=sys.stderr)
         return "failed"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    claim = acquire(run_dir)
-    if claim is None or (run_dir / "result.json").is_file():
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    claim = acquire(run_dir) if world.main else Followed()
+    if not multigpu.broadcast(claim is not None and not (run_dir / "result.json").is_file()):
         print(f"{run_dir.name}: " + ("finished by another worker, skipped" if claim is not None else
                                      f"being trained by {describe(run_dir / 'claim.json')}, skipped"))
         if claim is not None:
@@ -107,26 +121,31 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
         run.close()
         return "skipped"
     try:
-        (run_dir / "failure.json").unlink(missing_ok=True)
-        if not (run_dir / "config.json").is_file():
+        if world.main:
+            (run_dir / "failure.json").unlink(missing_ok=True)
+        if world.main and not (run_dir / "config.json").is_file():
             save_code(run_dir / "code")
             write_json(run_dir / "config.json", dict(config=cfg, environment=environment(device), amp=run.amp.name))
         print(f"== {exp_dir.name} / {run_dir.name} on {device_name(device)} ({run.amp.name})")
         stage[0] = "final-stage check"
         check_final_stage(run)
         result = train_run(run, run_dir, reg, stage, tensorboard=getattr(args, "tensorboard", False))
-        result.update(variant=cfg["variant"], overrides=cfg["overrides"])
+        result.update(variant=cfg["variant"], overrides=cfg["overrides"], processes=world.size)
         add_overhead(result, exp_dir)
-        write_json(run_dir / "result.json", result)
-        if args.smoke:  # written and resumable every epoch like a real run's; worthless once the result is in
+        if world.main:
+            write_json(run_dir / "result.json", result)
+        multigpu.barrier()
+        if args.smoke and world.main:  # written and resumable every epoch like a real run's; worthless once the result is in
             (run_dir / "checkpoint.pt").unlink(missing_ok=True)
         return "done"
     except KeyboardInterrupt:
         raise Interrupted() from None
     except Exception as e:  # noqa: BLE001 - any failure ends this run only
-        msg = record_failure(run_dir, stage[0], e)
+        msg = record_failure(run_dir, stage[0], e) if world.main else str(e)
         print(f"error: {run_dir.name} failed during {stage[0]}: {msg} (details in {run_dir / 'failure.json'}; "
               f"rerun the same command to retry it)", file=sys.stderr)
+        if world.size > 1:  # the other processes cannot go on in lockstep: end the job (torchrun stops them)
+            raise SystemExit(1) from None
         return "failed"
     finally:
         claim.release()
@@ -150,7 +169,8 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
                     failed.append(run_name(cfg))
     finally:
         summary = summarize(exp_dir, list(grid))
-        write_json(exp_dir / "summary.json", summary)
+        if multigpu.current().main:
+            write_json(exp_dir / "summary.json", summary)
     print(format_table(summary["runs"]))
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them",

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import multigpu
 from data_utils import GpuLoader
 from ses_core import SES
 
@@ -107,9 +108,11 @@ def build_scheduler(cfg: dict, opt):
 # ----------------------------------------------------------------------------- one epoch
 def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolicy,
                 ses: SES | None, mixer, check_every: int = 50, max_steps: int | None = None,
-                clip_grad: float | None = None) -> dict:
+                clip_grad: float | None = None, shard: slice | None = None) -> dict:
     """One epoch (or its first max_steps steps); returns mean loss/accuracy, images, steps.
-    clip_grad: clip the global gradient norm (after unscaling under fp16) to this value."""
+    clip_grad: clip the global gradient norm (after unscaling under fp16) to this value.
+    shard (torchrun): train on these rows of each (mixed) global batch; the returned figures are
+    summed over all processes, and a non-finite loss on any process stops every one of them."""
     model.train()
     dev = loader.device
     loss_sum = torch.zeros((), device=dev)
@@ -119,13 +122,16 @@ def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolic
     bad_ses = torch.zeros((), device=dev)
     zero = torch.zeros((), device=dev)
     seen, steps = 0, len(loader) if max_steps is None else min(max_steps, len(loader))
-    bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}", leave=False)
+    bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}", leave=False,
+               disable=not multigpu.current().main)
     for i, (x, y) in enumerate(bar):
         if i == steps:
             break
         target = y
         if mixer is not None:
             x, target = mixer(x, y)
+        if shard is not None:
+            x, y, target = x[shard], y[shard], target[shard]
         if ses is not None:
             ses.begin_step()
         with amp.autocast():
@@ -150,9 +156,11 @@ def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolic
         correct += (logits.detach().argmax(1) == hard).sum()
         seen += len(y)
         if (i + 1) % check_every == 0 or i + 1 == steps:
-            if bad_step.item() >= 0:
+            if multigpu.all_reduce_max(bad_step.clone()).item() >= 0:
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item() + 1}: "
                                     f"CE = {bad_ce.item():.4g}, SES term = {bad_ses.item():.4g}")
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
-    return dict(train_loss=loss_sum.item() / max(seen, 1), train_acc_running=correct.item() / max(seen, 1),
-                images=seen, steps=steps)
+    totals = multigpu.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=dev)]))
+    loss_total, correct_total, seen = totals.tolist()
+    return dict(train_loss=loss_total / max(seen, 1), train_acc_running=correct_total / max(seen, 1),
+                images=int(seen), steps=steps)
