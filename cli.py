@@ -131,6 +131,11 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
     p.add_argument("--devices", metavar="LIST",
                    help="one worker per device sharing the out-dir (each run claimed once): cuda:0,cuda:1 or all")
     p.add_argument("--no-download", action="store_true", help="never download; fail with instructions instead")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training forward, SES hooks included (backend default inductor); off by "
+                        "default: the first steps compile for minutes, and no GPU measurement has shown a win yet "
+                        "(bench/bench_ses.py --compile measures it); not part of the run's name, so a run resumes "
+                        "with or without it")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log every epoch to <run-dir>/tensorboard/ (tensorboard --logdir <out-dir>)")
     p.add_argument("--force", action="store_true",

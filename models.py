@@ -97,3 +97,12 @@ def resolve_layers(cfg: dict, model: nn.Module, presets: dict | None = None) -> 
         presets_hint = f"; presets for {cfg['model']}: {', '.join(known)}" if known else ""
         raise LayerError(f"{e}{presets_hint}") from None
     return names
+
+
+def compile_model(model: nn.Module, backend: str) -> nn.Module:
+    """torch.compile for --compile. Dynamo by default assumes a module's hooks never change after
+    compiling and shares compiled code between instances of one class, so a ResNet with SES hooks
+    could run the graph compiled for a hook-less twin (no SES, silently). Guarding on the hooks
+    (a process-wide dynamo setting, switched on only here) makes each hooked model its own graph."""
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    return torch.compile(model, backend=backend)

@@ -57,8 +57,8 @@ def time_chunk(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def measure(cfg: dict, data, device, reg, steps: int) -> dict:
-    run = build_run(cfg, data, device, reg)
+def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | None = None) -> dict:
+    run = build_run(cfg, data, device, reg, compile_backend)
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -128,12 +128,12 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
                                         reg.datasets)
         data = data_cache[key]
         try:
-            m = measure(cfg, data, device, reg, steps)
+            m = measure(cfg, data, device, reg, steps, args.compile)
             if cfg["ses"]:
                 twin = dict(cfg, ses=False)
                 tkey = repr(sorted((k, str(v)) for k, v in twin.items() if k not in ("config", "variant")))
                 if tkey not in base_cache:
-                    base_cache[tkey] = measure(twin, data, device, reg, steps)["step_s"]
+                    base_cache[tkey] = measure(twin, data, device, reg, steps, args.compile)["step_s"]
                 m["overhead"] = m["step_s"] / base_cache[tkey] - 1
         except torch.OutOfMemoryError:
             print(f"  {config}: OUT OF MEMORY at batch {cfg['batch_size']} / attack chunk "

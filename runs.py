@@ -38,7 +38,7 @@ import multigpu
 from data_utils import Data, GpuLoader, device_name, make_mixer, random_crop_flip
 from evaluation import evaluate, final_metrics, final_stage_check, measure_entropy
 from files import atomic_torch_save, write_jsonl
-from models import resolve_layers
+from models import compile_model, resolve_layers
 from registry import Registry
 from ses_core import SES, entropy_ceiling, entropy_target
 from tensorboard_log import TensorBoard
@@ -153,8 +153,10 @@ class Run:
             torch.cuda.empty_cache()
 
 
-def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run:
-    """Model, hooks, optimizer, loader, probe batch; raises RunError/ValueError on bad settings."""
+def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compile_backend: str | None = None) -> Run:
+    """Model, hooks, optimizer, loader, probe batch; raises RunError/ValueError on bad settings.
+    compile_backend (--compile): torch.compile the training forward (hooks included, no graph
+    break); evaluation, the probe and checkpoints use the plain model."""
     amp = amp_policy(device, cfg["amp"])
     data = data.with_validation(cfg["val_size"])
     if cfg["batch_size"] > len(data.train_y):
@@ -179,8 +181,11 @@ def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run
                              train=False).epoch())[0]  # fixed batch for the per-epoch entropy
     if ses is not None and world.size > 1:
         ses.gather = multigpu.gather_rows  # SES on the global batch
+    train_model = multigpu.wrap(model, device)
+    if compile_backend:
+        train_model = compile_model(train_model, compile_backend)
     return Run(cfg, data, device, amp, model, layers, opt, sched, amp.scaler(), ses, mixer, loader, probe_x,
-               "val" if data.val_x is not None else "test", multigpu.wrap(model, device),
+               "val" if data.val_x is not None else "test", train_model,
                multigpu.shard(world, cfg["batch_size"]) if world.size > 1 else None)
 
 
@@ -285,11 +290,12 @@ def train_epochs(run: Run, run_dir: Path, reg: Registry, stage: list, history: l
         with run.paused():  # eval: never collect
             eval_acc, eval_loss = evaluate(run.model, eval_x, eval_y, run.amp, cfg["eval_batch_size"])
             entropy, _ = measure_entropy(run.model, run.layers, run.probe_x, run.amp)
+            penalised = run.ses.epoch_entropy() if run.ses else {}  # {} in an epoch without SES steps (k > steps)
             for callback in reg.epoch_callbacks if main else ():
                 callback(run.model, run.data, run_dir, epoch + 1, cfg)
         history.append(dict(epoch=epoch + 1, lr=lr, **stats, **{f"{run.eval_split}_acc": eval_acc,
                                                                f"{run.eval_split}_loss": eval_loss},
-                            entropy=entropy, **({"ses_entropy": run.ses.epoch_entropy()} if run.ses else {}),
+                            entropy=entropy, **({"ses_entropy": penalised} if penalised else {}),
                             ses_steps=run.ses.applied_steps if run.ses else 0,
                             epoch_time_s=seconds, images_per_s=stats["images"] / seconds))
         if main:  # under torchrun, rank 0 alone writes

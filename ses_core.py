@@ -252,12 +252,15 @@ class ActivationCollector:
         def hook(module, inputs, output):
             if not self.enabled:
                 return
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if torch.compiler.is_compiling():  # torch.compile: no id()/weakref aliasing (they break the graph)
+                self.activations[name] = pool_activation(out)
+                return
             src = inputs[0] if inputs else None
             seen = self._by_output.get(id(src)) if global_pool and torch.is_tensor(src) else None
             if seen is not None and seen[0]() is src:
                 self.activations[name] = seen[1]
                 return
-            out = output[0] if isinstance(output, (tuple, list)) else output
             pooled = pool_activation(out)
             self.activations[name] = pooled
             self._by_output[id(out)] = (weakref.ref(out), pooled)

@@ -106,7 +106,7 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
                                                  generated, reg.datasets)
             if world.main:
                 multigpu.barrier()
-        run = build_run(cfg, datasets[cfg["dataset"]], device, reg)
+        run = build_run(cfg, datasets[cfg["dataset"]], device, reg, getattr(args, "compile", None))
     except (RunError, ValueError) as e:  # bad settings: nothing was written for this run
         print(f"error: {run_dir.name}: {e}", file=sys.stderr)
         return "failed"
@@ -130,7 +130,8 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
         stage[0] = "final-stage check"
         check_final_stage(run)
         result = train_run(run, run_dir, reg, stage, tensorboard=getattr(args, "tensorboard", False))
-        result.update(variant=cfg["variant"], overrides=cfg["overrides"], processes=world.size)
+        result.update(variant=cfg["variant"], overrides=cfg["overrides"], processes=world.size,
+                      compiled=getattr(args, "compile", None))
         add_overhead(result, exp_dir)
         if world.main:
             write_json(run_dir / "result.json", result)

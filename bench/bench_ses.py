@@ -9,7 +9,8 @@
    Gram/covariance sizes 64, 64, 128, 128, 256, 256, 256, 256, 256, layer4.1 = avgpool solved once)
    and ResNet-50 `layer4+avgpool` (4 x 256, avgpool aliased). Forward + backward.
 2. Steps: the CIFAR-stem ResNet-18 on CIFAR-100 shapes and ResNet-50 on Tiny-ImageNet shapes at batch
-   256, baseline and SES k = 1, 3, 5, 10 (solver "auto"), timed interleaved in one process (round-robin
+   256, baseline and SES k = 1, 3, 5, 10 (solver "auto"; with --compile also torch.compile'd baseline, k = 1
+   and k = 10), timed interleaved in one process (round-robin
    over the variants, 10 steps each, median over rounds), on one constant on-device batch; plus the
    baseline fed by the suite's GPU loader (random crop + flip) over 50k generated images, against that
    constant-batch ceiling. Prints a table and writes --json.
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import DEFAULTS  # noqa: E402
 from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
-from models import build_resnet, resolve_layers  # noqa: E402
+from models import build_resnet, compile_model, resolve_layers  # noqa: E402
 from ses_core import SES, SOLVERS, _centred_gram, eigvals_psd  # noqa: E402
 from training import AMP_MODES, amp_policy  # noqa: E402
 
@@ -68,12 +69,14 @@ def bench_solvers(device, n, repeats):
     return rows
 
 
-def make_variant(setup, k, device, amp):
+def make_variant(setup, k, device, amp, compile_backend=None):
     torch.manual_seed(0)
     cfg = dict(DEFAULTS, model=setup["model"], layers=setup["layers"])
     model = build_resnet(cfg, DATASETS[setup["dataset"]]).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     ses = SES(model, resolve_layers(cfg, model), 0.01, 0.7, k) if k else None
+    if compile_backend:  # hooks stay on the plain modules; the compiled forward runs them without a graph break
+        model = compile_model(model, compile_backend)
     return dict(model=model, opt=opt, ses=ses, scaler=amp.scaler())
 
 
@@ -90,12 +93,15 @@ def step(v, x, y, amp):
     v["scaler"].update()
 
 
-def bench_steps(name, device, amp, rounds, batch):
+def bench_steps(name, device, amp, rounds, batch, compile_backend=None):
     setup = SETUPS[name]
     info = DATASETS[setup["dataset"]]
     x = torch.rand(batch, 3, setup["size"], setup["size"], device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, info["num_classes"], (batch,), device=device)
     variants = {f"k={k}" if k else "baseline": make_variant(setup, k, device, amp) for k in (0, 1, 3, 5, 10)}
+    if compile_backend:  # compiled twins, interleaved with the rest (round 0 also pays the compilation)
+        variants.update({(f"k={k}" if k else "baseline") + " compiled": make_variant(setup, k, device, amp, compile_backend)
+                         for k in (0, 1, 10)})
     tx, ty, *_ = synthetic_dataset(info["num_classes"], setup["size"], n_train=max(batch * 12, 50_000 if device.type == "cuda" else batch * 12), n_test=1)
     loader = GpuLoader(tx, ty, batch, device, train=True, augment=lambda xb, gen: random_crop_flip(xb, gen, 4))
     batches = loader.epoch(0)
@@ -127,7 +133,7 @@ def bench_steps(name, device, amp, rounds, batch):
         rows.append(dict(setup=name, amp=amp.name, variant=label, ms=ms, images_per_s=batch / (ms / 1e3),
                          vs_baseline=ms / (1e3 * base) - 1, solver=solver,
                          solver_timings_ms={k: 1e3 * t for k, t in (v["ses"].solver_timings if v and v["ses"] else {}).items()}))
-        print(f"step    {name:<9} {amp.name} batch {batch} {label:<16} {ms:8.2f} ms {batch / (ms / 1e3):9.0f} img/s "
+        print(f"step    {name:<9} {amp.name} batch {batch} {label:<18} {ms:8.2f} ms {batch / (ms / 1e3):9.0f} img/s "
               f"{100 * rows[-1]['vs_baseline']:+7.1f} %  solver {solver}")
     for v in variants.values():
         if v["ses"]:
@@ -145,6 +151,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, help="training batch (default 256; 16 on a CPU)")
     p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS), help="models to time")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="also time torch.compile'd baseline, k=1 and k=10 (backend default inductor)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         p.exit(2, "bench_ses.py: error: --steps and --repeats must be >= 1\n")
@@ -165,7 +173,7 @@ def main(argv=None):
         print("note: on a CPU the convolutions dominate and the solver runs on the same cores, so the overhead "
               "figures below say little about a GPU; run this on the GPU you train on")
     out = dict(env=env, batch=batch, solvers=bench_solvers(device, 256, args.repeats),
-               steps=[r for s in args.setups for r in bench_steps(s, device, amp, args.steps, batch)])
+               steps=[r for s in args.setups for r in bench_steps(s, device, amp, args.steps, batch, args.compile)])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

@@ -266,3 +266,12 @@ def test_tensorboard_missing_is_one_line_not_a_failure(tmp_path, monkeypatch, ca
     board.close()
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "pip install tensorboard" in out and not (tmp_path / "tensorboard").exists()
+
+
+def test_compile_flag_trains_a_smoke_run_and_is_recorded_not_named(tmp_path):
+    p = run_script("exp10_periodic_ses.py", "--smoke", "--configs", "ses_k3", "--layers", "last3", "--compile",
+                   "aot_eager", "--out-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    run_dir = tmp_path / "smoke" / "exp10_periodic_ses" / "ses_k3+layers=last3_seed0"  # --compile is not in the name
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["compiled"] == "aot_eager" and result["ses_steps"] == len(range(0, result["total_steps"], 3))

@@ -279,3 +279,42 @@ def test_entropy_ceiling_and_targets():
         h = spectral_entropy(ses.collector.activations["0"]).item()
         assert ses.penalty().item() == pytest.approx((h - target) ** 2, rel=1e-5)
     del acts
+
+
+def test_compiled_forward_runs_the_hooks_without_a_graph_break_and_equals_eager():
+    """--compile: torch.compile (aot_eager here: no C compiler needed) of a ResNet with SES on `all`."""
+    import torch.nn.functional as F
+    from config import DEFAULTS
+    from data_utils import DATASETS
+    from models import build_resnet, compile_model, resolve_layers
+
+    def make():
+        torch.manual_seed(0)
+        cfg = dict(DEFAULTS, layers="all")
+        model = build_resnet(cfg, DATASETS["cifar100"])
+        return model, SES(model, resolve_layers(cfg, model), lam=1.0, beta=0.7, every=2, solver="float64")
+
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 100, (8,))
+    torch.manual_seed(0)
+    twin = build_resnet(dict(DEFAULTS, layers="all"), DATASETS["cifar100"])  # a sweep's baseline before the SES run:
+    compile_model(twin, "aot_eager")(x)  # its hook-less graph must not be reused for the hooked model below
+    runs = []
+    for compiled in (False, True):
+        model, ses = make()
+        fwd = compile_model(model, "aot_eager") if compiled else model
+        steps = []
+        for _ in range(3):  # SES on, off, on: both graphs
+            due = ses.begin_step()
+            loss = F.cross_entropy(fwd(x), y) + ses.penalty()
+            model.zero_grad()
+            loss.backward()
+            steps.append((due, float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
+            assert not ses.collector.activations  # emptied after the penalty, never filled when off
+        runs.append(steps)
+    for (due, l1, g1), (_, l2, g2) in zip(*runs):
+        assert l1 == pytest.approx(l2, rel=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
+    model, ses = make()
+    ses.begin_step()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and set(ses.collector.activations) == set(ses.collector.layer_names)
