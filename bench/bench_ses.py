@@ -14,6 +14,7 @@
    over the variants, 10 steps each, median over rounds), on one constant on-device batch; plus the
    baseline fed by the suite's GPU loader (random crop + flip) over 50k generated images, against that
    constant-batch ceiling. Prints a table and writes --json.
+3. --profile: a torch.profiler table of 5 SES k = 1 steps per setup (where the SES time goes).
 """
 import argparse
 import json
@@ -141,6 +142,33 @@ def bench_steps(name, device, amp, rounds, batch, compile_backend=None):
     return rows
 
 
+def profile_step(name, device, amp, batch, rows=15):
+    """torch.profiler over 5 SES k=1 steps after 3 warm-up steps: where an SES step's time goes
+    (the eigensolver, the Gram matmuls, the host syncs, the convolutions), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+    setup = SETUPS[name]
+    v = make_variant(setup, 1, device, amp)
+    x = torch.rand(batch, 3, setup["size"], setup["size"], device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, DATASETS[setup["dataset"]]["num_classes"], (batch,), device=device)
+    for _ in range(3):
+        step(v, x, y, amp)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step(v, x, y, amp)
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    print(f"profile {name} {amp.name} batch {batch}, SES k=1, 5 steps (sorted by {sort}):\n{table}")
+    v["ses"].remove()
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    key = device_us if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    top = sorted(prof.key_averages(), key=key, reverse=True)[:rows]
+    return [dict(op=e.key, calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3, self_device_ms=device_us(e) / 1e3)
+            for e in top]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -151,6 +179,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, help="training batch (default 256; 16 on a CPU)")
     p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS), help="models to time")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="also print a torch.profiler breakdown of 5 SES k=1 steps per setup")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="also time torch.compile'd baseline, k=1 and k=10 (backend default inductor)")
     args = p.parse_args(argv)
@@ -174,6 +204,8 @@ def main(argv=None):
               "figures below say little about a GPU; run this on the GPU you train on")
     out = dict(env=env, batch=batch, solvers=bench_solvers(device, 256, args.repeats),
                steps=[r for s in args.setups for r in bench_steps(s, device, amp, args.steps, batch, args.compile)])
+    if args.profile:
+        out["profile"] = {s: profile_step(s, device, amp, batch) for s in args.setups}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
