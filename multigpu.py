@@ -54,14 +54,13 @@ def init(device: str) -> tuple[World, str]:
     """Join torchrun's process group (NCCL on GPUs, gloo on the CPU); the device this rank uses."""
     if not launched():
         return World(), device
-    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     cuda = device.startswith("cuda")
     if cuda:
-        device = f"cuda:{world.local_rank}"
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return world, device
+    return current(), device
 
 
 def current() -> World:
@@ -89,7 +88,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad)
         return grad[ctx.rows]
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
+from files import write_text_atomic as write_text
 from report_plots import plot_experiment
 from report_tables import KIND_NOTE, latex, macros, markdown
 
@@ -120,12 +120,6 @@ def summarize(runs: dict[str, list[dict]], reference: dict, kind: str | None = N
         row["paper"] = reference.get(config) if (kind is None and variant == config) else None
         rows.append(row)
     return rows
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

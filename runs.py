@@ -18,7 +18,6 @@ RNG state of the device in use is saved and restored).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import random

@@ -344,7 +344,10 @@ class SES:
             return 0.0
         acts = self.collector.activations
         if self.gather is not None:  # several processes: SES on the global batch (multigpu.gather_rows)
-            pooled = {id(a): self.gather(a) for a in acts.values()}
+            pooled = {}
+            for a in acts.values():  # an aliased tensor (avgpool = layer4.1) is gathered once, solved once
+                if id(a) not in pooled:
+                    pooled[id(a)] = self.gather(a)
             acts = {n: pooled[id(a)] for n, a in acts.items()}
         if self.solver == "auto":
             unique = list({id(a): a for a in acts.values()}.values())
@@ -361,9 +364,10 @@ class SES:
 
     def epoch_entropy(self) -> dict[str, float]:
         """Mean train-mode H per layer over the penalised steps since the last call ({} if none); resets."""
-        out = {n: float(v) / self._entropy_steps for n, v in self._entropy_sum.items()}
+        names = list(self._entropy_sum)
+        means = (torch.stack([self._entropy_sum[n] for n in names]) / self._entropy_steps).tolist() if names else []
         self._entropy_sum, self._entropy_steps = {}, 0
-        return out
+        return dict(zip(names, means))
 
     def state_dict(self) -> dict:
         return {"step": self.step, "applied_steps": self.applied_steps}

@@ -23,11 +23,10 @@ import torch
 import multigpu
 from claims import acquire, describe
 from config import resolve_config, run_name
-from data_utils import DataError, device_name, load_data
+from data_utils import device_name, load_data
 from files import write_json
 from registry import Registry
 from runs import RunError, build_run, check_final_stage, environment, save_code, train_run
-from training import NonFiniteLoss
 
 OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (FGSM chunk) or --eval-batch-size",
             "final metrics": "--attack-batch-size (FGSM chunk) or --eval-batch-size"}

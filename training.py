@@ -160,7 +160,7 @@ def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolic
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item() + 1}: "
                                     f"CE = {bad_ce.item():.4g}, SES term = {bad_ses.item():.4g}")
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
-    totals = multigpu.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=dev)]))
-    loss_total, correct_total, seen = totals.tolist()
+    loss_total, correct_total = multigpu.all_reduce_sum(torch.stack([loss_sum, correct.float()])).tolist()
+    seen *= multigpu.current().size  # equal shards
     return dict(train_loss=loss_total / max(seen, 1), train_acc_running=correct_total / max(seen, 1),
-                images=int(seen), steps=steps)
+                images=seen, steps=steps)
