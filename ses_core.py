@@ -18,31 +18,25 @@ spectrum gives H = 0 with finite gradients. A matrix with a NaN/inf entry (overf
 is replaced by zeros before the solver (H = 0; the non-finite CE then stops the run), so the solver
 never sees one.
 
-Solver routes (all exact; `solver=` of SES / spectral_entropies):
-    "float32"  torch.linalg.eigvalsh in float32 on the activations' device (one call per size group)
-    "float64"  the same in float64 (on CUDA this takes cuSOLVER's syevd path instead of the looped
-               syevj that float32 sizes 33-512 take, measured faster on an H100)
-    "host"     float64 eigh on the CPU, one thread per matrix; eigenvalues go back to the device and
-               the gradient V diag(g) V^T is formed there
-    "auto"     float32 on a CPU; on CUDA the fastest of the three, timed once on the first SES step's
-               real matrices (like cudnn.benchmark); SES.solver_timings records the measurement.
-Host synchronisation, honestly: on CUDA every route waits for the host once per SES step: eigvalsh
-reads its convergence flag on the host (PyTorch has no eigvalsh_ex), and "host" copies the Grams
-to the CPU. The code here adds no other sync.
+Solver routes (all exact; `solver=` of SES / spectral_entropies): see ses_solvers. "auto" (the
+default) keeps float32 on a CPU and, on CUDA, the fastest route that agrees with float64 LAPACK on
+the first SES step's real matrices. Host synchronisation: the batched cuSOLVER routes never wait for
+the host; torch's eigvalsh routes wait once per solver call (it reads its convergence flags on the
+host: there is no eigvalsh_ex), "host" copies the Grams to the CPU. The code here adds no other sync.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
 import math
-import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
+
+from ses_solvers import SOLVERS, entropies_of_grams, entropy_of_gram, pick_solver
 
 __all__ = ["entropy_ceiling", "entropy_target", "spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
            "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
@@ -54,83 +48,6 @@ def check_beta(beta: float) -> float:
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in the open interval (0, 1), got {beta}")
     return beta
-
-
-SOLVERS = ("auto", "float32", "float64", "host")
-_HOST_POOL: ThreadPoolExecutor | None = None
-
-
-class _HostEigvalsh(torch.autograd.Function):
-    """Eigenvalues of symmetric (B, k, k) matrices computed by float64 LAPACK on the CPU (one thread
-    per matrix); backward on the device: dL/dA = V diag(dL/dlam) V^T."""
-
-    @staticmethod
-    def forward(ctx, gram):
-        global _HOST_POOL
-        if _HOST_POOL is None:
-            _HOST_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ses-eigh")
-        host = gram.detach().to("cpu", torch.float64)
-        parts = list(_HOST_POOL.map(torch.linalg.eigh, host.unbind(0)))
-        lam = torch.stack([p[0] for p in parts]).to(gram.device, torch.float32, non_blocking=True)
-        vec = torch.stack([p[1] for p in parts]).to(gram.device, torch.float32, non_blocking=True)
-        ctx.save_for_backward(vec)
-        return lam
-
-    @staticmethod
-    def backward(ctx, grad_lam):
-        (vec,) = ctx.saved_tensors
-        return (vec * grad_lam.unsqueeze(-2)) @ vec.transpose(-2, -1)
-
-
-def eigvals_psd(gram: torch.Tensor, solver: str = "float32") -> torch.Tensor:
-    """Ascending eigenvalues (B, k) float32 of symmetric PSD (B, k, k) float32, by route `solver`."""
-    if solver == "float32":
-        return torch.linalg.eigvalsh(gram)
-    if solver == "float64":
-        return torch.linalg.eigvalsh(gram.double()).float()
-    if solver == "host":
-        return _HostEigvalsh.apply(gram)
-    raise ValueError(f"unknown SES solver {solver!r}; use one of {', '.join(SOLVERS)}")
-
-
-def _entropy_of_gram(gram: torch.Tensor, solver: str = "float32") -> torch.Tensor:
-    """Spectral entropy of a batch of PSD matrices (..., k, k) float32 -> (...,)."""
-    finite = torch.isfinite(gram).all(-1, keepdim=True).all(-2, keepdim=True)
-    gram = torch.where(finite, gram, torch.zeros_like(gram))  # the solver never sees NaN/inf
-    lam = eigvals_psd(gram, solver).clamp_min(0.0)
-    total = lam.sum(-1, keepdim=True)
-    p = lam / total.clamp_min(torch.finfo(torch.float32).tiny)
-    positive = p > 0
-    # where() keeps the gradient finite at p = 0 (d/dp p log p diverges there).
-    plogp = torch.where(positive, p * torch.log(torch.where(positive, p, torch.ones_like(p))),
-                        torch.zeros_like(p))
-    return -plogp.sum(-1)
-
-
-def pick_solver(grams: Sequence[torch.Tensor], repeats: int = 3) -> tuple[str, dict]:
-    """The fastest exact route for these (k, k) matrices on their device, and each route's seconds."""
-    if not grams or grams[0].device.type != "cuda":
-        return "float32", {}
-    timings = {}
-    for solver in SOLVERS[1:]:
-        best = math.inf
-        for rep in range(repeats + 1):  # rep 0 warms up (cuSOLVER handles, threads)
-            torch.cuda.synchronize(grams[0].device)
-            t0 = time.perf_counter()
-            for g in _groups(grams).values():
-                eigvals_psd(torch.stack([grams[i].detach() for i in g]), solver)
-            torch.cuda.synchronize(grams[0].device)
-            if rep:
-                best = min(best, time.perf_counter() - t0)
-        timings[solver] = best
-    return min(timings, key=timings.get), timings
-
-
-def _groups(grams: Sequence[torch.Tensor]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
-    for i, g in enumerate(grams):
-        groups.setdefault(g.shape[-1], []).append(i)
-    return groups
 
 
 def _centred_gram(a: torch.Tensor) -> torch.Tensor:
@@ -146,7 +63,7 @@ def spectral_entropy(a: torch.Tensor) -> torch.Tensor:
     if a.dim() != 2:
         raise ValueError(f"spectral_entropy expects an (n, d) tensor, got shape {tuple(a.shape)}")
     with torch.autocast(device_type=a.device.type, enabled=False):
-        return _entropy_of_gram(_centred_gram(a))
+        return entropy_of_gram(_centred_gram(a).unsqueeze(0))[0]
 
 
 def spectral_entropies(activations: Sequence[torch.Tensor], solver: str = "float32") -> list[torch.Tensor]:
@@ -154,19 +71,15 @@ def spectral_entropies(activations: Sequence[torch.Tensor], solver: str = "float
 
     The same tensor object given twice (an aliased hook, see ActivationCollector) is solved once.
     Matrices of equal size are stacked and decomposed in one batched call per size (ResNet-18's
-    `all` hooks: sizes 64, 128, 256 -> three calls; ResNet-50's: one).
+    `all` hooks: sizes 64, 128, 256 -> three calls; ResNet-50's: one); the padded routes make one
+    call for all sizes.
     """
     if not activations:
         return []
     unique = {id(a): a for a in activations}  # first occurrence of each tensor object, in order
     index = {key: i for i, key in enumerate(unique)}
     with torch.autocast(device_type=activations[0].device.type, enabled=False):
-        grams = [_centred_gram(a) for a in unique.values()]
-        hs: list[torch.Tensor | None] = [None] * len(grams)
-        for idx in _groups(grams).values():
-            h = _entropy_of_gram(torch.stack([grams[i] for i in idx]), solver)
-            for j, i in enumerate(idx):
-                hs[i] = h[j]
+        hs = entropies_of_grams([_centred_gram(a) for a in unique.values()], solver)
     return [hs[index[id(a)]] for a in activations]  # type: ignore[misc]
 
 
@@ -320,6 +233,7 @@ class SES:
         self.lam, self.beta, self.every, self.solver = float(lam), check_beta(beta), int(every), solver
         self.target = target
         self.solver_timings: dict[str, float] = {}  # "auto" on CUDA: seconds per route, measured once
+        self.solver_rejected: dict[str, str] = {}   # "auto" on CUDA: routes left out, and why
         self.collector = ActivationCollector(model, layers, enabled=False)
         self.step = 0            # training steps seen so far
         self.applied_steps = 0   # steps on which the penalty was added
@@ -352,7 +266,7 @@ class SES:
         if self.solver == "auto":
             unique = list({id(a): a for a in acts.values()}.values())
             with torch.no_grad(), torch.autocast(device_type=unique[0].device.type, enabled=False):
-                self.solver, self.solver_timings = pick_solver([_centred_gram(a) for a in unique])
+                self.solver, self.solver_timings, self.solver_rejected = pick_solver([_centred_gram(a) for a in unique])
         r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver, self.target)
         self.last_entropy = {n: h.detach() for n, h in zip(acts, hs)}
         for n, h in self.last_entropy.items():

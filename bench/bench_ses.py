@@ -4,8 +4,10 @@
     python bench/bench_ses.py --amp fp16 --json out.json
     python bench/bench_ses.py --device cpu --steps 2 --setups resnet18   # a CPU run: see the note it prints
 
-1. Solver: seconds per SES step's eigen-solve for each exact route (float32 / float64 eigvalsh on the
-   device, float64 eigh on the host) on the matrices SES really solves: ResNet-18 `all` (n = 256:
+1. Solver: seconds per SES step's eigen-solve for each exact route of ses_solvers (float32 / float64
+   eigvalsh per size, float64 eigh on the host, padded float64 eigvalsh in one call, the direct
+   batched cuSOLVER call in float32 / float64; a route this device cannot run is listed with why)
+   on the matrices SES really solves: ResNet-18 `all` (n = 256:
    Gram/covariance sizes 64, 64, 128, 128, 256, 256, 256, 256, 256, layer4.1 = avgpool solved once)
    and ResNet-50 `layer4+avgpool` (4 x 256, avgpool aliased). Forward + backward.
 2. Steps: the CIFAR-stem ResNet-18 on CIFAR-100 shapes and ResNet-50 on Tiny-ImageNet shapes at batch
@@ -31,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import DEFAULTS  # noqa: E402
 from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
 from models import build_resnet, compile_model, resolve_layers  # noqa: E402
-from ses_core import SES, SOLVERS, _centred_gram, eigvals_psd  # noqa: E402
+import cusolver_batched  # noqa: E402
+from ses_core import SES, _centred_gram  # noqa: E402
+from ses_solvers import SOLVERS, time_route  # noqa: E402
 from training import AMP_MODES, amp_policy  # noqa: E402
 
 SETUPS = {"resnet18": dict(model="resnet18", layers="all", dataset="cifar100", size=32),
@@ -46,27 +50,21 @@ def sync(device):
 
 
 def bench_solvers(device, n, repeats):
+    """Best-of-`repeats` ms of every exact route (forward + backward) on the matrices SES solves."""
     rows = []
     for label, dims in (("resnet18 all", R18_DIMS), ("resnet50 layer4+avgpool", R50_DIMS)):
         g = torch.Generator().manual_seed(0)
-        acts = [torch.randn(n, d, generator=g).to(device).requires_grad_(True) for d in dims]
-        grams = [_centred_gram(a) for a in acts]
-        sizes = sorted({gm.shape[-1] for gm in grams})
+        grams = [_centred_gram(torch.randn(n, d, generator=g).to(device)) for d in dims]
+        sizes = [gm.shape[-1] for gm in grams]
         for solver in SOLVERS[1:]:
-            times = []
-            for rep in range(repeats + 1):
-                sync(device)
-                t0 = time.perf_counter()
-                total = 0
-                for k in sizes:
-                    total = total + eigvals_psd(torch.stack([gm for gm in grams if gm.shape[-1] == k]), solver).sum()
-                total.backward(retain_graph=True)
-                sync(device)
-                if rep:
-                    times.append(time.perf_counter() - t0)
-            rows.append(dict(layers=label, solver=solver, sizes=[gm.shape[-1] for gm in grams],
-                             ms=1e3 * statistics.median(times)))
-            print(f"solver  {label:<26} {solver:<8} {rows[-1]['ms']:8.2f} ms  (sizes {rows[-1]['sizes']})")
+            why = cusolver_batched.available(device) if solver.startswith("batched") else ""
+            if why:
+                rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=None, skipped=why))
+                print(f"solver  {label:<26} {solver:<9} skipped: {why}")
+                continue
+            seconds, _ = time_route(grams, solver, repeats)
+            rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=1e3 * seconds))
+            print(f"solver  {label:<26} {solver:<9} {rows[-1]['ms']:8.2f} ms  (sizes {sizes})")
     return rows
 
 
@@ -133,7 +131,8 @@ def bench_steps(name, device, amp, rounds, batch, compile_backend=None):
         solver = v["ses"].solver if v and v["ses"] else "-"
         rows.append(dict(setup=name, amp=amp.name, variant=label, ms=ms, images_per_s=batch / (ms / 1e3),
                          vs_baseline=ms / (1e3 * base) - 1, solver=solver,
-                         solver_timings_ms={k: 1e3 * t for k, t in (v["ses"].solver_timings if v and v["ses"] else {}).items()}))
+                         solver_timings_ms={k: 1e3 * t for k, t in (v["ses"].solver_timings if v and v["ses"] else {}).items()},
+                         solver_rejected=v["ses"].solver_rejected if v and v["ses"] else {}))
         print(f"step    {name:<9} {amp.name} batch {batch} {label:<18} {ms:8.2f} ms {batch / (ms / 1e3):9.0f} img/s "
               f"{100 * rows[-1]['vs_baseline']:+7.1f} %  solver {solver}")
     for v in variants.values():

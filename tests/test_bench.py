@@ -36,8 +36,11 @@ def test_tiny_cpu_run_fills_the_table_and_the_json(tmp_path):
     assert "say little about a GPU" in p.stdout  # the CPU note
     r = json.loads(out.read_text())
     assert {(s["layers"], s["solver"]) for s in r["solvers"]} == {
-        (layers, solver) for layers in ("resnet18 all", "resnet50 layer4+avgpool") for solver in ("float32", "float64", "host")}
-    assert all(s["ms"] > 0 for s in r["solvers"])
+        (layers, solver) for layers in ("resnet18 all", "resnet50 layer4+avgpool")
+        for solver in ("float32", "float64", "host", "padded", "batched32", "batched64")}
+    assert all(s["ms"] > 0 for s in r["solvers"] if not s["solver"].startswith("batched"))
+    assert all(s["ms"] is None and s["skipped"] == "not a CUDA device"  # the direct cuSOLVER routes: CUDA only
+               for s in r["solvers"] if s["solver"].startswith("batched"))
     variants = {s["variant"] for s in r["steps"]}
     assert variants == {"baseline", "k=1", "k=3", "k=5", "k=10", "baseline compiled", "k=1 compiled",
                         "k=10 compiled", "baseline+loader"}

@@ -200,8 +200,22 @@ def test_ses_validation(kwargs, match):
 
 
 # ----------------------------------------------------------------------------- solver routes, aliasing
-@pytest.mark.parametrize("solver", ["float32", "float64", "host"])
-def test_every_solver_route_matches_the_reference_per_layer_sum_and_gradient(solver):
+@pytest.fixture
+def cpu_cusolver(monkeypatch):
+    """cusolver_batched.eigh_batched (CUDA only) emulated on the CPU by its contract: (w, v, info)."""
+    import cusolver_batched
+    calls = []
+
+    def eigh_batched(a):
+        calls.append(tuple(a.shape))
+        w, v = torch.linalg.eigh(a)
+        return w, v, torch.zeros(a.shape[0], dtype=torch.int32)
+    monkeypatch.setattr(cusolver_batched, "eigh_batched", eigh_batched)
+    return calls
+
+
+@pytest.mark.parametrize("solver", ["float32", "float64", "host", "padded", "batched32", "batched64"])
+def test_every_solver_route_matches_the_reference_per_layer_sum_and_gradient(solver, cpu_cusolver):
     from ses_core import spectral_entropies
     shapes = [(64, 16), (64, 128), (64, 64), (40, 512)]
     arrays = [random_acts(n, d, 1.0, seed=i) for i, (n, d) in enumerate(shapes)]
@@ -249,7 +263,7 @@ def test_global_pool_is_aliased_to_the_block_it_averages_and_solved_once(monkeyp
 
 def test_auto_solver_on_cpu_is_float32_and_recorded():
     from ses_core import pick_solver
-    assert pick_solver([torch.eye(4)]) == ("float32", {})
+    assert pick_solver([torch.eye(4)]) == ("float32", {}, {})
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     ses = SES(model, ["0", "2"], lam=0.1, beta=0.5, every=1)
     ses.begin_step()

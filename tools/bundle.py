@@ -45,6 +45,9 @@ class _BundledModules(_abc.MetaPathFinder, _abc.Loader):
     def create_module(self, spec):
         return None
 
+    def get_source(self, name):
+        return _BUNDLED_SOURCES[name]
+
     def exec_module(self, module):
         source = _BUNDLED_SOURCES[module.__name__]
         filename = f"<bundled {module.__name__}.py>"
