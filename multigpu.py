@@ -19,7 +19,8 @@ and a W-GPU run is the single-GPU algorithm the paper's numbers come from (per-G
 B/W rows would change both the regularisation and the activations SES measures). The cost is one
 all-reduce per BN layer in forward and backward. torch has no SyncBatchNorm on the CPU, so gloo
 runs (the tests) keep per-process BN. Dropout masks repeat across ranks (all RNGs are seeded
-alike so that augmentation and Mixup agree); the ResNets have no dropout.
+alike so that augmentation and Mixup agree); the ResNets have no dropout. SES's "auto" solver
+route is agreed: each rank times the routes, and all take the one fastest on the slowest rank.
 
 Only rank 0 writes files and prints; every rank evaluates (the same numbers, in parallel, so no
 rank waits at a collective for minutes). A failure on any rank ends the job (torchrun stops the

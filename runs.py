@@ -180,6 +180,7 @@ def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compil
                              train=False).epoch())[0]  # fixed batch for the per-epoch entropy
     if ses is not None and world.size > 1:
         ses.gather = multigpu.gather_rows  # SES on the global batch
+        ses.agree = multigpu.gather_objects  # and one solver route on every rank
     train_model = multigpu.wrap(model, device)
     if compile_backend:
         train_model = compile_model(train_model, compile_backend)

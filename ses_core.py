@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ses_solvers import SOLVERS, entropies_of_grams, entropy_of_gram, pick_solver
+from ses_solvers import SOLVERS, common_route, entropies_of_grams, entropy_of_gram, pick_solver
 
 __all__ = ["entropy_ceiling", "entropy_target", "spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
            "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
@@ -239,6 +239,7 @@ class SES:
         self.applied_steps = 0   # steps on which the penalty was added
         self.last_entropy: dict[str, torch.Tensor] = {}
         self.gather = None  # (n_local, d) -> (n_global, d), differentiable; set for multi-process runs
+        self.agree = None   # value -> [value of each rank]; set for multi-process runs (one route for all)
         self._entropy_sum: dict[str, torch.Tensor] = {}
         self._entropy_steps = 0
 
@@ -267,6 +268,8 @@ class SES:
             unique = list({id(a): a for a in acts.values()}.values())
             with torch.no_grad(), torch.autocast(device_type=unique[0].device.type, enabled=False):
                 self.solver, self.solver_timings, self.solver_rejected = pick_solver([_centred_gram(a) for a in unique])
+            if self.agree is not None:  # every rank solves by the same route
+                self.solver = common_route(self.agree(self.solver_timings)) or self.solver
         r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver, self.target)
         self.last_entropy = {n: h.detach() for n, h in zip(acts, hs)}
         for n, h in self.last_entropy.items():

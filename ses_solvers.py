@@ -175,3 +175,10 @@ def pick_solver(grams: Sequence[torch.Tensor], repeats: int = 3) -> tuple[str, d
         return "float32", {}, {}
     timings, rejected = compare_routes(grams, SOLVERS[1:], repeats)
     return (min(timings, key=timings.get) if timings else "float64"), timings, rejected
+
+
+def common_route(per_rank: Sequence[dict[str, float]]) -> str | None:
+    """Several processes (torchrun): the route every rank can use that is fastest on its slowest rank,
+    from each rank's pick_solver timings; None if they share none (or timed nothing: a CPU)."""
+    shared = set.intersection(*(set(t) for t in per_rank)) if per_rank else set()
+    return min(sorted(shared), key=lambda r: max(t[r] for t in per_rank)) if shared else None

@@ -221,3 +221,22 @@ def test_eigh_batched_passes_cusolver_the_right_arguments_and_reads_its_layout(m
     assert torch.allclose(w.double(), torch.linalg.eigvalsh(sym), atol=tol * sym.abs().max().item())
     # v[b, :, i] is the i-th eigenvector: A v = v diag(w)
     assert torch.allclose((sym @ v.double()), v.double() * w.double().unsqueeze(-2), atol=tol * sym.abs().max().item())
+
+
+def test_ranks_agree_on_the_route_fastest_on_their_slowest_rank():
+    per_rank = [{"float64": 1.0, "host": 2.0, "batched32": 0.1}, {"float64": 3.0, "host": 2.5}]
+    assert ses_solvers.common_route(per_rank) == "host"  # batched32 is missing on rank 1
+    assert ses_solvers.common_route([{}, {}]) is None and ses_solvers.common_route([]) is None
+
+
+def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
+    import ses_core
+    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: ("float64", {"float64": 1.0, "host": 2.0}, {}))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    seen = []
+    ses.agree = lambda timings: seen.append(timings) or [timings, {"float64": 3.0, "host": 2.5}]
+    ses.begin_step()
+    model(torch.randn(32, 8))
+    ses.penalty().backward()
+    assert ses.solver == "host" and seen == [{"float64": 1.0, "host": 2.0}]
