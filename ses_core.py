@@ -98,13 +98,20 @@ def entropy_target(d: int, n: int, beta: float, mode: str = "logd") -> float:
     return beta * (math.log(d) if mode == "logd" else entropy_ceiling(d, n))
 
 
+_TARGETS: dict[tuple, torch.Tensor] = {}
+
+
 def _penalty_terms(acts: Sequence[torch.Tensor], beta: float, solver: str = "float32", target: str = "logd"):
-    """(R, [H_l]) for a list of (n, d_l) tensors. Targets stay Python floats: no host->device copy."""
+    """(R, (L,) stacked H_l) for a list of L (n, d_l) tensors. The (L,) targets are copied to the
+    device once per shape set (that first copy waits for the device; later steps reuse it)."""
     if not acts:
         raise ValueError("no activations to penalise: is the collector enabled and hooked?")
-    hs = spectral_entropies(acts, solver)
-    r = torch.stack([(h - entropy_target(a.shape[1], a.shape[0], beta, target)) ** 2 for h, a in zip(hs, acts)]).sum()
-    return r, hs
+    hs = torch.stack(spectral_entropies(acts, solver))
+    key = (tuple(tuple(a.shape) for a in acts), beta, target, str(hs.device))
+    if key not in _TARGETS:
+        _TARGETS[key] = torch.tensor([entropy_target(a.shape[1], a.shape[0], beta, target) for a in acts],
+                                     device=hs.device)
+    return ((hs - _TARGETS[key]) ** 2).sum(), hs
 
 
 def ses_penalty(activations: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
@@ -240,7 +247,8 @@ class SES:
         self.last_entropy: dict[str, torch.Tensor] = {}
         self.gather = None  # (n_local, d) -> (n_global, d), differentiable; set for multi-process runs
         self.agree = None   # value -> [value of each rank]; set for multi-process runs (one route for all)
-        self._entropy_sum: dict[str, torch.Tensor] = {}
+        self._entropy_names: list[str] = []
+        self._entropy_sum: torch.Tensor | None = None  # (L,) sum of the penalised H since epoch_entropy()
         self._entropy_steps = 0
 
     def begin_step(self) -> bool:
@@ -271,9 +279,10 @@ class SES:
             if self.agree is not None:  # every rank solves by the same route
                 self.solver = common_route(self.agree(self.solver_timings)) or self.solver
         r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver, self.target)
-        self.last_entropy = {n: h.detach() for n, h in zip(acts, hs)}
-        for n, h in self.last_entropy.items():
-            self._entropy_sum[n] = self._entropy_sum.get(n, 0.0) + h.float()
+        hs = hs.detach()
+        self.last_entropy = dict(zip(acts, hs.unbind(0)))
+        self._entropy_names = list(acts)  # the same layers on every SES step
+        self._entropy_sum = hs if self._entropy_sum is None else self._entropy_sum + hs
         self._entropy_steps += 1
         self.collector.disable()
         self.applied_steps += 1
@@ -281,10 +290,9 @@ class SES:
 
     def epoch_entropy(self) -> dict[str, float]:
         """Mean train-mode H per layer over the penalised steps since the last call ({} if none); resets."""
-        names = list(self._entropy_sum)
-        means = (torch.stack([self._entropy_sum[n] for n in names]) / self._entropy_steps).tolist() if names else []
-        self._entropy_sum, self._entropy_steps = {}, 0
-        return dict(zip(names, means))
+        means = (self._entropy_sum / self._entropy_steps).tolist() if self._entropy_sum is not None else []
+        self._entropy_sum, self._entropy_steps = None, 0
+        return dict(zip(self._entropy_names, means))
 
     def state_dict(self) -> dict:
         return {"step": self.step, "applied_steps": self.applied_steps}

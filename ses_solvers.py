@@ -85,15 +85,25 @@ def eigvals_psd(gram: torch.Tensor, solver: str = "float32") -> torch.Tensor:
     raise ValueError(f"unknown SES solver {solver!r}; use one of {', '.join(SOLVERS)}")
 
 
+_PAD_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _pad_mask(sizes: tuple[int, ...], k: int, device: torch.device) -> torch.Tensor:
+    """(B, k) bool, True at the k - k_l smallest slots of matrix l; built once per shape and device."""
+    key = (sizes, k, str(device))
+    if key not in _PAD_MASKS:
+        idx = torch.arange(k, device=device)
+        _PAD_MASKS[key] = torch.stack([idx < k - s for s in sizes])  # Python ints: no host->device copy
+    return _PAD_MASKS[key]
+
+
 def entropy_of_gram(gram: torch.Tensor, solver: str = "float32", sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Spectral entropy (B,) of PSD (B, k, k) float32; `sizes`: each matrix's size before zero-padding."""
     finite = torch.isfinite(gram).all(-1, keepdim=True).all(-2, keepdim=True)
     gram = torch.where(finite, gram, torch.zeros_like(gram))  # the solver never sees NaN/inf
     lam = eigvals_psd(gram, solver).clamp_min(0.0)
     if sizes is not None:  # the k - k_l smallest eigenvalues are the padding's exact zeros
-        idx = torch.arange(gram.shape[-1], device=gram.device)
-        pad = torch.stack([idx < gram.shape[-1] - s for s in sizes])  # Python ints: no host->device copy
-        lam = lam - (lam * pad).detach()
+        lam = lam - (lam * _pad_mask(tuple(sizes), gram.shape[-1], gram.device)).detach()
     total = lam.sum(-1, keepdim=True)
     p = lam / total.clamp_min(torch.finfo(torch.float32).tiny)
     positive = ~(p <= 0)  # NaN (a failed solve) counts as positive: it must reach the loss, not read as 0
