@@ -14,7 +14,6 @@ Everything here runs the model in eval mode with the SES collector disabled (the
 """
 from __future__ import annotations
 
-import math
 import statistics
 from contextlib import nullcontext
 

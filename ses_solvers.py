@@ -135,6 +135,11 @@ def entropies_of_grams(grams: Sequence[torch.Tensor], solver: str = "float32") -
     return hs  # type: ignore[return-value]
 
 
+def unavailable(solver: str, device: torch.device) -> str:
+    """Why route `solver` cannot run on `device` ('' if it can): only the batched cuSOLVER routes can't."""
+    return cusolver_batched.available(device) if solver in ("batched32", "batched64") else ""
+
+
 def time_route(grams: Sequence[torch.Tensor], solver: str, repeats: int = 3) -> tuple[float, list[torch.Tensor]]:
     """Best seconds of forward + backward of route `solver` on copies of `grams` (rep 0 warms up), and its H."""
     best, hs = math.inf, []
@@ -162,7 +167,7 @@ def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = SOLVER
         reference = torch.stack(entropies_of_grams([g.detach() for g in grams], "host")).double()
     timings, rejected = {}, {}
     for solver in routes:
-        why = cusolver_batched.available(grams[0].device) if solver.startswith("batched") else ""
+        why = unavailable(solver, grams[0].device)
         if not why:
             try:
                 seconds, hs = time_route(grams, solver, repeats)

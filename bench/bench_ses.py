@@ -20,7 +20,6 @@
 """
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -33,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import DEFAULTS  # noqa: E402
 from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
 from models import build_resnet, compile_model, resolve_layers  # noqa: E402
-import cusolver_batched  # noqa: E402
 from ses_core import SES, _centred_gram  # noqa: E402
-from ses_solvers import SOLVERS, time_route  # noqa: E402
+from ses_solvers import SOLVERS, time_route, unavailable  # noqa: E402
 from training import AMP_MODES, amp_policy  # noqa: E402
 
 SETUPS = {"resnet18": dict(model="resnet18", layers="all", dataset="cifar100", size=32),
@@ -57,7 +55,7 @@ def bench_solvers(device, n, repeats):
         grams = [_centred_gram(torch.randn(n, d, generator=g).to(device)) for d in dims]
         sizes = [gm.shape[-1] for gm in grams]
         for solver in SOLVERS[1:]:
-            why = cusolver_batched.available(device) if solver.startswith("batched") else ""
+            why = unavailable(solver, device)
             if why:
                 rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=None, skipped=why))
                 print(f"solver  {label:<26} {solver:<9} skipped: {why}")

@@ -200,20 +200,6 @@ def test_ses_validation(kwargs, match):
 
 
 # ----------------------------------------------------------------------------- solver routes, aliasing
-@pytest.fixture
-def cpu_cusolver(monkeypatch):
-    """cusolver_batched.eigh_batched (CUDA only) emulated on the CPU by its contract: (w, v, info)."""
-    import cusolver_batched
-    calls = []
-
-    def eigh_batched(a):
-        calls.append(tuple(a.shape))
-        w, v = torch.linalg.eigh(a)
-        return w, v, torch.zeros(a.shape[0], dtype=torch.int32)
-    monkeypatch.setattr(cusolver_batched, "eigh_batched", eigh_batched)
-    return calls
-
-
 @pytest.mark.parametrize("solver", ["float32", "float64", "host", "padded", "batched32", "batched64"])
 def test_every_solver_route_matches_the_reference_per_layer_sum_and_gradient(solver, cpu_cusolver):
     from ses_core import spectral_entropies
