@@ -1,114 +1,68 @@
-"""Several workers on one out-dir: each run is claimed atomically before it is trained.
+"""Several workers on one out-dir: each run is claimed before it is trained, so it is trained once.
 
-A claim is <run-dir>/claim.json, created with O_CREAT | O_EXCL (atomic on local and NFS v3+
-filesystems), naming the owner's host, pid and a random token; a thread refreshes its mtime every
-HEARTBEAT_S seconds while the run trains. Another worker skips a run whose claim is fresh; a claim
-whose heartbeat is older than STALE_S (its worker was killed, or its notebook died), or that names
-this host and a process that no longer exists, is taken over:
-the taker replaces it atomically and then checks that its own token is the one on disk, so two
-takers cannot both win. result.json is checked again after claiming, so a finished run is never
-trained twice.
+The claim of a run is a lease (leases.py) in its folder: <run-dir>/claim.<gen>.json, created with
+O_EXCL, its heartbeat time written in the file every HEARTBEAT_S seconds (SES_CLAIM_HEARTBEAT_S,
+default 30). Another worker skips a run whose claim is live; it takes over a claim whose in-file
+heartbeat is older than STALE_S (SES_CLAIM_STALE_S, default 180: its worker was killed, or its
+notebook died, or the claim was copied back from another machine), or whose owner is provably dead
+on this host (same host, boot id and pid namespace; the pid is gone). Takeover creates the next
+generation's file with O_EXCL, so of any number of workers exactly one wins. A worker whose claim
+was taken over (its heartbeat stalled past STALE_S, or it was judged dead by mistake) learns it
+from Claim.check(), which the sweep calls after every epoch: ClaimLost, one line, and the run stops
+there. result.json is checked again after claiming (sweep.py), so a finished run is never trained
+twice. A live run folder holds one claim.<gen>.json (two for an instant during a takeover), plus,
+for an instant during each heartbeat, a .claim.<gen>.json.<random>.tmp; release deletes the claim.
 """
 from __future__ import annotations
 
-import json
-import os
-import platform
-import threading
-import time
-import uuid
 from pathlib import Path
 
-HEARTBEAT_S = float(os.environ.get("SES_CLAIM_HEARTBEAT_S", 30))
-STALE_S = float(os.environ.get("SES_CLAIM_STALE_S", 180))
+import leases
+from leases import HEARTBEAT_S, STALE_S  # noqa: F401  (the settings, for messages and tests)
+
+STEM = "claim"
+
+
+class ClaimLost(RuntimeError):
+    """Another worker took this run's claim over: this worker must stop training the run."""
 
 
 class Claim:
-    def __init__(self, path: Path, token: str):
-        self.path, self.token = path, token
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="ses-claim-heartbeat")
-        self._thread.start()
+    """This worker's claim on one run: check() after every epoch, release() when done."""
 
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
+    def __init__(self, run_dir: Path, lease: leases.Lease):
+        self.run_dir, self.lease = Path(run_dir), lease
+        self.path = lease.path
+
+    def check(self) -> None:
+        """Raise ClaimLost if another worker holds the run now (or the claim file was deleted)."""
+        lost = self.lease.lost()
+        if lost is not None:
+            raise ClaimLost(f"the claim of {self.run_dir.name} was {lost}; this worker stops the run")
 
     def owned(self) -> bool:
-        try:
-            return json.loads(self.path.read_text()).get("token") == self.token
-        except (OSError, ValueError):
-            return False
+        return self.lease.lost() is None
 
     def release(self) -> None:
-        self._stop.set()
-        if self.owned():
-            self.path.unlink(missing_ok=True)
-
-
-def _payload(token: str) -> str:
-    return json.dumps(dict(host=platform.node(), pid=os.getpid(), token=token,
-                           started=time.strftime("%Y-%m-%d %H:%M:%S")))
-
-
-def describe(path: Path) -> str:
-    try:
-        c = json.loads(path.read_text())
-        return f"{c.get('host')} pid {c.get('pid')}, heartbeat {time.time() - path.stat().st_mtime:.0f} s ago"
-    except (OSError, ValueError):
-        return "another worker"
-
-
-def _dead_here(path: Path) -> bool:
-    """The claim names this host and a process that no longer exists (killed, or a previous shell)."""
-    try:
-        c = json.loads(path.read_text())
-        if c.get("host") != platform.node() or not isinstance(c.get("pid"), int):
-            return False
-        os.kill(c["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return _zombie(c["pid"])
-
-
-def _zombie(pid: int) -> bool:
-    """A killed process nobody has reaped yet (a torchrun rank whose parent was killed too) still
-    answers kill(pid, 0); Linux's /proc says it is a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+        """Delete the claim; fine if the run folder is gone already (e.g. --force removed it)."""
+        self.lease.release()
 
 
 def acquire(run_dir: Path) -> Claim | None:
-    """The claim of run_dir for this process, or None if a live worker holds it."""
-    path = run_dir / "claim.json"
-    token = uuid.uuid4().hex
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(_payload(token))
-        return Claim(path, token)
-    except FileExistsError:
-        pass
-    try:
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:  # released meanwhile: try once more
-        return acquire(run_dir) if not (run_dir / "result.json").exists() else None
-    if age < STALE_S and not _dead_here(path):
+    """The claim of run_dir for this process, or None while a live worker holds it."""
+    run_dir = Path(run_dir)
+    lease = leases.try_acquire(run_dir, STEM, f"training {run_dir.name}")
+    if lease is None:
         return None
-    print(f"note: taking over the stale claim of {run_dir.name} ({describe(path)})")
-    tmp = path.with_name(f"claim.{token}.tmp")
-    tmp.write_text(_payload(token))
-    os.replace(tmp, path)
-    time.sleep(0.2)  # a concurrent taker's replace lands now or never: the token on disk decides
-    claim = Claim(path, token)
-    if claim.owned():
-        return claim
-    claim._stop.set()
-    return None
+    if lease.previous is not None:
+        print(f"note: taking over the {lease.reason} claim of {run_dir.name} ({leases.who(lease.previous)})",
+              flush=True)
+    return Claim(run_dir, lease)
+
+
+def describe(run_dir: Path) -> str:
+    """Who holds the claim of run_dir and how old its heartbeat is, for the 'skipped' line."""
+    try:
+        return leases.who(leases.current(Path(run_dir), STEM)[1])
+    except OSError:
+        return "another worker"

@@ -8,6 +8,9 @@ split, labelled by val/val_annotations.txt; decoded once in parallel and cached 
 and a learnable synthetic set for --smoke (point clouds live in pointclouds.py, which a script
 passes in). Every file written here goes to a temporary name first and is moved into place with
 os.replace (files.py), so a failed or killed run never leaves a half-written archive or cache.
+Several processes loading one dataset at once (workers on a fresh machine) download, extract and
+decode it once: the first takes the data lock (files.data_lock), the others wait for it and then
+read its folder or cache.
 """
 from __future__ import annotations
 
@@ -15,9 +18,6 @@ import io
 import os
 import platform
 import pickle
-import shutil
-import tarfile
-import tempfile
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from files import DataError, cache_path, download, fetch_archive, find_in_roots, load_cache, save_cache  # noqa: F401
+from files import DataError, cached, data_lock, download, extract_tar, fetch_archive, find_in_roots  # noqa: F401
 
 CIFAR_SOURCES = {
     "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -53,35 +53,36 @@ def _unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="bytes")
 
 
+def _extract_cifar(name: str, data_dir: Path, download_ok: bool) -> Path:
+    """Fetch and extract the archive, once (data_lock; a unique temp folder moved into place)."""
+    src = CIFAR_SOURCES[name]
+    with data_lock(data_dir, name) as root:
+        folder = find_in_roots(data_dir, src["folder"])  # extracted by another process meanwhile
+        if folder is not None:
+            return folder
+        archive = fetch_archive(data_dir, src["url"], src["md5"], download_ok, name)
+        return extract_tar(archive, root, src["folder"])
+
+
 def load_cifar(name: str, data_dir: Path, download_ok: bool = True):
     src = CIFAR_SOURCES[name]
-    folder = find_in_roots(data_dir, src["folder"])
-    if folder is None:
-        archive = fetch_archive(data_dir, src["url"], src["md5"], download_ok, name)
-        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
-        try:
-            with tarfile.open(archive) as tar:
-                try:
-                    tar.extractall(tmp, filter="data")  # refuses absolute paths and links out of tmp
-                except TypeError:  # Python without extraction filters (< 3.10.12 / 3.11.4)
-                    tar.extractall(tmp)
-            folder = Path(data_dir) / src["folder"]
-            os.replace(tmp / src["folder"], folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    folder = find_in_roots(data_dir, src["folder"]) or _extract_cifar(name, data_dir, download_ok)
 
-    def read(files):
+    def unpickle(file):
         try:
-            parts = [_unpickle(folder / f) for f in files]
+            return _unpickle(folder / file)
         except (OSError, pickle.UnpicklingError, EOFError) as e:
             raise DataError(f"cannot read {name} from {folder} ({e}); delete the folder and rerun") from None
+
+    def read(files):
+        parts = [unpickle(f) for f in files]
         x = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
         y = np.concatenate([np.asarray(p[src["label_key"]]) for p in parts])
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), torch.from_numpy(y.astype(np.int64))
 
     train_x, train_y = read(src["train"])
     test_x, test_y = read(src["test"])
-    classes = [c.decode() for c in _unpickle(folder / src["meta"])[src["names_key"]]]
+    classes = [c.decode() for c in unpickle(src["meta"])[src["names_key"]]]
     return train_x, train_y, test_x, test_y, classes
 
 
@@ -144,19 +145,18 @@ def _decode_all(src: _TinySource, items, desc: str):
     return torch.from_numpy(x), torch.tensor([c for _, c in items], dtype=torch.int64)
 
 
-def load_tinyimagenet(data_dir: Path, download_ok: bool = True):
-    cache = cache_path(data_dir, TINY_CACHE)
-    cached = load_cache(cache)
-    if cached is not None:
-        return cached
+def _decode_tinyimagenet(data_dir: Path, download_ok: bool):
     folder = find_in_roots(data_dir, "tiny-imagenet-200", lambda p: (p / "wnids.txt").is_file())
     src = _TinySource(folder if folder else
                       fetch_archive(data_dir, TINY_URL, TINY_MD5, download_ok, "Tiny-ImageNet"))
     classes, train, test = _tiny_index(src)
-    out = (*_decode_all(src, train, "decode Tiny-ImageNet train"), *_decode_all(src, test, "decode Tiny-ImageNet val"),
-           classes)
-    save_cache(cache, out)
-    return out
+    return (*_decode_all(src, train, "decode Tiny-ImageNet train"), *_decode_all(src, test, "decode Tiny-ImageNet val"),
+            classes)
+
+
+def load_tinyimagenet(data_dir: Path, download_ok: bool = True):
+    """From the cache, else fetched (or found) and decoded once, under the data lock."""
+    return cached(data_dir, TINY_CACHE, "tinyimagenet", lambda: _decode_tinyimagenet(data_dir, download_ok))
 
 
 # ----------------------------------------------------------------------------- synthetic

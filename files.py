@@ -3,19 +3,29 @@ downloads, decoded-dataset caches, and finding data under Kaggle's read-only inp
 
 Every file written here goes to a temporary name in the same folder first and is moved into place
 with os.replace, so a failed or killed process never leaves a half-written file behind: readers see
-the old file or the new one.
+the old file or the new one. Temp names are unique (mkstemp, mkdtemp), so several processes may
+write in one folder at once. Preparing a dataset (fetch, verify, extract, decode, cache) happens
+under data_lock, a lease (leases.py) in the writable data folder, so it is done by one process while
+the others wait for it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import shutil
+import tarfile
 import tempfile
 import urllib.request
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+import leases
 
 
 class DataError(RuntimeError):
@@ -63,9 +73,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- finding data
+def writable_dir(data_dir: Path) -> Path:
+    """Where downloads, extractions, caches and the data lock go: data_dir, or ./data when data_dir
+    is read-only (a Kaggle input folder)."""
+    data_dir = Path(data_dir)
+    return data_dir if os.access(data_dir, os.W_OK) or not data_dir.exists() else Path("data")
+
+
 def search_roots(data_dir: Path) -> list[Path]:
-    """data_dir, plus Kaggle's read-only /kaggle/input/<dataset>[/<sub>] folders when present."""
-    roots = [Path(data_dir)]
+    """data_dir, the folder written instead when it is read-only, and Kaggle's read-only
+    /kaggle/input/<dataset>[/<sub>] folders when present."""
+    roots = list(dict.fromkeys([Path(data_dir), writable_dir(data_dir)]))
     kaggle = Path("/kaggle/input")
     if kaggle.is_dir():
         roots += sorted(p for p in kaggle.glob("*") if p.is_dir())
@@ -81,9 +99,32 @@ def find_in_roots(data_dir: Path, name: str, is_kind=Path.is_dir) -> Path | None
 # ----------------------------------------------------------------------------- caches
 def cache_path(data_dir: Path, name: str) -> Path:
     """Decoded-dataset cache in data_dir, or in ./data when data_dir is read-only (Kaggle input)."""
-    data_dir = Path(data_dir)
-    writable = os.access(data_dir, os.W_OK) or not data_dir.exists()
-    return (data_dir if writable else Path("data")) / name
+    return writable_dir(data_dir) / name
+
+
+@contextmanager
+def data_lock(data_dir: Path, what: str):
+    """Hold the lock on preparing dataset `what` (fetch, verify, extract, decode, cache write) in
+    writable_dir(data_dir): <dir>/.lock-<what>.<gen>.json, a lease (leases.py). Another process
+    preparing it is waited for (one line says whom), so the work is done once; the caller must look
+    for the finished folder or cache again once inside. An OSError inside (disk full, a file removed
+    underneath, no permission) becomes a DataError that says what to do."""
+    folder = writable_dir(data_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lease = leases.wait_acquire(folder, ".lock-" + re.sub(r"[^\w-]", "_", what), f"preparing {what}")
+    except OSError as e:
+        raise DataError(f"cannot create the lock for preparing {what} in {folder} ({e}); make it writable "
+                        f"or pass --data-dir to a writable folder") from None
+    if lease.previous is not None:
+        print(f"note: taking over the {lease.reason} lock of {leases.who(lease.previous)} on {what}", flush=True)
+    try:
+        yield folder
+    except OSError as e:
+        raise DataError(f"could not prepare {what} in {folder} ({e}); check its free space and permissions "
+                        f"and rerun, or pass --data-dir to another folder") from None
+    finally:
+        lease.release()
 
 
 def load_cache(path: Path):
@@ -101,6 +142,32 @@ def load_cache(path: Path):
 def save_cache(path: Path, tensors) -> None:
     keys = ("train_x", "train_y", "test_x", "test_y", "classes")
     atomic_torch_save(dict(zip(keys, tensors)), path)
+
+
+def _stamp(path: Path):
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size
+    except FileNotFoundError:
+        return None
+
+
+def cached(data_dir: Path, name: str, what: str, build):
+    """The decoded dataset from the cache `name` (cache_path), else build() -> tensors, once: under
+    data_lock, after looking at the cache again (another process may have written it meanwhile);
+    the result is cached atomically and one line says so."""
+    path = cache_path(data_dir, name)
+    out = load_cache(path)
+    if out is not None:
+        return out
+    seen = _stamp(path)
+    with data_lock(data_dir, what):
+        if _stamp(path) != seen and (out := load_cache(path)) is not None:
+            return out
+        out = build()
+        save_cache(path, out)
+    print(f"cached {what} in {path}", flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -121,13 +188,15 @@ def verify_md5(path: Path, md5: str, what: str) -> None:
 
 
 def download(url: str, dest: Path, md5: str | None, verify=None) -> Path:
-    """Download url to dest via a .part file, checked before it takes its final name: against its
-    md5, or (for archives with no published checksum) by verify(path), which raises DataError."""
+    """Download url to dest via a uniquely named .part file in the same folder, checked before it
+    takes its final name: against its md5, or (for archives with no published checksum) by
+    verify(path), which raises DataError."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    part = Path(name)
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
             total = int(r.headers.get("Content-Length") or 0)
             with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                 while block := r.read(1 << 20):
@@ -141,8 +210,33 @@ def download(url: str, dest: Path, md5: str | None, verify=None) -> Path:
         part.unlink(missing_ok=True)
         raise DataError(f"could not download {url} ({e}); download it by hand and put it "
                         f"at {dest}, or attach it as a Kaggle dataset and pass --data-dir") from None
+    except BaseException:  # Ctrl-C: no partial file left behind
+        part.unlink(missing_ok=True)
+        raise
+    os.chmod(part, 0o644)
     os.replace(part, dest)
     return dest
+
+
+def extract_tar(archive: Path, root: Path, member: str) -> Path:
+    """The folder `member` of a tar archive extracted to root/member, all or nothing: into a unique
+    temp folder in root first, then moved into place with os.replace; one line says so."""
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        with tarfile.open(archive) as tar:
+            try:
+                tar.extractall(tmp, filter="data")  # refuses absolute paths and links out of tmp
+            except TypeError:  # Python without extraction filters (< 3.10.12 / 3.11.4)
+                tar.extractall(tmp)
+        if not (tmp / member).is_dir():
+            raise DataError(f"{archive} holds no {member}/ folder; delete it and rerun to download it again")
+        os.replace(tmp / member, root / member)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot extract {archive} ({e}); delete it and rerun to download it again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"extracted {Path(archive).name} into {root / member}", flush=True)
+    return root / member
 
 
 def fetch_archive(data_dir: Path, url: str, md5: str, download_ok: bool, what: str) -> Path:
@@ -156,4 +250,4 @@ def fetch_archive(data_dir: Path, url: str, md5: str, download_ok: bool, what: s
         raise DataError(f"{what} not found: put {name} (from {url}, md5 {md5}) or its extracted "
                         f"folder in {data_dir}, or attach it as a Kaggle dataset (found under "
                         f"/kaggle/input automatically), or run without --no-download")
-    return download(url, Path(data_dir) / name, md5)
+    return download(url, writable_dir(data_dir) / name, md5)

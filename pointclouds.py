@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from files import DataError, cache_path, download, find_in_roots, load_cache, save_cache
+from files import DataError, cached, download, find_in_roots, writable_dir
 
 MODELNET_URL = "http://modelnet.cs.princeton.edu/ModelNet40.zip"
 NUM_POINTS = 2048
@@ -134,27 +134,26 @@ def _from_hdf5(folder: Path, n: int):
 
 
 def load_modelnet40(data_dir: Path, download_ok: bool = True, num_points: int = NUM_POINTS):
-    cache = cache_path(data_dir, f"modelnet40_{num_points}_v1.pt")
-    cached = load_cache(cache)
-    if cached is not None:
-        return cached
+    """From the cache, else fetched (or found) and sampled once, under the data lock."""
+    return cached(data_dir, f"modelnet40_{num_points}_v1.pt", "modelnet40",
+                  lambda: _decode_modelnet40(data_dir, download_ok, num_points))
+
+
+def _decode_modelnet40(data_dir: Path, download_ok: bool, num_points: int):
     h5 = find_in_roots(data_dir, "modelnet40_ply_hdf5_2048")
     meshes = find_in_roots(data_dir, "ModelNet40")
     zipped = find_in_roots(data_dir, "ModelNet40.zip", Path.is_file)
     if h5 is not None and num_points <= 2048:
-        out = _from_hdf5(h5, num_points)
-    elif meshes is not None:
-        out = _from_meshes(meshes, num_points)
-    else:
-        if zipped is None:
-            if not download_ok:
-                raise DataError(f"ModelNet40 not found: put ModelNet40.zip (from {MODELNET_URL}) or its extracted "
-                                f"ModelNet40/ folder, or modelnet40_ply_hdf5_2048/, in {data_dir}; or run without --no-download")
-            zipped = download(MODELNET_URL, Path(data_dir) / "ModelNet40.zip", md5=None, verify=verify_zip)
-        verify_zip(zipped)
-        out = _from_meshes(zipped, num_points)
-    save_cache(cache, out)
-    return out
+        return _from_hdf5(h5, num_points)
+    if meshes is not None:
+        return _from_meshes(meshes, num_points)
+    if zipped is None:
+        if not download_ok:
+            raise DataError(f"ModelNet40 not found: put ModelNet40.zip (from {MODELNET_URL}) or its extracted "
+                            f"ModelNet40/ folder, or modelnet40_ply_hdf5_2048/, in {data_dir}; or run without --no-download")
+        zipped = download(MODELNET_URL, writable_dir(data_dir) / "ModelNet40.zip", md5=None, verify=verify_zip)
+    verify_zip(zipped)
+    return _from_meshes(zipped, num_points)
 
 
 def verify_zip(path: Path) -> None:
