@@ -9,7 +9,7 @@ and a learnable synthetic set for --smoke (point clouds live in pointclouds.py, 
 passes in). Every file written here goes to a temporary name first and is moved into place with
 os.replace (files.py), so a failed or killed run never leaves a half-written archive or cache.
 Several processes loading one dataset at once (workers on a fresh machine) download, extract and
-decode it once: the first takes the data lock (files.data_lock), the others wait for it and then
+decode it once: the first takes the data lock (files.prepare_once), the others wait for it and then
 read its folder or cache.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from files import DataError, cached, data_lock, download, extract_tar, fetch_archive, find_in_roots  # noqa: F401
+from files import DataError, cached, download, extract_tar, fetch_archive, find_in_roots, prepare_once  # noqa: F401
 
 CIFAR_SOURCES = {
     "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -54,19 +54,16 @@ def _unpickle(path: Path) -> dict:
 
 
 def _extract_cifar(name: str, data_dir: Path, download_ok: bool) -> Path:
-    """Fetch and extract the archive, once (data_lock; a unique temp folder moved into place)."""
+    """The extracted folder: found, or the archive fetched and extracted once (prepare_once)."""
     src = CIFAR_SOURCES[name]
-    with data_lock(data_dir, name) as root:
-        folder = find_in_roots(data_dir, src["folder"])  # extracted by another process meanwhile
-        if folder is not None:
-            return folder
-        archive = fetch_archive(data_dir, src["url"], src["md5"], download_ok, name)
-        return extract_tar(archive, root, src["folder"])
+    return prepare_once(data_dir, name, lambda: find_in_roots(data_dir, src["folder"]),
+                        lambda root: extract_tar(fetch_archive(data_dir, src["url"], src["md5"], download_ok, name),
+                                                 root, src["folder"]))
 
 
 def load_cifar(name: str, data_dir: Path, download_ok: bool = True):
     src = CIFAR_SOURCES[name]
-    folder = find_in_roots(data_dir, src["folder"]) or _extract_cifar(name, data_dir, download_ok)
+    folder = _extract_cifar(name, data_dir, download_ok)
 
     def unpickle(file):
         try:

@@ -5,8 +5,8 @@ Every file written here goes to a temporary name in the same folder first and is
 with os.replace, so a failed or killed process never leaves a half-written file behind: readers see
 the old file or the new one. Temp names are unique (mkstemp, mkdtemp), so several processes may
 write in one folder at once. Preparing a dataset (fetch, verify, extract, decode, cache) happens
-under data_lock, a lease (leases.py) in the writable data folder, so it is done by one process while
-the others wait for it.
+under a lock (prepare_once), a lease (leases.py) in the writable data folder, so it is done by one
+process while the others wait for it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import tarfile
 import tempfile
 import urllib.request
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -102,31 +101,6 @@ def cache_path(data_dir: Path, name: str) -> Path:
     return writable_dir(data_dir) / name
 
 
-@contextmanager
-def data_lock(data_dir: Path, what: str):
-    """Hold the lock on preparing dataset `what` (fetch, verify, extract, decode, cache write) in
-    writable_dir(data_dir): <dir>/.lock-<what>.<gen>.json, a lease (leases.py). Another process
-    preparing it is waited for (one line says whom), so the work is done once; the caller must look
-    for the finished folder or cache again once inside. An OSError inside (disk full, a file removed
-    underneath, no permission) becomes a DataError that says what to do."""
-    folder = writable_dir(data_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lease = leases.wait_acquire(folder, ".lock-" + re.sub(r"[^\w-]", "_", what), f"preparing {what}")
-    except OSError as e:
-        raise DataError(f"cannot create the lock for preparing {what} in {folder} ({e}); make it writable "
-                        f"or pass --data-dir to a writable folder") from None
-    if lease.previous is not None:
-        print(f"note: taking over the {lease.reason} lock of {leases.who(lease.previous)} on {what}", flush=True)
-    try:
-        yield folder
-    except OSError as e:
-        raise DataError(f"could not prepare {what} in {folder} ({e}); check its free space and permissions "
-                        f"and rerun, or pass --data-dir to another folder") from None
-    finally:
-        lease.release()
-
-
 def load_cache(path: Path):
     """(train_x, train_y, test_x, test_y, classes) from a cache, or None if absent or unreadable."""
     if not path.is_file():
@@ -152,22 +126,57 @@ def _stamp(path: Path):
         return None
 
 
+def prepare_once(data_dir: Path, what: str, find, make):
+    """find(), if it finds dataset `what` prepared (an extracted folder, a cache); else make(folder),
+    done by one process at a time under the data lock <folder>/.lock-<what>.<gen>.json, a lease
+    (leases.py), after a last find() (folder = writable_dir(data_dir)). A process that finds the lock
+    held prints one line saying whom it waits for and returns find()'s result as soon as there is
+    one; it takes the lock itself if the holder released it unfinished or died. An OSError while
+    preparing (disk full, a file removed underneath, no permission) becomes a one-line DataError."""
+    found = find()
+    if found is not None:
+        return found
+    folder = writable_dir(data_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lease, found = leases.wait_acquire(folder, ".lock-" + re.sub(r"[^\w-]", "_", what), f"preparing {what}",
+                                           find)
+    except OSError as e:
+        raise DataError(f"cannot create the lock for preparing {what} in {folder} ({e}); make it writable "
+                        f"or pass --data-dir to a writable folder") from None
+    if lease is None:
+        return found
+    if lease.previous is not None:
+        print(f"note: taking over the {lease.reason} lock of {leases.who(lease.previous)} on {what}", flush=True)
+    try:
+        found = find()  # finished by another process between the last look and the lock
+        return found if found is not None else make(folder)
+    except OSError as e:
+        raise DataError(f"could not prepare {what} in {folder} ({e}); check its free space and permissions "
+                        f"and rerun, or pass --data-dir to another folder") from None
+    finally:
+        lease.release()
+
+
 def cached(data_dir: Path, name: str, what: str, build):
-    """The decoded dataset from the cache `name` (cache_path), else build() -> tensors, once: under
-    data_lock, after looking at the cache again (another process may have written it meanwhile);
-    the result is cached atomically and one line says so."""
+    """The decoded dataset from the cache `name` (cache_path), else build() -> tensors, cached
+    atomically with one line saying so: once, by prepare_once."""
     path = cache_path(data_dir, name)
-    out = load_cache(path)
-    if out is not None:
-        return out
-    seen = _stamp(path)
-    with data_lock(data_dir, what):
-        if _stamp(path) != seen and (out := load_cache(path)) is not None:
-            return out
+    tried = []  # cache versions read already: an unreadable one is rebuilt, not read again
+
+    def find():
+        stamp = _stamp(path)
+        if stamp is None or stamp in tried:
+            return None
+        tried.append(stamp)
+        return load_cache(path)
+
+    def make(_folder):
         out = build()
         save_cache(path, out)
-    print(f"cached {what} in {path}", flush=True)
-    return out
+        print(f"cached {what} in {path}", flush=True)
+        return out
+    return prepare_once(data_dir, what, find, make)
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -1,7 +1,7 @@
 """Leases on a shared folder: one holder at a time, a heartbeat, and takeover of a dead holder's lease.
 
 Used for the claim of a run (claims.py: <run-dir>/claim.<gen>.json) and for the lock on a data folder
-(files.data_lock: <data>/.lock-<dataset>.<gen>.json). Standard library only.
+(files.prepare_once: <data>/.lock-<dataset>.<gen>.json). Standard library only.
 
 A lease is a file <stem>.<gen>.json, created with O_CREAT | O_EXCL by its holder and written only by
 it. It holds the owner's facts: host, pid, the pid's start time (/proc/<pid>/stat), boot id, pid
@@ -255,6 +255,24 @@ class Lease:
             self.path.unlink(missing_ok=True)
 
 
+def take(folder: Path, stem: str, g: int, judged: dict | None, reason: str, what: str) -> Lease | None:
+    """Steps 2-3 for a lease judged free: generation g (0: no file) with the facts `judged`, found
+    `reason` ('free', 'stale', 'dead here'). The held lease, or None if another process moved first."""
+    lease = Lease(folder, stem, g + 1, what)
+    if not lease._create():
+        return None
+    if (g and _identity(read(_path(folder, stem, g))) != _identity(judged)) or \
+            max(generations(folder, stem), default=0) > g + 1:
+        lease.path.unlink(missing_ok=True)  # check (a) or (b) failed: someone else moved first
+        return None
+    for old in generations(folder, stem):
+        if old < lease.gen:
+            _path(folder, stem, old).unlink(missing_ok=True)
+    lease.previous, lease.reason = judged, reason
+    lease._thread.start()
+    return lease
+
+
 def try_acquire(folder: Path, stem: str, what: str, attempts: int = 100) -> Lease | None:
     """The lease <folder>/<stem>.<gen>.json for this process, or None while a live owner holds it
     (steps 1-3 of the protocol). OSError (folder not writable) propagates."""
@@ -268,32 +286,27 @@ def try_acquire(folder: Path, stem: str, what: str, attempts: int = 100) -> Leas
         reason = is_free(judged)
         if reason is None:
             return None
-        lease = Lease(folder, stem, g + 1, what)
-        if not lease._create():
-            continue
-        if (g and _identity(read(_path(folder, stem, g))) != _identity(judged)) or \
-                max(generations(folder, stem), default=0) > g + 1:
-            lease.path.unlink(missing_ok=True)  # check (a) or (b) failed: someone else moved first
-            continue
-        for old in generations(folder, stem):
-            if old < lease.gen:
-                _path(folder, stem, old).unlink(missing_ok=True)
-        lease.previous, lease.reason = judged, reason
-        lease._thread.start()
-        return lease
+        lease = take(folder, stem, g, judged, reason, what)
+        if lease is not None:
+            return lease
     return None
 
 
-def wait_acquire(folder: Path, stem: str, what: str) -> Lease:
-    """The lease, waiting while a live owner holds it: one line per holder waited for, then a poll
-    of the lease file every POLL_S seconds until it is released, stale or dead."""
+def wait_acquire(folder: Path, stem: str, what: str, done=lambda: None) -> tuple[Lease | None, object]:
+    """(lease, None) once this process holds the lease, or (None, result) as soon as done() returns
+    a result other than None while it waits (the holder finished the work). While a live owner holds
+    it: one line per holder waited for, then done() and the lease file are polled every POLL_S
+    seconds; a released, stale or dead lease is taken (protocol above)."""
     told = None
     while True:
         lease = try_acquire(folder, stem, what)
         if lease is not None:
-            return lease
+            return lease, None
         path, holder = current(Path(folder), stem)
-        if holder is not None and _identity(holder) != told:
-            told = _identity(holder)
+        if holder is not None and "token" in holder and holder["token"] != told:  # not while it is being written
+            told = holder["token"]
             print(f"waiting for {who(holder)}: it holds {path}", flush=True)
         time.sleep(POLL_S)
+        result = done()
+        if result is not None:
+            return None, result

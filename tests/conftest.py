@@ -15,3 +15,34 @@ def cpu_cusolver(monkeypatch):
         return w, v, torch.zeros(a.shape[0], dtype=torch.int32)
     monkeypatch.setattr(cusolver_batched, "eigh_batched", eigh_batched)
     return calls
+
+
+@pytest.fixture
+def write_lease():
+    """write(path, age=0, **facts): a lease file (leases.py's format) as another process leaves it:
+    its in-file heartbeat `age` seconds old, its owner this process unless facts say otherwise
+    (host, pid, start, boot, pidns). Returns the facts written."""
+    import json
+    import secrets
+    import time
+    from pathlib import Path
+
+    import leases
+
+    def write(path, age=0.0, **facts):
+        now = time.time()
+        f = dict(leases.owner_facts(), token=secrets.token_hex(8), gen=int(Path(path).name.split(".")[-2]),
+                 what="training elsewhere", since=now - age - 60, heartbeat=now - age, beat=7)
+        f.update(facts)
+        Path(path).write_text(json.dumps(f))
+        return f
+    return write
+
+
+@pytest.fixture
+def dead_pid():
+    """The pid of a process of this host that has exited and been reaped."""
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

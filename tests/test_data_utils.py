@@ -1,10 +1,18 @@
-"""Loaders on small files generated in the exact published layouts (no dataset is downloaded)."""
+"""Loaders on small files generated in the exact published layouts (no dataset is downloaded; the
+downloads under test come from a local HTTP server)."""
 import hashlib
 import io
+import os
 import pickle
 import random
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 import zipfile
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +185,160 @@ def test_truncated_cache_is_rebuilt(tmp_path):
     write_tiny_folder(tmp_path)
     (tmp_path / du.TINY_CACHE).write_bytes(b"\x80garbage")
     check_tiny(*du.load_dataset("tinyimagenet", tmp_path, download=False))
+
+
+# ----------------------------------------------------------------------------- several processes at once
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = r"""
+import hashlib, os, sys, time
+from pathlib import Path
+import data_utils as du
+data_dir, name, url, md5, start = sys.argv[1:6]
+if name == "tinyimagenet":
+    du.TINY_URL, du.TINY_MD5 = url, md5
+else:
+    du.CIFAR_SOURCES[name].update(url=url, md5=md5)
+Path(f"{start}.ready.{os.getpid()}").touch()
+while not Path(start).exists():
+    time.sleep(0.002)
+tx, ty, vx, vy, classes = du.load_dataset(name, data_dir)
+h = hashlib.sha256(repr(classes).encode())
+for t in (tx, ty, vx, vy):
+    h.update(t.numpy().tobytes())
+print("digest", h.hexdigest(), flush=True)
+"""
+
+
+class ArchiveServer:
+    """Serves {name: bytes} on 127.0.0.1 over a real socket and counts the GETs of each path. Each
+    response waits until hold() is true (polled), so the test controls when the download ends."""
+
+    def __init__(self, archives: dict, hold=lambda: True):
+        self.gets = Counter()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.gets[self.path] += 1
+                body = archives.get(self.path.lstrip("/"))
+                if body is None:
+                    return self.send_error(404)
+                deadline = time.monotonic() + 60
+                while not hold() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def race_to_load(tmp_path, name, archive: Path, n):
+    """n processes, started together on a fresh folder, load `name` whose archive only the server has.
+    The server holds the download until the n - 1 others say they wait. Returns (procs' (rc, out,
+    err), the server's GET count of the archive, the data folder)."""
+    data, logs = tmp_path / "data", tmp_path / "logs"
+    logs.mkdir()
+    start = tmp_path / "start"
+
+    def waiting():
+        return sum("waiting for" in p.read_text() for p in logs.glob("*.out"))
+    server = ArchiveServer({archive.name: archive.read_bytes()}, hold=lambda: waiting() >= n - 1)
+    procs = []
+    try:
+        for i in range(n):
+            with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+                procs.append(subprocess.Popen([sys.executable, "-c", CHILD, str(data), name, server.url(archive.name),
+                                               md5(archive), str(start)], cwd=ROOT, stdout=out, stderr=err))
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("start.ready.*"))) < n and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), (logs / "0.err").read_text()[-2000:]
+            time.sleep(0.01)
+        start.touch()
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        server.close()
+    results = [(p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+               for i, p in enumerate(procs)]
+    return results, server.gets[f"/{archive.name}"], data
+
+
+def check_race(results, gets, marker, n):
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert not any("Traceback" in err for _, _, err in results)
+    assert gets == 1  # one download
+    assert sum(out.count(marker) for _, out, _ in results) == 1  # one extraction / decode + cache write
+    assert sorted(out.count("waiting for") for _, out, _ in results) == [0] + [1] * (n - 1)  # one line each
+    digests = {line for _, out, _ in results for line in out.splitlines() if line.startswith("digest ")}
+    assert len(digests) == 1  # every process got the same data
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_processes_fetching_cifar100_at_once_download_and_extract_it_once(tmp_path, n):
+    src = tmp_path / "src"
+    write_cifar100(src)
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-100-python", arcname="cifar-100-python")
+    results, gets, data = race_to_load(tmp_path, "cifar100", archive, n)
+    check_race(results, gets, "extracted cifar-100-python.tar.gz into", n)
+    assert sorted(os.listdir(data)) == ["cifar-100-python", "cifar-100-python.tar.gz"]  # no temp, no lock left
+    assert (data / "cifar-100-python.tar.gz").read_bytes() == archive.read_bytes()
+    tx, ty, *_ = du.load_dataset("cifar100", data, download=False)
+    assert torch.equal(tx[:, 0, 0, 0].long(), 2 * ty)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_processes_fetching_tinyimagenet_at_once_download_and_decode_it_once(tmp_path, n):
+    archive = write_tiny_zip(tmp_path / "tiny-imagenet-200.zip")
+    results, gets, data = race_to_load(tmp_path, "tinyimagenet", archive, n)
+    check_race(results, gets, "cached tinyimagenet in", n)
+    assert sorted(os.listdir(data)) == sorted(["tiny-imagenet-200.zip", du.TINY_CACHE])
+    check_tiny(*du.load_dataset("tinyimagenet", data, download=False))
+
+
+def test_the_lock_of_a_killed_process_is_taken_over(tmp_path, monkeypatch, write_lease, dead_pid, capsys):
+    write_tiny_folder(tmp_path)
+    write_lease(tmp_path / ".lock-tinyimagenet.1.json", pid=dead_pid, what="preparing tinyimagenet")
+    check_tiny(*du.load_dataset("tinyimagenet", tmp_path, download=False))
+    out = capsys.readouterr().out
+    assert "taking over the dead here lock of" in out and out.count("cached tinyimagenet in") == 1
+    assert not list(tmp_path.glob(".lock-*"))
+
+
+def test_an_os_error_while_extracting_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_cifar10(src)
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setitem(du.CIFAR_SOURCES["cifar10"], "md5", md5(data / "cifar-10-python.tar.gz"))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full)
+    with pytest.raises(du.DataError) as e:
+        du.load_dataset("cifar10", data, download=False)
+    assert "No space left on device" in str(e.value) and "free space" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(os.listdir(data)) == ["cifar-10-python.tar.gz"]  # no temp folder, no lock
 
 
 # ----------------------------------------------------------------------------- loader
