@@ -305,7 +305,7 @@ def wait_acquire(folder: Path, stem: str, what: str, done=lambda: None) -> tuple
         path, holder = current(Path(folder), stem)
         if holder is not None and "token" in holder and holder["token"] != told:  # not while it is being written
             told = holder["token"]
-            print(f"waiting for {who(holder)}: it holds {path}", flush=True)
+            print(f"waiting for {who(holder)} to finish: it holds {path}", flush=True)
         time.sleep(POLL_S)
         result = done()
         if result is not None:
