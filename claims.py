@@ -7,10 +7,10 @@ heartbeat is older than STALE_S (SES_CLAIM_STALE_S, default 180: its worker was 
 notebook died, or the claim was copied back from another machine), or whose owner is provably dead
 on this host (same host, boot id and pid namespace; the pid is gone). Takeover creates the next
 generation's file with O_EXCL, so of any number of workers exactly one wins. A worker whose claim
-was taken over (its heartbeat stalled past STALE_S, or it was judged dead by mistake) learns it
-from Claim.check(), which the sweep calls after every epoch: ClaimLost, one line, and the run stops
-there. result.json is checked again after claiming (sweep.py), so a finished run is never trained
-twice. A live run folder holds one claim.<gen>.json (two for an instant during a takeover), plus,
+was taken over (its heartbeat stalled past STALE_S, or its clock lags the taker's by more than
+that) learns it from Claim.check(), meant to be called after every epoch before the checkpoint is
+written: it raises ClaimLost with one line. result.json is checked again after claiming
+(sweep.py), so a finished run is never trained twice. A live run folder holds one claim.<gen>.json (two for an instant during a takeover), plus,
 for an instant during each heartbeat, a .claim.<gen>.json.<random>.tmp; release deletes the claim.
 """
 from __future__ import annotations

@@ -46,3 +46,47 @@ def dead_pid():
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+@pytest.fixture
+def archive_server():
+    """serve({name: bytes}, hold=lambda: True) -> a server on 127.0.0.1 (a real socket, a free port)
+    with .url(name) and .gets (a Counter of GET paths). Each response waits until hold() is true
+    (polled), so a test decides when a download may finish. Shut down after the test."""
+    import threading
+    import time
+    from collections import Counter
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    servers = []
+
+    def serve(archives, hold=lambda: True):
+        gets = Counter()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                gets[self.path] += 1
+                body = archives.get(self.path.lstrip("/"))
+                if body is None:
+                    return self.send_error(404)
+                deadline = time.monotonic() + 60
+                while not hold() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.gets = gets
+        httpd.url = lambda name: f"http://127.0.0.1:{httpd.server_address[1]}/{name}"
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return httpd
+    yield serve
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()

@@ -8,11 +8,8 @@ import random
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import zipfile
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -209,44 +206,7 @@ print("digest", h.hexdigest(), flush=True)
 """
 
 
-class ArchiveServer:
-    """Serves {name: bytes} on 127.0.0.1 over a real socket and counts the GETs of each path. Each
-    response waits until hold() is true (polled), so the test controls when the download ends."""
-
-    def __init__(self, archives: dict, hold=lambda: True):
-        self.gets = Counter()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.gets[self.path] += 1
-                body = archives.get(self.path.lstrip("/"))
-                if body is None:
-                    return self.send_error(404)
-                deadline = time.monotonic() + 60
-                while not hold() and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def race_to_load(tmp_path, name, archive: Path, n):
+def race_to_load(tmp_path, serve, name, archive: Path, n):
     """n processes, started together on a fresh folder, load `name` whose archive only the server has.
     The server holds the download until the n - 1 others say they wait. Returns (procs' (rc, out,
     err), the server's GET count of the archive, the data folder)."""
@@ -256,7 +216,7 @@ def race_to_load(tmp_path, name, archive: Path, n):
 
     def waiting():
         return sum("waiting for" in p.read_text() for p in logs.glob("*.out"))
-    server = ArchiveServer({archive.name: archive.read_bytes()}, hold=lambda: waiting() >= n - 1)
+    server = serve({archive.name: archive.read_bytes()}, hold=lambda: waiting() >= n - 1)
     procs = []
     try:
         for i in range(n):
@@ -274,7 +234,6 @@ def race_to_load(tmp_path, name, archive: Path, n):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        server.close()
     results = [(p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
                for i, p in enumerate(procs)]
     return results, server.gets[f"/{archive.name}"], data
@@ -291,13 +250,13 @@ def check_race(results, gets, marker, n):
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_processes_fetching_cifar100_at_once_download_and_extract_it_once(tmp_path, n):
+def test_processes_fetching_cifar100_at_once_download_and_extract_it_once(tmp_path, archive_server, n):
     src = tmp_path / "src"
     write_cifar100(src)
     archive = tmp_path / "cifar-100-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src / "cifar-100-python", arcname="cifar-100-python")
-    results, gets, data = race_to_load(tmp_path, "cifar100", archive, n)
+    results, gets, data = race_to_load(tmp_path, archive_server, "cifar100", archive, n)
     check_race(results, gets, "extracted cifar-100-python.tar.gz into", n)
     assert sorted(os.listdir(data)) == ["cifar-100-python", "cifar-100-python.tar.gz"]  # no temp, no lock left
     assert (data / "cifar-100-python.tar.gz").read_bytes() == archive.read_bytes()
@@ -306,9 +265,9 @@ def test_processes_fetching_cifar100_at_once_download_and_extract_it_once(tmp_pa
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_processes_fetching_tinyimagenet_at_once_download_and_decode_it_once(tmp_path, n):
+def test_processes_fetching_tinyimagenet_at_once_download_and_decode_it_once(tmp_path, archive_server, n):
     archive = write_tiny_zip(tmp_path / "tiny-imagenet-200.zip")
-    results, gets, data = race_to_load(tmp_path, "tinyimagenet", archive, n)
+    results, gets, data = race_to_load(tmp_path, archive_server, "tinyimagenet", archive, n)
     check_race(results, gets, "cached tinyimagenet in", n)
     assert sorted(os.listdir(data)) == sorted(["tiny-imagenet-200.zip", du.TINY_CACHE])
     check_tiny(*du.load_dataset("tinyimagenet", data, download=False))
