@@ -118,6 +118,12 @@ def has_xsyev_batched() -> bool:
     return hasattr(library(), "cusolverDnXsyevBatched")
 
 
+def torch_batches_eigh(version: str = torch.__version__) -> bool:
+    """Whether this torch sends a batched CUDA eigh/eigvalsh to one cusolverDnXsyevBatched call (>= 2.12)."""
+    major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 12)
+
+
 def size_error(batch: int, k: int) -> str:
     """'' if a (batch, k, k) stack is within cuSOLVER's n * lda * batch <= INT32_MAX, else why not."""
     if k * k * batch <= INT32_MAX:
@@ -213,14 +219,15 @@ def _cases(shapes, g) -> list:
     out = []
     for k, rank in ((64, 64), (256, 40), (40, 3)):
         x = torch.randn(5, k, rank, generator=g, dtype=torch.float64)
-        out.append((f"B=5 k={k} rank={rank}", x @ x.transpose(-2, -1) / rank))
+        a = x @ x.transpose(-2, -1) / rank
+        out.append((f"B=5 k={k} rank={rank}", (a + a.transpose(-2, -1)) / 2))  # symmetric to the last bit
     for batch, k in shapes:
         a = torch.zeros(batch, k, k, dtype=torch.float64)
         for b in range(batch):
             size = max(k >> (b % 3), 2)
             x = torch.randn(size, size - 1, generator=g, dtype=torch.float64)
             a[b, :size, :size] = x @ x.T / size
-        out.append((f"B={batch} k={k} padded", a))
+        out.append((f"B={batch} k={k} padded", (a + a.transpose(-2, -1)) / 2))
     return out
 
 

@@ -59,7 +59,7 @@ def test_eigh_batched_rejects_what_it_cannot_solve_before_any_call(monkeypatch):
     huge = torch.zeros(1, 1, 1).expand(32769, 256, 256)  # 32769 * 256 * 256 = 2^31 + 65536: a view, no memory
     with pytest.raises(ValueError, match=r"n\*lda\*batch <= INT32_MAX"):
         cusolver_batched.eigh_batched(huge)
-    assert cusolver_batched.size_error(32768, 256) == "" and cusolver_batched.size_error(1, 46341)  # 46341^2 > 2^31 - 1
+    assert cusolver_batched.size_error(32767, 256) == "" and cusolver_batched.size_error(1, 46341)  # 46341^2 > 2^31 - 1
 
 
 def test_available_reports_the_size_limit_without_a_child(monkeypatch):
