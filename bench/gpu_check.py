@@ -5,8 +5,9 @@
 
 Needs only torch (and torchvision, numpy, tqdm for the benchmark and the experiment scripts); no
 package registry. A missing module, a failing or hanging part is recorded and the check goes on.
-Each part runs as its own process group with its own time limit, all within BUDGET_S seconds; a part
-that would start with less than MIN_PART_S left is recorded as skipped. Writes, under OUT:
+Each part runs as its own process group with its own time limit, all within BUDGET_S seconds, in
+order of value (the parts run last are the ones a short budget can spare); a part that would start
+with less of the budget left than its estimate (or MIN_PART_S) is recorded as skipped. Writes, under OUT:
     gpu_check.json   every part: command, status (ok / failed / timeout / skipped), exit code, seconds,
                      the estimate and limit it ran under, its log, the figures parsed from it
     gpu_check.txt    the same as text, with the benchmark and host-sync tables
@@ -50,10 +51,14 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(f.name, path)
 
 
-def run_part(argv: list[str], log: Path, limit: float) -> tuple[str, int | None]:
+def run_part(argv: list[str], log: Path, limit: float, cpu: bool = False) -> tuple[str, int | None]:
     """(status, exit code) of `argv` run from the repository root in its own process group, output to `log`;
-    on `limit` the whole group is ended (SIGTERM, then SIGKILL after 5 s)."""
+    on `limit` the whole group is ended (SIGTERM, then SIGKILL after 5 s). `cpu`: one OpenMP thread per
+    process unless OMP_NUM_THREADS is set (on a small shared CPU, threads waiting on each other at every
+    tiny op make the rehearsal's steps several times slower)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cpu:
+        env.setdefault("OMP_NUM_THREADS", "1")
     with open(log, "w") as f:
         try:
             proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -104,15 +109,15 @@ def main(argv=None) -> int:
         why = part.skip_reason(ctx, modules) or no_cuda
         if why is None and argv_ is None:
             why = "nothing to run in this mode"
-        if why is None and left < MIN_PART_S:
-            why = f"the {BUDGET_S} s budget is spent ({left:.0f} s left)"
+        if why is None and left < max(MIN_PART_S, rec["estimate_s"]):
+            why = f"the {BUDGET_S} s budget is spent: {left:.0f} s left, the part's estimate is {rec['estimate_s']} s"
         if why:
             rec["reason"] = why
         else:
             log = out / "logs" / f"{part.name}.log"
             rec.update(command=shlex.join(argv_), limit_s=round(min(part.limit_s, left)), log=str(log.relative_to(out)))
             t0 = time.monotonic()
-            rec["status"], rec["exit_code"] = run_part(argv_, log, rec["limit_s"])
+            rec["status"], rec["exit_code"] = run_part(argv_, log, rec["limit_s"], args.cpu)
             rec["seconds"] = round(time.monotonic() - t0, 1)
             rec["last_line"] = last_line(log)
             try:

@@ -33,7 +33,7 @@ from ses_solvers import SOLVERS, forward_backward, padded_shape, unavailable  # 
 
 RESULT = "GPU_CHECK_RESULT "
 SHAPES = [(8, 256), (3, 256), (8, 512), (3, 512)]
-R18_DIMS = [64, 64, 128, 128, 256, 256, 512]  # ResNet-18 `all` at n = 256, layer4.1 = avgpool once
+R18_DIMS = [64, 64, 128, 128, 256, 256, 512, 512]  # ResNet-18 `all`'s 8 blocks at n = 256 (avgpool = layer4.1)
 SLEEP_S = 0.5
 
 

@@ -1,6 +1,7 @@
 """bench/bench_ses.py: one-line errors, and a tiny CPU run that fills every part of its JSON; bench/cost_table.py
 turns that JSON (the schema bench_ses writes) into the Markdown table between the markers of a file."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ import cost_table  # noqa: E402
 
 
 def bench(*args, timeout=900):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # steady on a shared CPU
     return subprocess.run([sys.executable, BENCH, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

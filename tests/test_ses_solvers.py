@@ -189,7 +189,7 @@ def test_pick_solver_records_every_route_and_never_raises_when_the_batched_probe
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_every_route_agrees_with_lapack_and_auto_records_its_choice():
-    grams = [_centred_gram(torch.randn(256, d, device="cuda")) for d in R18_DIMS[:-1]]  # as SES: avgpool solved once
+    grams = [_centred_gram(torch.randn(256, d, device="cuda")) for d in R18_DIMS]  # padded stack (8, 256)
     with torch.no_grad():
         choice = ses_solvers.pick_solver(grams)
     assert "float32" in choice.timings and set(choice.timings) | set(choice.rejected) == set(ses_solvers.SOLVERS[1:])
