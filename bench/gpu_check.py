@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     modules = {m: importlib.util.find_spec(m) is not None for m in MODULES}
     ctx = parts_mod.Context(out=out, cpu=args.cpu, python=sys.executable, root=ROOT)
     report = dict(check="bash bench/gpu_check.sh" + (" --cpu" if args.cpu else "") + f" {args.out}",
-                  mode="cpu" if args.cpu else "gpu", started=now(), budget_s=BUDGET_S, modules=modules,
+                  mode="cpu" if args.cpu else "gpu", out=str(out), started=now(), budget_s=BUDGET_S, modules=modules,
                   parts=[], results=[])
     t_start = time.monotonic()
     no_cuda = None

@@ -132,7 +132,7 @@ def _torchrun(ctx: Context, *args: str) -> list[str]:
     return [ctx.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *args]
 
 
-R50_ON_CPU = "ResNet-50 at 64x64 costs about 1 s per image on a CPU: left out of --cpu"
+R50_ON_CPU = "ResNet-50 at 64x64 costs about 1 s per image on 2 CPU cores: left out of --cpu"
 FP16_ON_CPU = ("fp16 autocast on a CPU runs an order of magnitude slower than bf16: left out of --cpu "
                "(bench_resnet18_bf16 runs the same command there)")
 NEEDS_CUDA = "needs CUDA"
@@ -184,7 +184,7 @@ PARTS = [
     Part("bench_resnet18_bf16_compile", "bench_ses.py ResNet-18 `all`, bf16, with --compile inductor "
          "(compiled baseline, k = 1, k = 10 beside the eager ones)",
          _bench("bench_resnet18_bf16_compile", "resnet18", "bf16", "inductor"),
-         "inductor compiles for minutes on a CPU (tests/test_bench.py runs --compile aot_eager there)",
+         "inductor compiles for minutes on a CPU (tests/test_bench.py runs bench_ses --compile eager there)",
          120, 0, 200, bench_figures("bench_resnet18_bf16_compile"), needs=SCRIPTS),
     Part("bench_resnet50_fp16", "bench_ses.py ResNet-50 `layer4+avgpool`, fp16 + GradScaler (last: ResNet-50 trains "
          "in bf16 on the L40S; runs when the budget still holds its estimate)",
@@ -258,5 +258,5 @@ def as_text(report: dict) -> str:
         lines += _details(rec)
     if report.get("results"):
         lines += ["", "to keep the measurements: mkdir -p bench/results && cp " +
-                  " ".join(f"<OUT>/{p}" for p in report["results"]) + " bench/results/ && python bench/cost_table.py"]
+                  " ".join(f"{report['out']}/{p}" for p in report["results"]) + " bench/results/ && python bench/cost_table.py"]
     return "\n".join(lines) + "\n"
