@@ -24,6 +24,7 @@ from data_utils import device_name, load_data
 from evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
 import multigpu
 from runs import build_run, save_checkpoint, sync
+from ses_solvers import describe_choice
 from training import train_epoch
 
 GiB = 2 ** 30
@@ -98,7 +99,8 @@ def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | Non
         return dict(note=probe_note, step_s=step_s, images_per_s=cfg["batch_size"] / step_s, peak_train=peak_train,
                     peak_final=peak_final, per_gpu=per_gpu if len(per_gpu) > 1 else None, ckpt_mb=ckpt_mb, run_s=cfg["epochs"] * per_epoch + final,
                     amp=amp.name, steps_per_epoch=len(run.loader),
-                    solver=(run.ses.solver, run.ses.solver_timings, run.ses.solver_rejected) if run.ses else None)
+                    solver=(run.ses.solver, run.ses.solver_timings, run.ses.solver_rejected, run.ses.solver_margin)
+                    if run.ses else None)
     finally:
         run.close()
 
@@ -149,9 +151,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
         if m.get("note"):
             print(f"  {config}: {m['note']}")
         if m.get("solver") and (m["solver"][1] or m["solver"][2]):  # CUDA: what "auto" measured and chose
-            route, timings, rejected = m["solver"]
-            print(f"  {config}: SES solver {route} (" + ", ".join(f"{r} {1e3 * t:.1f} ms" for r, t in timings.items())
-                  + "".join(f"; {r} left out: {why}" for r, why in rejected.items()) + ")")
+            print(f"  {config}: SES solver {describe_choice(*m['solver'])}")
         if m.get("per_gpu"):  # torchrun: every process's peaks (the table shows the largest)
             print(f"  {config}: per GPU (train / final GiB): " + ", ".join(
                 f"rank {r} {name} {fmt_mem(t, None)} / {fmt_mem(f, None)}" for r, (name, t, f) in enumerate(m["per_gpu"])))

@@ -19,10 +19,12 @@ is replaced by zeros before the solver (H = 0; the non-finite CE then stops the 
 never sees one.
 
 Solver routes (all exact; `solver=` of SES / spectral_entropies): see ses_solvers. "auto" (the
-default) keeps float32 on a CPU and, on CUDA, the fastest route that agrees with float64 LAPACK on
-the first SES step's real matrices. Host synchronisation: the batched cuSOLVER routes never wait for
-the host; torch's eigvalsh routes wait once per solver call (it reads its convergence flags on the
-host: there is no eigvalsh_ex), "host" copies the Grams to the CPU. The code here adds no other sync.
+default) keeps float32 on a CPU; on CUDA, on the first SES step's real matrices, it times every route
+that agrees with float64 LAPACK and keeps float32 unless another route is at least 10 % faster.
+Host synchronisation: torch's eigvalsh routes wait once per solver call (it reads its convergence
+flags on the host: there is no eigvalsh_ex), "host" copies the Grams to the CPU, the batched cuSOLVER
+routes make no host read of their own (cuSOLVER may work on the host when it asks for host
+workspace). The code here adds no other sync.
 """
 from __future__ import annotations
 
@@ -241,6 +243,7 @@ class SES:
         self.target = target
         self.solver_timings: dict[str, float] = {}  # "auto" on CUDA: seconds per route, measured once
         self.solver_rejected: dict[str, str] = {}   # "auto" on CUDA: routes left out, and why
+        self.solver_margin: float | None = None     # "auto" on CUDA: 1 - t(fastest other) / t(float32)
         self.collector = ActivationCollector(model, layers, enabled=False)
         self.step = 0            # training steps seen so far
         self.applied_steps = 0   # steps on which the penalty was added
@@ -275,9 +278,12 @@ class SES:
         if self.solver == "auto":
             unique = list({id(a): a for a in acts.values()}.values())
             with torch.no_grad(), torch.autocast(device_type=unique[0].device.type, enabled=False):
-                self.solver, self.solver_timings, self.solver_rejected = pick_solver([_centred_gram(a) for a in unique])
-            if self.agree is not None:  # every rank solves by the same route
-                self.solver = common_route(self.agree(self.solver_timings)) or self.solver
+                choice = pick_solver([_centred_gram(a) for a in unique])
+            self.solver, self.solver_timings, self.solver_rejected, self.solver_margin = choice
+            if self.agree is not None:  # every rank solves by the same route, by the same rule
+                agreed = common_route(self.agree(self.solver_timings))
+                if agreed is not None:
+                    self.solver, self.solver_margin = agreed
         r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver, self.target)
         hs = hs.detach()
         self.last_entropy = dict(zip(acts, hs.unbind(0)))

@@ -5,27 +5,45 @@ route returns H_l = -sum_i p_i log p_i with p = lam(G_l) / tr, differentiable: o
 are differentiated, dL/dG = V diag(dL/dlam) V^T. The routes differ in how the solver is called:
 
     "float32"   torch.linalg.eigvalsh in float32, one call per size group (same-size matrices stacked)
-    "float64"   the same in float64 (on CUDA: cuSOLVER syevd, measured faster than float32's syevj)
+    "float64"   the same in float64
     "host"      float64 LAPACK eigh on the CPU, one thread per matrix; the gradient is formed on the device
     "padded"    every G_l zero-padded to k = max k_l and solved in ONE float64 eigvalsh call
     "batched32" / "batched64"   the padded stack in ONE direct cuSOLVER batched call
-                (cusolver_batched: XsyevBatched / syevjBatched), float32 / float64, no host sync
-    "auto"      float32 on a CPU; on CUDA each route is checked against float64 LAPACK and timed once
-                on the first SES step's real matrices (forward + backward), the fastest kept.
+                (cusolver_batched: XsyevBatched / syevjBatched), float32 / float64
+    "auto"      float32 on a CPU (nothing timed); on CUDA see pick_solver.
+
+What torch's eigvalsh does on CUDA depends on its version. torch >= 2.12 sends every batched input to
+one cusolverDnXsyevBatched call (PR 175403): "float32" is then one batched call per size group,
+"padded" one call in all, and "batched*" differ from them only by torch's host read of `info`.
+torch <= 2.11 loops single-matrix syevj (float32) / syevd (float64) over the batch for sizes 33-512
+(only k <= 32 is batched), so "float32" costs one solver call per matrix and "batched*" replace B
+calls by one.
 
 Padding is exact: [[G, 0], [0, 0]] has the eigenvalues of G plus k - k_l zeros, and 0 log 0 = 0.
 Because G is PSD those zeros are the k - k_l smallest eigenvalues, so the solver's round-off there
 is set to exactly 0 (the gradient passes through unchanged, so every zero eigenvalue, padded or
 G's own, gets the same gradient and dL/dG is the same as unpadded).
 Host syncs: torch's eigvalsh on CUDA reads its convergence flags on the host once per call (per size
-group; once for "padded"); "host" copies the Grams to the CPU; "batched*" never wait for the host.
+group; once for "padded"); "host" copies the Grams to the CPU; "batched*" make no host read of their
+own (cuSOLVER may still work on the host when it asks for host workspace: see cusolver_batched).
+
+auto (pick_solver, on CUDA, once, on the first SES step's real matrices): every route is checked
+against float64 LAPACK (off by more than AUTO_TOLERANCE nats, failing or unavailable: left out, with
+why), then timed the way training runs it: REPS back-to-back forward + backward repetitions between
+two CUDA events, no sync inside (one wait on the end event to read it), ROUNDS rounds interleaved over
+the routes, the median kept. "float32" (plain torch) is kept unless another route takes at most
+1 - KEEP_MARGIN = 90 % of its time; the margin recorded is 1 - t(fastest other) / t(float32). Under
+torchrun (common_route) the same rule is applied to each route's time on its slowest rank.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +53,8 @@ import cusolver_batched
 SOLVERS = ("auto", "float32", "float64", "host", "padded", "batched32", "batched64")
 PADDED = ("padded", "batched32", "batched64")
 AUTO_TOLERANCE = 1e-3  # nats: a route whose H differs more from float64 LAPACK's is not used
+KEEP_MARGIN = 0.10     # auto leaves "float32" only for a route that saves at least this fraction of its time
+REPS, ROUNDS = 5, 3    # auto: back-to-back repetitions per timing, timings per route (median kept)
 _HOST_POOL: ThreadPoolExecutor | None = None
 
 
@@ -66,7 +86,7 @@ def _host_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cusolver_eigh(dtype):
     def solve(gram):
-        w, v, info = cusolver_batched.eigh_batched(gram.to(dtype))
+        w, v, info = cusolver_batched.eigh_batched(gram, dtype)  # one copy of the stack, made in `dtype`
         w = torch.where(info.eq(0).unsqueeze(-1), w, torch.full_like(w, math.nan))  # failed solve -> NaN, no sync
         return w.float(), v.float()
     return solve
@@ -135,65 +155,150 @@ def entropies_of_grams(grams: Sequence[torch.Tensor], solver: str = "float32") -
     return hs  # type: ignore[return-value]
 
 
-def unavailable(solver: str, device: torch.device) -> str:
-    """Why route `solver` cannot run on `device` ('' if it can): only the batched cuSOLVER routes can't."""
-    return cusolver_batched.available(device) if solver in ("batched32", "batched64") else ""
+def unavailable(solver: str, device: torch.device, shape: tuple[int, int] | None = None) -> str:
+    """Why route `solver` cannot run on `device` ('' if it can): only the batched cuSOLVER routes can't
+    (`shape` = (B, k) of the padded stack they would solve). Never raises."""
+    return cusolver_batched.available(device, shape) if solver in ("batched32", "batched64") else ""
 
 
-def time_route(grams: Sequence[torch.Tensor], solver: str, repeats: int = 3) -> tuple[float, list[torch.Tensor]]:
-    """Best seconds of forward + backward of route `solver` on copies of `grams` (rep 0 warms up), and its H."""
-    best, hs = math.inf, []
+def padded_shape(grams: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(B, k) of the zero-padded stack the PADDED routes solve."""
+    return len(grams), max(g.shape[-1] for g in grams)
+
+
+def forward_backward(grams: Sequence[torch.Tensor], solver: str) -> list[torch.Tensor]:
+    """One SES solve as training runs it: H of fresh leaf copies of `grams` by route `solver`, then the
+    backward pass; the H, detached. No sync beyond the route's own."""
+    leaves = [g.detach().clone().requires_grad_(True) for g in grams]
+    with torch.enable_grad():  # SES picks its route inside no_grad()
+        hs = entropies_of_grams(leaves, solver)
+        torch.stack(hs).sum().backward()
+    return [h.detach() for h in hs]
+
+
+class _HostEvent:
+    """torch.cuda.Event's timing interface on the host clock (on a CPU each op is done when it returns)."""
+
+    def __init__(self):
+        self.t = math.nan
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_HostEvent") -> float:
+        return 1e3 * (end.t - self.t)
+
+
+def _cuda_event():
+    return torch.cuda.Event(enable_timing=True)
+
+
+def time_route(grams: Sequence[torch.Tensor], solver: str, reps: int = REPS, event=None,
+               warmup: bool = True) -> tuple[float, list[torch.Tensor]]:
+    """(seconds per forward + backward of route `solver` on copies of `grams`, the H of the last rep),
+    timed as training runs it: an untimed warm-up rep (if `warmup`), then `reps` back-to-back reps
+    between two events recorded on the device's current stream, no sync inside, one wait on the end
+    event to read them. `event()` makes a torch.cuda.Event-like object (record, synchronize,
+    elapsed_time in ms); default CUDA timing events on CUDA, the host clock on a CPU."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
     device = grams[0].device
-    for rep in range(repeats + 1):
-        leaves = [g.detach().clone().requires_grad_(True) for g in grams]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with torch.enable_grad():  # SES picks its route inside no_grad()
-            hs = entropies_of_grams(leaves, solver)
-            torch.stack(hs).sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if rep:
-            best = min(best, time.perf_counter() - t0)
-    return best, [h.detach() for h in hs]
+    event = event or (_cuda_event if device.type == "cuda" else _HostEvent)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        hs = forward_backward(grams, solver) if warmup else []
+        start, end = event(), event()
+        start.record()
+        for _ in range(reps):
+            hs = forward_backward(grams, solver)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps, hs
 
 
-def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = SOLVERS[1:],
-                   repeats: int = 3) -> tuple[dict[str, float], dict[str, str]]:
-    """Seconds (forward + backward) of each route whose H agrees with float64 LAPACK's within
-    AUTO_TOLERANCE nats, and why each other route was left out (unavailable, failed, or off)."""
+def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = SOLVERS[1:], reps: int = REPS,
+                   rounds: int = ROUNDS, event=None) -> tuple[dict[str, float], dict[str, str]]:
+    """Seconds per forward + backward (median of `rounds` time_route timings, interleaved over the
+    routes) of each route whose H agrees with float64 LAPACK's within AUTO_TOLERANCE nats in every
+    round, and why each other route was left out (unavailable, failed, or off). A route's fault is
+    recorded, never raised."""
     with torch.no_grad():
         reference = torch.stack(entropies_of_grams([g.detach() for g in grams], "host")).double()
-    timings, rejected = {}, {}
-    for solver in routes:
-        why = unavailable(solver, grams[0].device)
-        if not why:
+    samples: dict[str, list[float]] = {}
+    rejected: dict[str, str] = {}
+    for rnd in range(rounds):
+        for solver in (r for r in routes if r not in rejected):
             try:
-                seconds, hs = time_route(grams, solver, repeats)
-                err = (torch.stack(hs).double() - reference).abs().max().item()
-                if err <= AUTO_TOLERANCE:
-                    timings[solver] = seconds
-                else:
-                    why = f"H differs from float64 LAPACK by {err:.2g} nats"
+                why = unavailable(solver, grams[0].device, padded_shape(grams)) if rnd == 0 else ""
+                if not why:
+                    seconds, hs = time_route(grams, solver, reps, event, warmup=rnd == 0)
+                    err = (torch.stack(hs).double() - reference).abs().max().item()
+                    samples.setdefault(solver, []).append(seconds)
+                    why = "" if err <= AUTO_TOLERANCE else f"H differs from float64 LAPACK by {err:.2g} nats"
             except (RuntimeError, ValueError, OSError) as e:  # a CusolverError is a RuntimeError
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if why:
-            rejected[solver] = why
-    return timings, rejected
+            if why:
+                rejected[solver] = why
+                samples.pop(solver, None)
+    return {s: statistics.median(t) for s, t in samples.items()}, rejected
 
 
-def pick_solver(grams: Sequence[torch.Tensor], repeats: int = 3) -> tuple[str, dict[str, float], dict[str, str]]:
-    """(the route "auto" uses, seconds per route, why a route was left out): float32 on a CPU, where
-    nothing is timed; on CUDA the fastest route of compare_routes on these (the real) matrices."""
-    if not grams or grams[0].device.type != "cuda":
-        return "float32", {}, {}
-    timings, rejected = compare_routes(grams, SOLVERS[1:], repeats)
-    return (min(timings, key=timings.get) if timings else "float64"), timings, rejected
+def choose_route(timings: dict[str, float]) -> tuple[str, float | None]:
+    """(route, margin) by auto's rule, from seconds per route: "float32" unless the fastest other route
+    takes at most (1 - KEEP_MARGIN) of float32's time; margin = 1 - t(fastest other) / t(float32), None
+    without both. Without a float32 time: the fastest route; with no time at all: "float64". Ties go
+    to the first name in sorted order, so equal timings give the same route everywhere."""
+    others = sorted((t, r) for r, t in timings.items() if r != "float32")
+    t32 = timings.get("float32")
+    if t32 is None:
+        return (others[0][1] if others else "float64"), None
+    if not others or t32 <= 0:
+        return "float32", None
+    t_best, best = others[0]
+    margin = 1 - t_best / t32
+    return (best if t_best <= (1 - KEEP_MARGIN) * t32 else "float32"), margin
 
 
-def common_route(per_rank: Sequence[dict[str, float]]) -> str | None:
-    """Several processes (torchrun): the route every rank can use that is fastest on its slowest rank,
-    from each rank's pick_solver timings; None if they share none (or timed nothing: a CPU)."""
-    shared = set.intersection(*(set(t) for t in per_rank)) if per_rank else set()
-    return min(sorted(shared), key=lambda r: max(t[r] for t in per_rank)) if shared else None
+class Choice(NamedTuple):
+    route: str                  # the route "auto" uses
+    timings: dict[str, float]   # seconds per forward + backward of each route kept
+    rejected: dict[str, str]    # route -> why it was left out
+    margin: float | None        # 1 - t(fastest other route) / t(float32); None when not both timed
+
+
+def timed_here(device: torch.device) -> bool:
+    """Whether auto times the routes on `device` (CUDA only: on a CPU it keeps float32)."""
+    return device.type == "cuda"
+
+
+def pick_solver(grams: Sequence[torch.Tensor], reps: int = REPS, rounds: int = ROUNDS) -> Choice:
+    """auto on these (the real) matrices: Choice("float32", {}, {}, None) on a CPU, where nothing is
+    timed; on CUDA compare_routes, then choose_route's rule. Never raises for a route's fault."""
+    if not grams or not timed_here(grams[0].device):
+        return Choice("float32", {}, {}, None)
+    timings, rejected = compare_routes(grams, SOLVERS[1:], reps, rounds)
+    route, margin = choose_route(timings)
+    return Choice(route, timings, rejected, margin)
+
+
+def common_route(per_rank: Sequence[dict[str, float]]) -> tuple[str, float | None] | None:
+    """Several processes (torchrun): (route, margin) by choose_route's rule applied to each route's time
+    on its slowest rank, over the routes every rank timed (("float64", None) if they share none); None
+    if no rank timed anything (a CPU: every rank keeps float32). The same on every rank given the same
+    gathered list (SES.agree gathers every rank's timings in rank order)."""
+    if not any(per_rank):
+        return None
+    shared = set.intersection(*(set(t) for t in per_rank))
+    return choose_route({r: max(t[r] for t in per_rank) for r in shared})
+
+
+def describe_choice(route: str, timings: dict[str, float], rejected: dict[str, str], margin: float | None) -> str:
+    """One line: the route, each route's ms per forward + backward, the margin against float32, what was left out."""
+    parts = [", ".join(f"{r} {1e3 * t:.1f} ms" for r, t in timings.items())] if timings else []
+    if margin is not None:
+        parts.append(f"fastest other route takes {100 * (1 - margin):.0f} % of float32's time "
+                     f"(auto leaves float32 at <= {100 * (1 - KEEP_MARGIN):.0f} %)")
+    parts += [f"{r} left out: {why}" for r, why in rejected.items()]
+    return f"{route} ({'; '.join(parts)})"

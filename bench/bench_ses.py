@@ -4,22 +4,26 @@
     python bench/bench_ses.py --amp fp16 --json out.json
     python bench/bench_ses.py --device cpu --steps 2 --setups resnet18   # a CPU run: see the note it prints
 
-1. Solver: seconds per SES step's eigen-solve for each exact route of ses_solvers (float32 / float64
-   eigvalsh per size, float64 eigh on the host, padded float64 eigvalsh in one call, the direct
-   batched cuSOLVER call in float32 / float64; a route this device cannot run is listed with why)
-   on the matrices SES really solves: ResNet-18 `all` (n = 256:
-   Gram/covariance sizes 64, 64, 128, 128, 256, 256, 256, 256, 256, layer4.1 = avgpool solved once)
-   and ResNet-50 `layer4+avgpool` (4 x 256, avgpool aliased). Forward + backward.
+1. Solver: ms per SES step's eigen-solve (forward + backward) for each exact route of ses_solvers
+   (float32 / float64 eigvalsh per size, float64 eigh on the host, padded float64 eigvalsh in one
+   call, the direct batched cuSOLVER call in float32 / float64; a route this device cannot run is
+   listed with why), timed as auto times it: --repeats back-to-back reps between two CUDA events, no
+   sync inside. On the matrices SES really solves: ResNet-18 `all` (n = 256: Gram/covariance sizes
+   64, 64, 128, 128, 256, 256, 256, 256, 256, layer4.1 = avgpool solved once) and ResNet-50
+   `layer4+avgpool` (4 x 256, avgpool aliased). What torch's eigvalsh does there depends on its
+   version (torch >= 2.12: one cusolverDnXsyevBatched call per batched input; <= 2.11: a loop of
+   single-matrix calls for sizes 33-512); env.torch_batches_eigh in the JSON says which.
 2. Steps: the CIFAR-stem ResNet-18 on CIFAR-100 shapes and ResNet-50 on Tiny-ImageNet shapes at batch
-   256, baseline and SES k = 1, 3, 5, 10 (solver "auto"; with --compile also torch.compile'd baseline, k = 1
-   and k = 10), timed interleaved in one process (round-robin
-   over the variants, 10 steps each, median over rounds), on one constant on-device batch; plus the
-   baseline fed by the suite's GPU loader (random crop + flip) over 50k generated images, against that
-   constant-batch ceiling. Prints a table and writes --json.
+   256, baseline and SES k = 1, 3, 5, 10 (solver "auto": the route it chose, every route's time and
+   the margin are in each row; with --compile also torch.compile'd baseline, k = 1 and k = 10), timed
+   interleaved in one process (round-robin over the variants, --group steps each, median over
+   rounds), on one constant on-device batch; plus the baseline fed by the suite's GPU loader (random
+   crop + flip) over 50k generated images, against that constant-batch ceiling. Prints a table and
+   writes --json (atomically; bench/cost_table.py turns such files into the SES-cost table).
 3. --profile: a torch.profiler table of 5 SES k = 1 steps per setup (where the SES time goes).
 """
 import argparse
-import json
+import datetime
 import statistics
 import sys
 import time
@@ -29,11 +33,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cusolver_batched  # noqa: E402
 from config import DEFAULTS  # noqa: E402
 from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
+from files import write_json  # noqa: E402
 from models import build_resnet, compile_model, resolve_layers  # noqa: E402
 from ses_core import SES, _centred_gram  # noqa: E402
-from ses_solvers import SOLVERS, time_route, unavailable  # noqa: E402
+from ses_solvers import SOLVERS, padded_shape, time_route, unavailable  # noqa: E402
 from training import AMP_MODES, amp_policy  # noqa: E402
 
 SETUPS = {"resnet18": dict(model="resnet18", layers="all", dataset="cifar100", size=32),
@@ -48,20 +54,21 @@ def sync(device):
 
 
 def bench_solvers(device, n, repeats):
-    """Best-of-`repeats` ms of every exact route (forward + backward) on the matrices SES solves."""
+    """ms per forward + backward of every exact route (`repeats` back-to-back reps between two events)
+    on the matrices SES solves."""
     rows = []
     for label, dims in (("resnet18 all", R18_DIMS), ("resnet50 layer4+avgpool", R50_DIMS)):
         g = torch.Generator().manual_seed(0)
         grams = [_centred_gram(torch.randn(n, d, generator=g).to(device)) for d in dims]
         sizes = [gm.shape[-1] for gm in grams]
         for solver in SOLVERS[1:]:
-            why = unavailable(solver, device)
+            why = unavailable(solver, device, padded_shape(grams))
             if why:
                 rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=None, skipped=why))
                 print(f"solver  {label:<26} {solver:<9} skipped: {why}")
                 continue
             seconds, _ = time_route(grams, solver, repeats)
-            rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=1e3 * seconds))
+            rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=1e3 * seconds, reps=repeats))
             print(f"solver  {label:<26} {solver:<9} {rows[-1]['ms']:8.2f} ms  (sizes {sizes})")
     return rows
 
@@ -90,7 +97,7 @@ def step(v, x, y, amp):
     v["scaler"].update()
 
 
-def bench_steps(name, device, amp, rounds, batch, compile_backend=None):
+def bench_steps(name, device, amp, rounds, batch, compile_backend=None, group=10):
     setup = SETUPS[name]
     info = DATASETS[setup["dataset"]]
     x = torch.rand(batch, 3, setup["size"], setup["size"], device=device).contiguous(memory_format=torch.channels_last)
@@ -103,7 +110,6 @@ def bench_steps(name, device, amp, rounds, batch, compile_backend=None):
     loader = GpuLoader(tx, ty, batch, device, train=True, augment=lambda xb, gen: random_crop_flip(xb, gen, 4))
     batches = loader.epoch(0)
     times = {k: [] for k in list(variants) + ["baseline+loader"]}
-    group = 10
     for rnd in range(rounds + 1):
         for label, v in list(variants.items()) + [("baseline+loader", variants["baseline"])]:
             sync(device)
@@ -127,10 +133,12 @@ def bench_steps(name, device, amp, rounds, batch, compile_backend=None):
         ms = 1e3 * statistics.median(ts)
         v = variants.get(label)
         solver = v["ses"].solver if v and v["ses"] else "-"
+        ses = v["ses"] if v else None
         rows.append(dict(setup=name, amp=amp.name, variant=label, ms=ms, images_per_s=batch / (ms / 1e3),
                          vs_baseline=ms / (1e3 * base) - 1, solver=solver,
-                         solver_timings_ms={k: 1e3 * t for k, t in (v["ses"].solver_timings if v and v["ses"] else {}).items()},
-                         solver_rejected=v["ses"].solver_rejected if v and v["ses"] else {}))
+                         solver_timings_ms={k: 1e3 * t for k, t in (ses.solver_timings if ses else {}).items()},
+                         solver_rejected=ses.solver_rejected if ses else {},
+                         solver_margin=ses.solver_margin if ses else None))
         print(f"step    {name:<9} {amp.name} batch {batch} {label:<18} {ms:8.2f} ms {batch / (ms / 1e3):9.0f} img/s "
               f"{100 * rows[-1]['vs_baseline']:+7.1f} %  solver {solver}")
     for v in variants.values():
@@ -171,8 +179,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to measure on: cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help="precision path (default auto)")
-    p.add_argument("--steps", type=int, default=5, help="timed rounds of 10 steps per variant (default 5)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each solver route (default 5)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds of --group steps per variant (default 5)")
+    p.add_argument("--group", type=int, default=10, help="steps per variant per round (default 10)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="back-to-back reps per solver route between the two events (default 5)")
     p.add_argument("--batch", type=int, help="training batch (default 256; 16 on a CPU)")
     p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS), help="models to time")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -181,8 +191,8 @@ def main(argv=None):
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="also time torch.compile'd baseline, k=1 and k=10 (backend default inductor)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1:
-        p.exit(2, "bench_ses.py: error: --steps and --repeats must be >= 1\n")
+    if min(args.steps, args.repeats, args.group) < 1:
+        p.exit(2, "bench_ses.py: error: --steps, --group and --repeats must be >= 1\n")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -191,8 +201,13 @@ def main(argv=None):
         p.exit(2, "bench_ses.py: error: --device cuda, but CUDA is not available on this machine; use --device cpu\n")
     amp = amp_policy(device, args.amp)
     batch = args.batch or (256 if device.type == "cuda" else 16)
-    env = dict(torch=torch.__version__, cuda=torch.version.cuda,
-               device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)")
+    cuda = device.type == "cuda"
+    env = dict(torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+               device=torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+               device_type=device.type, capability=list(torch.cuda.get_device_capability(device)) if cuda else None,
+               torch_batches_eigh=cusolver_batched.torch_batches_eigh(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command=" ".join(["python", "bench/bench_ses.py", *map(str, sys.argv[1:] if argv is None else argv)]))
     print(f"device: {env['device']}, torch {env['torch']}, CUDA {env['cuda']}, amp {amp.name}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -200,11 +215,13 @@ def main(argv=None):
         print("note: on a CPU the convolutions dominate and the solver runs on the same cores, so the overhead "
               "figures below say little about a GPU; run this on the GPU you train on")
     out = dict(env=env, batch=batch, solvers=bench_solvers(device, 256, args.repeats),
-               steps=[r for s in args.setups for r in bench_steps(s, device, amp, args.steps, batch, args.compile)])
+               steps=[r for s in args.setups for r in bench_steps(s, device, amp, args.steps, batch, args.compile,
+                                                                  args.group)])
     if args.profile:
         out["profile"] = {s: profile_step(s, device, amp, batch) for s in args.setups}
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 

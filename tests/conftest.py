@@ -5,13 +5,13 @@ import torch
 
 @pytest.fixture
 def cpu_cusolver(monkeypatch):
-    """cusolver_batched.eigh_batched (CUDA only) emulated on the CPU by its contract: (w, v, info)."""
+    """cusolver_batched.eigh_batched (CUDA only) emulated on the CPU by its contract: (w, v, info) in `dtype`."""
     import cusolver_batched
     calls = []
 
-    def eigh_batched(a):
+    def eigh_batched(a, dtype=None):
         calls.append(tuple(a.shape))
-        w, v = torch.linalg.eigh(a)
+        w, v = torch.linalg.eigh(a.to(dtype or a.dtype))
         return w, v, torch.zeros(a.shape[0], dtype=torch.int32)
     monkeypatch.setattr(cusolver_batched, "eigh_batched", eigh_batched)
     return calls

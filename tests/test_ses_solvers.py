@@ -1,16 +1,8 @@
-"""The exact solver routes of ses_solvers (padding, the one-call routes, the auto comparison) and what
-of cusolver_batched a CPU can check: the library and its bindings load, the child-process selftest
-reports why it cannot run instead of raising. The cuSOLVER call itself needs a GPU; here it is
-emulated by its contract (the `cpu_cusolver` fixture of test_ses_core)."""
-import contextlib
-import ctypes
-import re
-import subprocess
-import sys
-import types
-from pathlib import Path
-
-import numpy as np
+"""The exact solver routes of ses_solvers (padding, the one-call routes) and auto: the check against
+float64 LAPACK, the timing as training runs it (back-to-back reps between two events, checked with
+stand-in events), the 10 % rule, the rule shared by torchrun ranks, and that a route's fault never
+escapes. The cuSOLVER call is emulated by its contract (the `cpu_cusolver` fixture of conftest); the
+`test_cuda_*` tests need a GPU (bench/gpu_check.sh runs them)."""
 import pytest
 import torch
 
@@ -19,7 +11,6 @@ import ses_solvers
 from ses_core import _centred_gram, spectral_entropies
 from test_ses_core import random_acts, reference_entropy
 
-ROOT = Path(__file__).resolve().parents[1]
 R18_DIMS = [64, 64, 128, 128, 256, 256, 512, 512]  # ResNet-18 `all` at n = 256, avgpool = layer4.1
 
 
@@ -59,8 +50,8 @@ def test_padding_is_exact_for_rank_deficient_layers_in_value_and_gradient(solver
 
 
 def test_a_failed_batched_solve_gives_nan_for_that_layer_only(monkeypatch):
-    def eigh_batched(a):
-        w, v = torch.linalg.eigh(a)
+    def eigh_batched(a, dtype=None):
+        w, v = torch.linalg.eigh(a.to(dtype))
         return w, v, torch.tensor([0, 3, 0], dtype=torch.int32)  # matrix 1 did not converge
     monkeypatch.setattr(cusolver_batched, "eigh_batched", eigh_batched)
     hs = spectral_entropies([torch.randn(32, d) for d in (8, 16, 24)], "batched64")
@@ -79,9 +70,9 @@ def test_compare_routes_keeps_agreeing_routes_and_says_why_it_left_the_others_ou
             raise cusolver_batched.CusolverError("cusolverDnXsyevBatched returned cusolverStatus 7")
         return lam
     monkeypatch.setattr(ses_solvers, "eigvals_psd", eigvals_psd)
-    monkeypatch.setattr(cusolver_batched, "available", lambda device: "")
+    monkeypatch.setattr(cusolver_batched, "available", lambda device, shape=None: "")
     with torch.no_grad():  # as SES calls it
-        timings, rejected = ses_solvers.compare_routes(grams, ses_solvers.SOLVERS[1:], repeats=1)
+        timings, rejected = ses_solvers.compare_routes(grams, ses_solvers.SOLVERS[1:], reps=1, rounds=2)
     assert set(timings) == {"float64", "host", "padded", "batched32"} and all(t > 0 for t in timings.values())
     assert rejected["float32"].startswith("H differs from float64 LAPACK by")
     assert rejected["batched64"] == "CusolverError: cusolverDnXsyevBatched returned cusolverStatus 7"
@@ -89,164 +80,23 @@ def test_compare_routes_keeps_agreeing_routes_and_says_why_it_left_the_others_ou
 
 def test_unavailable_batched_routes_are_left_out_with_the_reason(monkeypatch):
     grams = [_centred_gram(torch.randn(32, 8))]
-    monkeypatch.setattr(cusolver_batched, "available", lambda device: "selftest exited 1: boom")
-    timings, rejected = ses_solvers.compare_routes(grams, ["float64", "batched32"], repeats=1)
+    asked = []
+    monkeypatch.setattr(cusolver_batched, "available", lambda device, shape=None: asked.append(shape) or "selftest exited 1: boom")
+    timings, rejected = ses_solvers.compare_routes(grams, ["float64", "batched32"], reps=1, rounds=1)
     assert set(timings) == {"float64"} and rejected == {"batched32": "selftest exited 1: boom"}
-
-
-# ----------------------------------------------------------------------------- cusolver_batched on a CPU
-def _header_argtypes(header: str, name: str) -> list:
-    """The ctypes class of each parameter of `name` as cusolverDn.h declares it (pointers as one kind)."""
-    params = re.search(r"CUSOLVERAPI\s+" + name + r"\s*\((.*?)\);", header, re.S).group(1).split(",")
-    kinds = {"int64_t": ctypes.c_int64, "size_t": ctypes.c_size_t, "int": ctypes.c_int, "cusolverEigMode_t": ctypes.c_int,
-             "cublasFillMode_t": ctypes.c_int, "cudaDataType": ctypes.c_int}  # C enums pass as int
-    out = []
-    for param in params:
-        words = param.replace("*", " * ").replace("const", " ").split()
-        out.append("pointer" if "*" in words or words[0].endswith(("Handle_t", "Params_t", "Info_t", "Stream_t"))
-                   else kinds[words[0]])
-    return out
-
-
-def test_the_bindings_match_cusolverDn_h_and_the_library_has_them():
-    """Each argtypes list against the header shipped with the CUDA wheel (an independent declaration)."""
-    lib = cusolver_batched.library()
-    path = Path(cusolver_batched.find_library()).parents[1] / "include" / "cusolverDn.h"
-    if not path.is_file():
-        pytest.skip(f"no cusolverDn.h beside {cusolver_batched.find_library()}")
-    header = path.read_text(errors="replace")
-    for name, argtypes in cusolver_batched._SIGNATURES.items():
-        if name == "cusolverDnXsyevBatched" or name.startswith("cusolverDnXsyevBatched_"):
-            if not cusolver_batched.has_xsyev_batched():
-                continue  # cuSOLVER < 11.7.1
-        assert hasattr(lib, name), name
-        ours = ["pointer" if t is ctypes.c_void_p or hasattr(t, "contents") else t for t in argtypes]
-        assert ours == _header_argtypes(header, name), name
-
-
-def test_eigh_batched_rejects_what_it_cannot_solve():
-    with pytest.raises(ValueError, match=r"\(B, k, k\) float32/float64"):
-        cusolver_batched.eigh_batched(torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="float32/float64"):
-        cusolver_batched.eigh_batched(torch.zeros(2, 4, 4, dtype=torch.float16))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
-def test_available_says_why_not_without_a_gpu_and_never_raises(monkeypatch):
-    assert cusolver_batched.available(torch.device("cpu")) == "not a CUDA device"
-    monkeypatch.setattr(cusolver_batched, "_probed", {})
-    why = cusolver_batched.available(torch.device("cuda", 0))  # runs the selftest in a child process
-    assert why.startswith("selftest exited 1: ") and "Traceback" not in why
-    assert cusolver_batched._probed == {0: why}  # asked once per device
-
-
-def test_the_selftest_source_is_served_inside_a_bundle(tmp_path):
-    """available() hands the child its own source; in a tools/bundle.py bundle that comes from the importer."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import bundle
-    out = tmp_path / "exp10.py"
-    out.write_text(bundle.bundle(ROOT / "exp10_periodic_ses.py"))
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); import cusolver_batched as c; "
-            "print(c.__loader__.get_source('cusolver_batched') == b._BUNDLED_SOURCES['cusolver_batched'])")
-    p = subprocess.run([sys.executable, "-c", code, str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert p.stdout.strip() == "True", p.stderr[-2000:]
-
-
-class FakeCusolver:
-    """cuSOLVER's documented contract on host memory: column-major stacks (A_k(i, j) = A[i + lda*j + lda*n*k]),
-    only the lower triangle read, A overwritten with the eigenvectors by column, W ascending, info per matrix.
-    Lets eigh_batched's argument order, dtype codes and layout be checked on a CPU."""
-
-    def __init__(self):
-        self.called = []
-
-    @staticmethod
-    def _out(ref, value):
-        ref._obj.value = value
-        return 0
-
-    def cusolverDnCreate(self, ref):
-        return self._out(ref, 1)
-
-    cusolverDnCreateParams = cusolverDnCreateSyevjInfo = cusolverDnCreate
-
-    def cusolverDnSetStream(self, handle, stream):
-        return 0
-
-    @staticmethod
-    def _solve(dtype, n, A, lda, W, info, batch):
-        ctype = ctypes.c_float if dtype == np.float32 else ctypes.c_double
-        a = np.ctypeslib.as_array(ctypes.cast(A.value, ctypes.POINTER(ctype)), shape=(batch, n, lda))
-        w = np.ctypeslib.as_array(ctypes.cast(W.value, ctypes.POINTER(ctype)), shape=(batch, n))
-        status = np.ctypeslib.as_array(ctypes.cast(info.value, ctypes.POINTER(ctypes.c_int)), shape=(batch,))
-        for k in range(batch):
-            m = a[k, :, :n].T.astype(np.float64)       # a[k, j, i] = A_k(i, j)
-            m = np.tril(m) + np.tril(m, -1).T          # lower triangle only
-            lam, vec = np.linalg.eigh(m)
-            w[k], a[k, :, :n], status[k] = lam, vec.T, 0  # column j of V lies at a[k, j, :]
-        return 0
-
-    def cusolverDnXsyevBatched_bufferSize(self, h, p, jobz, uplo, n, ta, A, lda, tw, W, tc, dev, host, batch):
-        assert (jobz, uplo, ta, tw, tc) == (1, 0, ta, ta, ta) and ta in (0, 1)
-        return self._out(dev, 128) or self._out(host, 16)
-
-    def cusolverDnXsyevBatched(self, h, p, jobz, uplo, n, ta, A, lda, tw, W, tc, work, dev_bytes, host, host_bytes,
-                               info, batch):
-        self.called.append(("XsyevBatched", ta, n, batch, dev_bytes, host_bytes))
-        return self._solve(np.float32 if ta == 0 else np.float64, n, A, lda, W, info, batch)
-
-    def _syevj_size(self, h, jobz, uplo, n, A, lda, W, lwork, params, batch):
-        return self._out(lwork, 7)
-
-    cusolverDnSsyevjBatched_bufferSize = cusolverDnDsyevjBatched_bufferSize = _syevj_size
-
-    def cusolverDnSsyevjBatched(self, h, jobz, uplo, n, A, lda, W, work, lwork, info, params, batch):
-        self.called.append(("SsyevjBatched", n, batch, lwork))
-        return self._solve(np.float32, n, A, lda, W, info, batch)
-
-    def cusolverDnDsyevjBatched(self, h, jobz, uplo, n, A, lda, W, work, lwork, info, params, batch):
-        self.called.append(("DsyevjBatched", n, batch, lwork))
-        return self._solve(np.float64, n, A, lda, W, info, batch)
-
-
-class OldFakeCusolver(FakeCusolver):
-    @property
-    def cusolverDnXsyevBatched(self):  # cuSOLVER before 11.7.1 has no XsyevBatched
-        raise AttributeError("cusolverDnXsyevBatched")
-
-
-@pytest.mark.parametrize("xsyev", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_eigh_batched_passes_cusolver_the_right_arguments_and_reads_its_layout(monkeypatch, xsyev, dtype):
-    fake = FakeCusolver() if xsyev else OldFakeCusolver()
-    monkeypatch.setattr(cusolver_batched, "library", lambda: fake)
-    monkeypatch.setattr(cusolver_batched, "_handles", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    x = torch.randn(3, 24, 10, dtype=torch.float64)
-    a = x @ x.transpose(-2, -1) + torch.diag_embed(torch.arange(24.0, dtype=torch.float64))  # distinct eigenvalues
-    a[:, 5, 0] += 100.0  # junk where uplo = lower does not look: column-major upper = row-major lower
-    w, v, info = cusolver_batched.eigh_batched(a.to(dtype))
-    sym = torch.triu(a) + torch.triu(a, 1).transpose(-2, -1)
-    assert fake.called[0][0] == ("XsyevBatched" if xsyev else ("SsyevjBatched" if dtype == torch.float32 else "DsyevjBatched"))
-    assert w.dtype == v.dtype == dtype and info.tolist() == [0, 0, 0]
-    tol = 1e-3 if dtype == torch.float32 else 1e-9
-    assert torch.allclose(w.double(), torch.linalg.eigvalsh(sym), atol=tol * sym.abs().max().item())
-    # v[b, :, i] is the i-th eigenvector: A v = v diag(w)
-    assert torch.allclose((sym @ v.double()), v.double() * w.double().unsqueeze(-2), atol=tol * sym.abs().max().item())
+    assert asked == [(1, 8)]  # the probe is asked about the real padded stack (B, k)
 
 
 def test_ranks_agree_on_the_route_fastest_on_their_slowest_rank():
     per_rank = [{"float64": 1.0, "host": 2.0, "batched32": 0.1}, {"float64": 3.0, "host": 2.5}]
-    assert ses_solvers.common_route(per_rank) == "host"  # batched32 is missing on rank 1
+    assert ses_solvers.common_route(per_rank) == ("host", None)  # batched32 is missing on rank 1; no float32 timed
     assert ses_solvers.common_route([{}, {}]) is None and ses_solvers.common_route([]) is None
+    assert ses_solvers.common_route([{"float32": 1.0}, {"float64": 1.0}]) == ("float64", None)  # nothing shared
 
 
 def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
     import ses_core
-    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: ("float64", {"float64": 1.0, "host": 2.0}, {}))
+    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: ses_solvers.Choice("float64", {"float64": 1.0, "host": 2.0}, {}, None))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
     seen = []
@@ -254,4 +104,96 @@ def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
     ses.begin_step()
     model(torch.randn(32, 8))
     ses.penalty().backward()
-    assert ses.solver == "host" and seen == [{"float64": 1.0, "host": 2.0}]
+    assert ses.solver == "host" and seen == [{"float64": 1.0, "host": 2.0}] and ses.solver_margin is None
+
+
+@pytest.mark.parametrize("timings,route,margin", [
+    ({"float32": 10.0, "padded": 9.5, "batched32": 9.2}, "float32", 0.08),   # the best saves 8 %: float32 kept
+    ({"float32": 10.0, "padded": 9.0}, "padded", 0.10),                      # exactly 10 %: enough
+    ({"float32": 10.0, "padded": 5.0, "batched32": 2.5}, "batched32", 0.75),
+    ({"float32": 10.0, "padded": 12.0}, "float32", -0.2),
+    ({"float32": 10.0}, "float32", None),
+    ({"padded": 3.0, "host": 2.0}, "host", None),                             # float32 left out: the fastest
+    ({}, "float64", None),
+])
+def test_auto_keeps_float32_unless_another_route_is_at_least_10_percent_faster(timings, route, margin):
+    got, m = ses_solvers.choose_route(timings)
+    assert got == route and (m is None if margin is None else m == pytest.approx(margin))
+
+
+def test_the_common_route_is_the_rule_on_the_slowest_rank_and_the_same_whatever_the_order():
+    fast, slow = {"float32": 10.0, "padded": 6.0, "host": 30.0}, {"float32": 11.0, "padded": 10.5, "host": 12.0}
+    assert ses_solvers.common_route([fast, slow]) == ("float32", pytest.approx(1 - 10.5 / 11.0))  # 5 % on the slow one
+    assert ses_solvers.common_route([slow, fast]) == ses_solvers.common_route([fast, slow])
+    slow["padded"] = 9.0  # now 18 % faster on the slowest rank
+    assert ses_solvers.common_route([fast, slow])[0] == "padded"
+    assert ses_solvers.common_route([{"float32": 1.0, "a": 0.5, "b": 0.5}]) == ("a", 0.5)  # ties: by name
+
+
+class FakeEvent:
+    """torch.cuda.Event's timing interface, logging what is done when; 40 ms from start to end."""
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+        log.append(f"new {name}")
+
+    def record(self, stream=None):
+        self.log.append(f"record {self.name}")
+
+    def synchronize(self):
+        self.log.append(f"wait {self.name}")
+
+    def elapsed_time(self, end):
+        self.log.append("elapsed")
+        return 40.0
+
+
+def test_time_route_times_back_to_back_reps_between_two_events_with_one_wait(monkeypatch):
+    log, real, names = [], ses_solvers.entropies_of_grams, iter(["start", "end"] * 2)
+
+    def entropies(grams, solver):
+        log.append("forward")
+        hs = real(grams, solver)
+        hs[0].register_hook(lambda g: log.append("backward"))
+        return hs
+    monkeypatch.setattr(ses_solvers, "entropies_of_grams", entropies)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: log.append("sync"))
+    grams = [_centred_gram(torch.randn(16, d)) for d in (4, 8)]
+    seconds, hs = ses_solvers.time_route(grams, "float64", reps=4, event=lambda: FakeEvent(log, next(names)))
+    assert log == ["forward", "backward", "new start", "new end", "record start"] + ["forward", "backward"] * 4 \
+        + ["record end", "wait end", "elapsed"]  # a warm-up rep, then no sync between the two records
+    assert seconds == pytest.approx(0.040 / 4) and len(hs) == 2 and not hs[0].requires_grad
+    log.clear()
+    ses_solvers.time_route(grams, "float64", reps=1, event=lambda: FakeEvent(log, next(names)), warmup=False)
+    assert log[:3] == ["new start", "new end", "record start"]
+    with pytest.raises(ValueError, match="reps"):
+        ses_solvers.time_route(grams, "float64", reps=0)
+
+
+def test_pick_solver_records_every_route_and_never_raises_when_the_batched_probe_fails(monkeypatch, cpu_cusolver):
+    """The CUDA path of auto run on the CPU (host-clock events): available() raising is a reason, not an error."""
+    def broken(device, shape=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(cusolver_batched, "available", broken)
+    monkeypatch.setattr(ses_solvers, "timed_here", lambda device: True)
+    grams = [_centred_gram(torch.randn(32, d)) for d in (8, 16, 16)]
+    with torch.no_grad():
+        choice = ses_solvers.pick_solver(grams, reps=1, rounds=1)
+    assert set(choice.timings) == {"float32", "float64", "host", "padded"} and all(t > 0 for t in choice.timings.values())
+    assert choice.rejected == {r: "RuntimeError: CUDA error: an illegal memory access was encountered"
+                               for r in ("batched32", "batched64")}
+    t32, best = choice.timings["float32"], min(t for r, t in choice.timings.items() if r != "float32")
+    assert choice.margin == pytest.approx(1 - best / t32)
+    assert (choice.route == "float32") == (best > 0.9 * t32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_every_route_agrees_with_lapack_and_auto_records_its_choice():
+    grams = [_centred_gram(torch.randn(256, d, device="cuda")) for d in R18_DIMS]  # padded stack (8, 256)
+    with torch.no_grad():
+        choice = ses_solvers.pick_solver(grams)
+    assert "float32" in choice.timings and set(choice.timings) | set(choice.rejected) == set(ses_solvers.SOLVERS[1:])
+    assert choice.route == "float32" or choice.timings[choice.route] <= 0.9 * choice.timings["float32"]
+    hs = {r: torch.stack(ses_solvers.forward_backward(grams, r)).cpu() for r in choice.timings}
+    for r, h in hs.items():
+        assert torch.allclose(h, hs["host"], atol=1e-3), r
