@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 import multigpu
-from config import DEFAULTS, resolve_config
+from config import DEFAULTS, resolve_config, run_name
 from data_utils import DataError
 from models import LayerError, resolve_layers
 from registry import make_registry
 from preflight import preflight
 from files import write_json
-from sweep import Interrupted, format_table, run_sweep, summarize
+from runs import RunError
+from sweep import Interrupted, experiment_dir, force_restart, format_table, run_sweep, selected_runs, summarize
 from training import AMP_MODES
 
 
@@ -145,18 +146,63 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
     return p
 
 
-def run_workers(parser, experiment: str, grid: dict, args, argv) -> int:
-    """--devices: this command once per device, as child processes sharing the out-dir and its claims."""
+def strip_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
+    """argv without the given flags (flag -> whether it takes a value), in both spellings
+    (`--devices all` and `--devices=all`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in flags:
+            skip = flags[name] and "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def worker_devices(spec: str) -> list[tuple[str, str, dict]]:
+    """--devices LIST -> (name, the --device of each worker, its environment changes). Each CUDA worker
+    sees only its own GPU (CUDA_VISIBLE_DEVICES), as cuda:0, so nothing it loads touches another card."""
     n = torch.cuda.device_count()
-    devices = [f"cuda:{i}" for i in range(n)] if args.devices == "all" else args.devices.split(",")
-    if not devices or any(d.startswith("cuda") and not torch.cuda.is_available() for d in devices):
-        parser.error(f"argument --devices: {args.devices!r}: this machine has {n} GPU(s)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    i = argv.index("--devices")
-    base = argv[:i] + argv[i + 2:]
-    base = [a for j, a in enumerate(base) if a != "--device" and (j == 0 or base[j - 1] != "--device")]
-    procs = [subprocess.Popen([sys.executable, sys.argv[0], *base, "--device", d]) for d in devices]
-    print(f"{len(procs)} workers on {', '.join(devices)} share {args.out_dir}")
+    names = [f"cuda:{i}" for i in range(n)] if spec == "all" else [d.strip() for d in spec.split(",") if d.strip()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(n)]
+    out = []
+    for name in names:
+        dev = torch.device(name)  # raises RuntimeError on a bad name
+        if dev.type != "cuda":
+            out.append((name, name, {}))
+            continue
+        index = dev.index or 0
+        if index >= n:
+            raise ValueError(f"{name}: this machine has {n} GPU(s)")
+        out.append((name, "cuda:0", {"CUDA_VISIBLE_DEVICES": physical[index]}))
+    return out
+
+
+def run_workers(parser, experiment: str, grid: dict, args, argv, cfgs: list[dict]) -> int:
+    """--devices: this command once per device, as child processes sharing the out-dir and its
+    claims. --force is done here, once, before they start; a worker killed or failed is an error."""
+    try:
+        devices = worker_devices(args.devices)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"argument --devices: {args.devices!r}: {e}")
+    if not devices:
+        parser.error(f"argument --devices: {args.devices!r} names no device")
+    exp_dir = experiment_dir(args, experiment)
+    if args.force:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            force_restart(exp_dir, [run_name(cfg) for cfg in cfgs])
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    base = strip_flags(list(sys.argv[1:] if argv is None else argv), {"--devices": True, "--device": True, "--force": False})
+    procs = [subprocess.Popen([sys.executable, sys.argv[0], *base, "--device", dev], env={**os.environ, **env})
+             for _, dev, env in devices]
+    print(f"{len(procs)} workers on {', '.join(name for name, _, _ in devices)} share {args.out_dir}")
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -164,12 +210,15 @@ def run_workers(parser, experiment: str, grid: dict, args, argv) -> int:
             p.wait()
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    exp_dir = Path(args.out_dir) / ("smoke" if args.smoke else "synthetic" if args.synthetic else "") / experiment
     if exp_dir.is_dir():
         summary = summarize(exp_dir, list(grid))
         write_json(exp_dir / "summary.json", summary)
         print(format_table(summary["runs"]))
-    return max(codes)
+    bad = [(i, c) for i, c in enumerate(codes) if c != 0]
+    for i, code in bad:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        print(f"error: the worker on {devices[i][0]} {how}; rerun the same command to finish its runs", file=sys.stderr)
+    return 0 if not bad else max(1, max(c for _, c in bad))
 
 
 def check_layers_flag(parser, experiment, grid, setup, args, overrides, reg) -> None:
@@ -209,10 +258,7 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
     if multigpu.launched() and args.devices:
         parser.error("argument --devices: starts one worker per GPU by itself; under torchrun leave it out")
-    world, args.device = multigpu.init(args.device)
-    if not world.main:  # under torchrun, rank 0 alone prints (errors still reach stderr)
-        sys.stdout = open(os.devnull, "w")
-    if args.device == "cpu" and not explicit_device and not (args.smoke or args.preflight):
+    if args.device == "cpu" and not explicit_device and not (args.smoke or args.preflight or args.devices):
         parser.exit(2, f"{experiment}.py: no GPU on this machine: a real run of the full grid on the CPU would take "
                        f"days{'' if args.synthetic else ' (after downloading the data)'}. Use --smoke for the "
                        f"end-to-end test on tiny data, --preflight to measure, or --device cpu to train here anyway\n")
@@ -220,24 +266,29 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
     keys += [kw["dest"] for kw in (extra_flags or {}).values()]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     reg = make_registry(**registry)
-    for note in override_notes(grid, setup, args.configs, overrides):
-        print(note)
-    if args.devices:
-        return run_workers(parser, experiment, grid, args, argv)
     if args.layers:
         check_layers_flag(parser, experiment, grid, setup, args, overrides, reg)
+    if args.devices:
+        for note in override_notes(grid, setup, args.configs, overrides):
+            print(note)
+        return run_workers(parser, experiment, grid, args, argv, selected_runs(experiment, grid, setup, args, overrides))
+    world, args.device = multigpu.init(args.device)
+    if not world.main:  # under torchrun, rank 0 alone prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    for note in override_notes(grid, setup, args.configs, overrides):
+        print(note)
+    clean = False
     try:
-        if args.preflight:
-            return preflight(experiment, grid, setup, args, overrides, reg)
-        return run_sweep(experiment, grid, setup, args, overrides, reg)
-    except Interrupted:
+        code = (preflight(experiment, grid, setup, args, overrides, reg) if args.preflight
+                else run_sweep(experiment, grid, setup, args, overrides, reg))
+        clean = True
+        return code
+    except (Interrupted, KeyboardInterrupt):
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except (DataError, ValueError) as e:
+    except (DataError, RunError, ValueError) as e:
+        clean = True  # raised alike on every rank (data and settings are agreed)
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        multigpu.finish()
+        multigpu.finish(clean)

@@ -22,15 +22,17 @@ DEFAULTS = dict(
     noise_sigmas=[0.05, 0.1], fgsm_eps=[1 / 255, 2 / 255], rob_sigma=0.1,
     train_eval_size=10_000, val_size=0, baseline_config="baseline",
 )
-# --smoke: the same code path on tiny generated data; a script's SETUP["smoke"] may shrink further.
-SMOKE = dict(epochs=2, batch_size=32, eval_batch_size=64, attack_batch_size=32, n_train=96, n_test=64)
-SMOKE_KEYS = ("epochs", "batch_size", "eval_batch_size", "attack_batch_size", "val_size")
+# --smoke: the same code path on tiny generated data (n_train / n_test samples, two steps an epoch);
+# a script's SETUP["smoke"] may shrink further (the generated images' size, model widths), never the
+# code path.
+SMOKE = dict(epochs=2, batch_size=8, eval_batch_size=8, attack_batch_size=8, n_train=16, n_test=8, image_size=16)
+SIZE_KEYS = ("n_train", "n_test", "image_size")  # of the generated data, not settings of the run
 
 
 def smoke_settings(setup: dict) -> dict:
-    """The settings --smoke puts over a config, plus `smoke_sizes` (n_train, n_test)."""
+    """The settings --smoke puts over a config, plus `smoke_sizes` (n_train, n_test, image_size)."""
     sizes = {**SMOKE, **setup.get("smoke", {})}
-    return dict({k: sizes[k] for k in SMOKE_KEYS if k in sizes}, smoke_sizes=sizes)
+    return dict({k: v for k, v in sizes.items() if k not in SIZE_KEYS}, smoke_sizes=sizes)
 
 
 def resolve_config(experiment: str, setup: dict, grid: dict, config: str, seed: int,

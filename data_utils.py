@@ -264,19 +264,42 @@ def to_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def make_mixer(kind: str, num_classes: int, alpha: float = 1.0):
+class SeededMixer:
+    """Mixup/CutMix drawing its lambda and box from a CPU generator of its own (seeded by the run's
+    seed, checkpointed with state_dict), not from the global RNG: so under torchrun every rank mixes
+    its global batch alike while dropout draws per-rank streams from the global RNGs."""
+
+    def __init__(self, transform, seed: int):
+        self.transform = transform
+        self.state = torch.Generator().manual_seed(seed).get_state()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        with torch.random.fork_rng(devices=[]):  # the global CPU RNG is untouched outside this block
+            torch.set_rng_state(self.state)
+            out = self.transform(x, y)
+            self.state = torch.get_rng_state()
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state["rng"]
+
+
+def make_mixer(kind: str, num_classes: int, alpha: float = 1.0, seed: int = 0):
     """None, or a callable (x, y) -> (x_mixed, soft_targets (B, num_classes)) on the device batch.
 
-    torchvision.transforms.v2.MixUp / CutMix draw their lambda and box from the global torch RNG,
-    which the harness seeds and checkpoints. Soft targets go straight into F.cross_entropy.
+    torchvision.transforms.v2.MixUp / CutMix, their lambda and box drawn from a generator seeded by
+    `seed` (SeededMixer). Soft targets go straight into F.cross_entropy.
     """
     if kind in (None, "", "none"):
         return None
     from torchvision.transforms import v2
     if kind == "mixup":
-        return v2.MixUp(alpha=alpha, num_classes=num_classes)
+        return SeededMixer(v2.MixUp(alpha=alpha, num_classes=num_classes), seed)
     if kind == "cutmix":
-        return v2.CutMix(alpha=alpha, num_classes=num_classes)
+        return SeededMixer(v2.CutMix(alpha=alpha, num_classes=num_classes), seed)
     raise ValueError(f"unknown mix {kind!r}; use none, mixup or cutmix")
 
 

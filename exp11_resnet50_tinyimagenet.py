@@ -19,7 +19,7 @@ import sys
 from cli import run_experiment
 
 SETUP = dict(dataset="tinyimagenet", model="resnet50", layers="layer4+avgpool",
-             smoke=dict(batch_size=8, eval_batch_size=16, n_train=16, n_test=16))  # R50 at 64x64: ~1 s/img on 2 CPU cores
+             smoke=dict(batch_size=4, eval_batch_size=4, attack_batch_size=4, n_train=8, n_test=4))  # R50: slow on a CPU
 GRID = {
     "baseline": dict(ses=False),
     "ses_k1": dict(ses=True, every=1),

@@ -37,7 +37,9 @@ SETUP = dict(model="perceiver", layers="latents", optimizer="lamb", weight_decay
              scheduler="multistep", milestones=[84, 102, 114], schedule_epochs=120, eval_batch_size=256,
              attention_every=10, weight_sharing="paper", pooling="mean", use_learned_pe=False,
              permute_pixels=False, permute_seed=42, permute_order="after_pe",
-             smoke=dict(batch_size=2, eval_batch_size=4, n_train=8, n_test=4, val_size=4))  # all 6 runs < 1 min on 2 cores
+             # --smoke: the same model code at small widths (the real ones cost seconds per CPU step)
+             smoke=dict(batch_size=2, eval_batch_size=4, n_train=8, n_test=4, val_size=4, num_latents=16, latent_dim=48,
+                        num_transformer_blocks=2))
 CIFAR10 = dict(dataset="cifar10", num_bands=64, max_freq=32.0, num_latents=96, latent_dim=384,
                num_cross_attend_stages=4, num_transformer_blocks=4, num_heads=3, dropout=0.2,
                lr=0.004, batch_size=64, val_size=5000)

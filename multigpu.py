@@ -14,20 +14,36 @@ average over W ranks leaves exactly ∂R/∂θ: the penalty and its gradient equ
 ones at the same global batch (tested with gloo). The CE of each shard is its own mean; DDP's
 average of those is the global mean (equal shards: B must divide by W).
 
-BatchNorm: converted to SyncBatchNorm on CUDA, so its statistics are those of the global batch
+BatchNorm: converted to SyncBatchNorm on CUDA before the SES hooks are attached (so a hook on a
+BatchNorm module sits on the module that runs), so its statistics are those of the global batch
 and a W-GPU run is the single-GPU algorithm the paper's numbers come from (per-GPU statistics over
 B/W rows would change both the regularisation and the activations SES measures). The cost is one
-all-reduce per BN layer in forward and backward. torch has no SyncBatchNorm on the CPU, so gloo
-runs (the tests) keep per-process BN. Dropout masks repeat across ranks (all RNGs are seeded
-alike so that augmentation and Mixup agree); the ResNets have no dropout. SES's "auto" solver
-route is agreed: each rank times the routes, and all take the one fastest on the slowest rank.
+all-reduce per BN layer in forward and backward, and torch.compile breaks its graph at each
+SyncBatchNorm. torch has no SyncBatchNorm on the CPU, so gloo runs (the tests) keep per-process BN.
+
+Randomness: the model is initialised from the run's seed on every rank (DDP also broadcasts rank 0's
+weights), batch order and augmentation come from the loader's own (seed, epoch) generator, and
+Mixup/CutMix draw from a generator of their own (data_utils.SeededMixer): all identical on every
+rank. The global RNGs (CPU and CUDA), which dropout draws from, get one stream per rank
+(seed_rank: rank 0 keeps the single-process stream), so the shards draw independent dropout masks,
+as one process drawing for the whole batch would; every rank's RNG state is checkpointed.
+
+Agreement: whatever all ranks must decide alike is decided once and shared. Rank 0 reads the run
+folder (finished? claimed? settings? checkpoint readable?) and broadcasts; a stage without
+collectives inside (data loading, building a run, evaluation, the final metrics) runs under
+agree(), which shares every rank's outcome, so a failure on one rank fails that run on all of them
+(AgreedError) and the sweep goes on with the next run. A non-finite loss is agreed inside the
+training loop (an all-reduce). Any other failure inside a training epoch leaves the other ranks in
+a collective: that rank ends the job (torchrun stops the others) and the same command resumes.
+Collectives time out after SES_DIST_TIMEOUT_S seconds (default 7200), long enough for a first
+download of the data by another process.
 
 Only rank 0 writes files and prints; every rank evaluates (the same numbers, in parallel, so no
-rank waits at a collective for minutes). A failure on any rank ends the job (torchrun stops the
-others); rerunning the command resumes from the last checkpoint, which also resumes on one GPU.
+rank waits at a collective for minutes). Checkpoints resume under torchrun or on one GPU alike.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -59,9 +75,27 @@ def init(device: str) -> tuple[World, str]:
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    join("nccl" if cuda else "gloo")
     return current(), device
+
+
+def join(backend: str, **kwargs) -> None:
+    """init_process_group(backend, timeout=timeout(), **kwargs), so that finish() can tear it down.
+
+    torch._dynamo is imported first: imported after the group exists (DistributedDataParallel's
+    constructor imports it), it keeps references to the default group that destroy_process_group
+    cannot drop (seen with torch 2.14: gloo's pt_gloo_runloop and gloo_tcp_loop threads keep running
+    after destroy_process_group). The group then dies only during interpreter shutdown, with its
+    threads still running, which is where gloo aborts a process ("terminate called without an
+    active exception"). Imported before, destroy_process_group stops those threads (tested)."""
+    import torch._dynamo  # noqa: F401 - see above
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout(), **kwargs)
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective waits for the slowest rank (SES_DIST_TIMEOUT_S, default 2 h)."""
+    return datetime.timedelta(seconds=float(os.environ.get("SES_DIST_TIMEOUT_S", 7200)))
 
 
 def current() -> World:
@@ -134,17 +168,69 @@ def barrier() -> None:
         dist.barrier()
 
 
+def seed_rank(seed: int) -> None:
+    """Give this rank its own stream of the global RNGs (dropout); rank 0 keeps the single-process one."""
+    if current().rank > 0:
+        torch.manual_seed(seed * 1_000_003 + current().rank)  # also seeds every CUDA device
+
+
+def uses_sync_batchnorm(device: torch.device) -> bool:
+    return current().size > 1 and device.type == "cuda"
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model with SyncBatchNorm for every BatchNorm when several CUDA ranks run (call it before
+    attaching hooks: the conversion replaces the BatchNorm modules), else the model itself."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if uses_sync_batchnorm(device) else model
+
+
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel (with SyncBatchNorm on CUDA) when several ranks run, else the model."""
+    """DistributedDataParallel when several ranks run, else the model."""
     if current().size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    if device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return DistributedDataParallel(model, device_ids=[device.index])
-    return DistributedDataParallel(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def finish() -> None:
+class AgreedError(RuntimeError):
+    """A stage failed on another rank (of an exception class that cannot be rebuilt from its message)."""
+
+
+def agree(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every rank, then every rank's outcome shared. If it raised on any
+    rank, every rank raises: the failing rank its own exception, the others the same exception
+    class with that rank's message, each marked `agreed = True` (so each rank records the same
+    failure and goes on to the next run together). In one process: just fn. Only for stages with
+    no collective inside: a rank that fails must not leave the others waiting in one.
+    KeyboardInterrupt and SystemExit are never caught."""
+    if current().size == 1:
+        return fn(*args, **kwargs)
+    try:
+        out, failure, error = fn(*args, **kwargs), None, None
+    except Exception as e:  # noqa: BLE001 - shared below, raised on every rank
+        out, error = None, e
+        failure = (type(e), str(e).strip().splitlines()[0] if str(e).strip() else "")
+    outcomes = gather_objects(failure)
+    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
+    if not failed:
+        return out
+    if error is None:
+        rank, (cls, msg) = failed[0]
+        try:
+            error = cls(f"{msg} (on rank {rank})")
+        except Exception:  # noqa: BLE001 - a class that takes other arguments
+            error = AgreedError(f"{cls.__name__}: {msg} (on rank {rank})")
+    error.agreed = True
+    raise error
+
+
+def finish(clean: bool = True) -> None:
+    """Leave the process group. After a clean end every rank first meets the others at a barrier,
+    so no rank tears down its communicator while another still talks to it; after a failure (the
+    others may be inside a collective, or gone) it leaves at once."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +21,13 @@ from pathlib import Path
 import torch
 
 from config import resolve_config
-from data_utils import device_name, load_data
+from data_utils import device_name
 from evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
 import multigpu
-from runs import build_run, save_checkpoint, sync
+from checkpoints import save_checkpoint
+from runs import build_run, sync
 from ses_solvers import describe_choice
+from sweep import dataset_for
 from training import train_epoch
 
 GiB = 2 ** 30
@@ -58,12 +61,12 @@ def time_chunk(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | None = None) -> dict:
+def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | None = None, warmup: int = 10) -> dict:
     run = build_run(cfg, data, device, reg, compile_backend)
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step_s = time_steps(run, steps)
+        step_s = time_steps(run, steps, warmup)
         peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -112,6 +115,10 @@ def fmt_mem(b, total) -> str:
 
 
 def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, reg, steps: int = 30) -> int:
+    """The preflight table of every selected config; 1 if any config failed or does not fit.
+    With --smoke (a CPU check of the preflight itself) 1 warm-up and 2 timed steps, not 10 and 30."""
+    warmup = 1 if args.smoke else 10
+    steps = 2 if args.smoke else steps
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -121,32 +128,28 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     rows, data_cache, base_cache, worst = [], {}, {}, 0
     for config in args.configs:
         cfg, _ = resolve_config(experiment, setup, grid, config, args.seeds[0], args.smoke, overrides)
-        key = cfg["dataset"]
-        if key not in data_cache:
-            data_cache.clear()
-            info = dict(reg.datasets[key])
-            generated = ((cfg["smoke_sizes"]["n_train"], cfg["smoke_sizes"]["n_test"]) if args.smoke
-                         else info.get("sizes") if args.synthetic else None)
-            data_cache[key] = load_data(key, info, device, args.data_dir, not args.no_download, generated,
-                                        reg.datasets)
-        data = data_cache[key]
+        data = dataset_for(cfg, args, reg, data_cache, device)
         try:
-            m = measure(cfg, data, device, reg, steps, args.compile)
+            m = measure(cfg, data, device, reg, steps, args.compile, warmup)
             if cfg["ses"]:
                 twin = dict(cfg, ses=False)
                 tkey = repr(sorted((k, str(v)) for k, v in twin.items() if k not in ("config", "variant")))
                 if tkey not in base_cache:
-                    base_cache[tkey] = measure(twin, data, device, reg, steps, args.compile)["step_s"]
+                    base_cache[tkey] = measure(twin, data, device, reg, steps, args.compile, warmup)["step_s"]
                 m["overhead"] = m["step_s"] / base_cache[tkey] - 1
-        except torch.OutOfMemoryError:
-            print(f"  {config}: OUT OF MEMORY at batch {cfg['batch_size']} / attack chunk "
-                  f"{cfg['attack_batch_size']}: lower --batch-size or --attack-batch-size")
-            worst = 1
-            torch.cuda.empty_cache()
-            continue
         except Exception as e:  # noqa: BLE001 - one config's problem is one line, the others still run
-            print(f"  {config}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            if isinstance(e, torch.OutOfMemoryError):
+                print(f"  {config}: OUT OF MEMORY at batch {cfg['batch_size']} / attack chunk "
+                      f"{cfg['attack_batch_size']}: lower --batch-size or --attack-batch-size")
+                torch.cuda.empty_cache()
+            else:
+                print(f"  {config}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
             worst = 1
+            if multigpu.current().size > 1 and not getattr(e, "agreed", False):
+                # this rank alone failed, where the others may wait in a collective: they cannot go on in step
+                print(f"error: rank {multigpu.current().rank} failed during the preflight of {config}; under torchrun "
+                      f"the preflight ends here", file=sys.stderr)
+                raise SystemExit(1) from None
             continue
         if m.get("note"):
             print(f"  {config}: {m['note']}")

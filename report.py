@@ -86,7 +86,8 @@ def t975(df: int) -> float:
 
 
 def paired_delta(results: list[dict], twin: list[dict], metric: str):
-    """(mean, (lo, hi) or None, n) of the per-seed differences in percentage points, seeds paired."""
+    """(mean, (lo, hi) or None, n) of the per-seed differences in percentage points, seeds paired:
+    n counts the pairs (seeds both have), which can be fewer than either side's runs."""
     by_seed = {r["seed"]: r[metric] for r in twin}
     deltas = [100 * (r[metric] - by_seed[r["seed"]]) for r in results if r["seed"] in by_seed]
     if not deltas:
@@ -98,10 +99,34 @@ def paired_delta(results: list[dict], twin: list[dict], metric: str):
     return mu, (mu - half, mu + half), len(deltas)
 
 
+def setting(r: dict) -> str:
+    """How a run ran: precision, device, process count (runs of several machines can meet in one folder)."""
+    procs = r.get("processes") or 1
+    return f"{r.get('amp', '?')} on {r.get('device', '?')}" + (f" x{procs} processes" if procs > 1 else "")
+
+
+def mix_of(results: list[dict]) -> str | None:
+    """'bf16 on NVIDIA L40S (2), fp16 on Tesla T4 (1)' when the runs ran differently, else None."""
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[setting(r)] = counts.get(setting(r), 0) + 1
+    return ", ".join(f"{k} ({v})" for k, v in sorted(counts.items())) if len(counts) > 1 else None
+
+
+def pair_mix(results: list[dict], twin: list[dict]) -> str | None:
+    """Where a config's runs and its twin's, seed by seed, ran differently: 'seed 0: fp16 on T4 vs bf16 on L40S'."""
+    by_seed = {r["seed"]: r for r in twin}
+    diffs = [f"seed {r['seed']}: {setting(r)} vs {setting(by_seed[r['seed']])}" for r in results
+             if r["seed"] in by_seed and setting(r) != setting(by_seed[r["seed"]])]
+    return "; ".join(diffs) or None
+
+
 def summarize(runs: dict[str, list[dict]], reference: dict, kind: str | None = None) -> list[dict]:
     """One row per variant: means/stds in percent, and the Δ against the config's twin (its
-    `baseline_config`, with the same overrides) paired by seed, with a 95 % CI when n >= 2.
-    A paper figure is shown only for a real run whose settings are the config's own."""
+    `baseline_config`, with the same overrides) paired by seed, with a 95 % CI when n >= 2 and its
+    own n (pairs). `mixed` / `pair_mixed` say where the row's runs, or its pairs, differ in
+    precision, device or process count. A paper figure is shown only for a real run whose
+    settings are the config's own."""
     rows = []
     for variant, results in runs.items():
         config = results[0]["config"]
@@ -117,6 +142,8 @@ def summarize(runs: dict[str, list[dict]], reference: dict, kind: str | None = N
         row["vs"] = twin_variant if twin else None
         row["d_acc"] = paired_delta(results, twin, "acc") if twin else None
         row["d_rob"] = paired_delta(results, twin, "rob") if twin else None
+        row["mixed"] = mix_of(results)
+        row["pair_mixed"] = pair_mix(results, twin) if twin else None
         row["paper"] = reference.get(config) if (kind is None and variant == config) else None
         rows.append(row)
     return rows

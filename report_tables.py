@@ -63,6 +63,31 @@ def fmt_paper(p) -> str:
     return text + (f" ({fmt_overhead(p['overhead'])})" if p.get("overhead") is not None else "")
 
 
+def delta_n(r: dict) -> int | None:
+    """The number of seed pairs behind the row's Δ, where it is fewer than the row's runs."""
+    d = r.get("d_acc")
+    return d[2] if d is not None and d[2] != r["n"] else None
+
+
+def marks(r: dict, tex: bool = False) -> str:
+    """† the row's runs ran differently (precision, device, processes); ‡ its pairs with the twin did."""
+    dagger, ddagger = ("$^\\dagger$", "$^\\ddagger$") if tex else (" †", " ‡")
+    return (dagger if r.get("mixed") else "") + (ddagger if r.get("pair_mixed") else "")
+
+
+def mix_notes(rows: list[dict], tex: bool = False) -> list[str]:
+    """One line per † / ‡ mark: what the runs of that row, or of its pairs, ran on."""
+    esc = tex_escape if tex else (lambda text: text)
+    notes = []
+    for r in rows:
+        name = tex_escape(r["config"]) if tex else f"`{r['config']}`"
+        if r.get("mixed"):
+            notes.append(("$^\\dagger$" if tex else "†") + f" {name} averages runs that ran differently: {esc(r['mixed'])}.")
+        if r.get("pair_mixed"):
+            notes.append(("$^\\ddagger$" if tex else "‡") + f" {name} vs its twin: {esc(r['pair_mixed'])}.")
+    return notes
+
+
 def markdown(experiments: dict, tables: dict, kind: str | None = None) -> str:
     out = ["# SES results" + (f" ({kind.upper()}: not paper numbers)" if kind else ""), ""]
     out += [f"**{KIND_NOTE[kind]}**", ""] if kind else []
@@ -72,15 +97,21 @@ def markdown(experiments: dict, tables: dict, kind: str | None = None) -> str:
             "measured under the paper's own definition. gap = train_acc − acc. Δ = per-seed difference against the "
             "config's twin (`mixup_ses` vs `mixup`, `ses` vs `baseline`), in percentage points: mean, and the 95 % "
             "Student-t interval (n − 1) when n ≥ 2; ~0 marks an interval containing 0 (within seed noise). "
-            "overhead = median epoch time ÷ the twin's − 1.", ""]
+            "overhead = median epoch time ÷ the twin's − 1. n = runs; where fewer seeds pair with the twin, "
+            "n says `3 (Δ: 2)`: the Δ stands on 2 pairs. † a row averages runs of different precision, device "
+            "or process count; ‡ a row's runs and its twin's differ so (listed under the table).", ""]
     for exp, rows in tables.items():
         out += [f"## {exp}", "", CAPTIONS.get(exp, ""), "",
                 "| config | n | acc (%) | rob (%) | gap (pp) | Δ acc | Δ rob | overhead | paper acc / rob |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            out.append(f"| {r['config']} | {r['n']} | {fmt_ms(r['acc'])} | {fmt_ms(r['rob'])} | {fmt_ms(r['gap'])} | "
+            n = f"{r['n']}" + (f" (Δ: {delta_n(r)})" if delta_n(r) else "")
+            out.append(f"| {r['config']}{marks(r)} | {n} | {fmt_ms(r['acc'])} | {fmt_ms(r['rob'])} | {fmt_ms(r['gap'])} | "
                        f"{fmt_delta(r['d_acc'])} | {fmt_delta(r['d_rob'])} | {fmt_overhead(r['overhead'])} | "
                        f"{fmt_paper(r['paper'])} |")
+        notes = mix_notes(rows)
+        if notes:
+            out += [""] + notes
         if experiments[exp]["unfinished"]:
             out += ["", f"Unfinished (not averaged in): {', '.join(experiments[exp]['unfinished'])}"]
         if experiments[exp]["failed"]:
@@ -107,7 +138,8 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
     """The body rows of one table (a paper row under each of our rows that has a paper figure)."""
     body = []
     for r in rows:
-        body.append([tex_config(r["config"]), str(r["n"]), fmt_ms(r["acc"], True), fmt_ms(r["rob"], True),
+        n = f"{r['n']}/{delta_n(r)}" if delta_n(r) else str(r["n"])
+        body.append([tex_config(r["config"]) + marks(r, True), n, fmt_ms(r["acc"], True), fmt_ms(r["rob"], True),
                      fmt_ms(r["gap"], True), fmt_delta(r["d_acc"], True), fmt_delta(r["d_rob"], True),
                      fmt_overhead(r["overhead"], True)])
         p = r.get("paper")
@@ -130,6 +162,8 @@ def caption(exp: str, rows: list[dict], kind: str | None) -> str:
             f"$\\Delta$: paired per-seed difference vs.\\ the config's twin in percentage points"
             + ("" if n_seeds == [1] else ", $\\pm$ the half-width of its 95\\,\\% $t$-interval ($^\\circ$: the "
                                          "interval contains 0)")
+            + (". $n$: runs, and after a slash the seed pairs behind $\\Delta$ where fewer" if any(delta_n(r) for r in rows)
+               else "")
             + ". Ovh.: training time per epoch vs.\\ the twin; \\textit{paper}: the paper's figures.")
     return f"{kind.upper()} RESULTS, NOT PAPER NUMBERS. " + text if kind else text
 
@@ -142,7 +176,11 @@ def latex(experiments: dict, tables: dict, kind: str | None = None) -> str:
                 f"\\begin{{tabular}}{{@{{}}p{{{CONFIG_COL_PT:g}pt}}rrrrrrr@{{}}}}",
                 "\\toprule", " & ".join(HEADER) + " \\\\", "\\midrule"]
         out += [" & ".join(cells) + " \\\\" for cells in table_cells(rows)]
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+        out += ["\\bottomrule", "\\end{tabular}"]
+        notes = mix_notes(rows, tex=True)
+        if notes:
+            out += ["\\par\\smallskip\\raggedright"] + [n + " \\\\" for n in notes[:-1]] + notes[-1:]
+        out += ["\\end{table}"]
         out += [f"% unfinished run, not averaged in: {u}" for u in experiments[exp]["unfinished"]]
         out += [f"% failed run, not averaged in: {f}" for f in experiments[exp]["failed"]]
     return "\n".join(out) + "\n"
@@ -196,8 +234,8 @@ def macro_part(text: str) -> str:
 
 def macros(tables: dict, kind: str | None = None) -> str:
     """One \\newcommand per headline number: \\ses<Exp><Config><Metric>, e.g. \\sesExpTenSesKOneAcc.
-    Metrics: N, Acc, AccStd, Rob, RobStd, Gap, DeltaAcc, DeltaAccCI, DeltaRob, DeltaRobCI (the
-    95 % t half-width), Overhead (percent). Numbers only: the text adds its own units."""
+    Metrics: N (runs), DeltaN (seed pairs behind the Δ), Acc, AccStd, Rob, RobStd, Gap, DeltaAcc,
+    DeltaAccCI, DeltaRob, DeltaRobCI (the 95 % t half-width), Overhead (percent). Numbers only: the text adds its own units."""
     out = ["% Generated by report.py: \\input{macros.tex} in the preamble; the text then updates with the results."]
     if kind:
         out.append(f"% {KIND_NOTE[kind]}")
@@ -210,6 +248,8 @@ def macros(tables: dict, kind: str | None = None) -> str:
                 name += "X"
             seen.add(name)
             values = {"N": str(r["n"])}
+            if r["d_acc"] is not None:
+                values["DeltaN"] = str(r["d_acc"][2])
             for m in ("acc", "rob", "gap"):
                 values[m.capitalize()] = f"{r[m][0]:.2f}"
                 if r[m][1] is not None:

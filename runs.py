@@ -3,22 +3,20 @@ a checkpoint after each, resume it, and compute its final metrics.
 
 <run-dir> = <out-dir>/<experiment>/<variant>_seed<N>/ holds
     config.json     resolved settings, library versions, GPU, git commit (written once checks pass)
-    checkpoint.pt   every epoch, atomically: model, optimizer, scheduler, scaler, SES counters, the
-                    RNG states of this process's device, epoch, metric history
+    checkpoint.pt   every epoch, atomically (checkpoints.py: what it holds, how a run resumes)
     metrics.jsonl   one line per finished epoch (rewritten atomically from the checkpoint): losses,
                     accuracies, lr, time, `entropy` (eval-mode H on the probe batch) and, for SES
                     runs, `ses_entropy` (the train-mode H SES penalised, mean over the epoch's SES steps)
     tensorboard/    with --tensorboard: the same per epoch, for TensorBoard
     result.json     written last, atomically (by the sweep): its presence means the run is finished
 On the CPU a resumed run reproduces an uninterrupted one exactly (data order and augmentation depend
-only on (seed, epoch), and the RNG states are checkpointed). A checkpoint resumes across precision
-modes (a GradScaler state is used only where both sides have one) and across GPU counts (only the
-RNG state of the device in use is saved and restored).
+only on (seed, epoch), and the RNG states are checkpointed). Under torchrun rank 0 alone writes; see
+multigpu for what the ranks agree on.
 """
 from __future__ import annotations
 
 import gc
-import os
+import importlib.metadata
 import platform
 import random
 import shutil
@@ -36,6 +34,7 @@ import torch
 import multigpu
 from data_utils import Data, GpuLoader, device_name, make_mixer, random_crop_flip
 from evaluation import evaluate, final_metrics, final_stage_check, measure_entropy
+from checkpoints import checkpoint_state, resume
 from files import atomic_torch_save, write_jsonl
 from models import compile_model, resolve_layers
 from registry import Registry
@@ -48,31 +47,22 @@ class RunError(RuntimeError):
     """A run cannot go on as asked; the message says why and what to do."""
 
 
-# ----------------------------------------------------------------------------- RNG, environment
-def rng_state(device: torch.device) -> dict:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(), cuda=cuda)
-
-
-def set_rng_state(s: dict, device: torch.device) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    cuda = s.get("cuda")
-    if isinstance(cuda, list):  # older checkpoints held every GPU's state: take the first
-        cuda = cuda[0] if cuda else None
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
-
-
+# ----------------------------------------------------------------------------- seeds, environment
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def _version(package: str) -> str | None:
+    """An installed package's version without importing it (torchvision's import alone takes seconds)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment(device: torch.device) -> dict:
-    import torchvision
     commit = None
     main_file = Path(getattr(sys.modules.get("__main__"), "__file__", "") or ".").resolve()
     try:
@@ -81,7 +71,7 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     commit = commit or getattr(sys.modules.get("__main__"), "BUNDLE_GIT_COMMIT", None)
-    return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+    return dict(python=platform.python_version(), torch=torch.__version__, torchvision=_version("torchvision"),
                 cuda=torch.version.cuda, numpy=np.__version__, device=device_name(device), git_commit=commit,
                 argv=sys.argv, host=platform.node())
 
@@ -104,18 +94,6 @@ def save_code(dest: Path) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def load_checkpoint(path: Path):
-    """The checkpoint dict, or None (with one line saying so) if it cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / corrupt file: keep it for inspection, restart the run
-        bad = path.with_name(path.name + ".corrupt")
-        os.replace(path, bad)
-        print(f"warning: checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
-              f"moved to {bad.name}, restarting this run from epoch 1", file=sys.stderr)
-        return None
 
 
 # ----------------------------------------------------------------------------- build, check
@@ -154,8 +132,21 @@ class Run:
 
 def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compile_backend: str | None = None) -> Run:
     """Model, hooks, optimizer, loader, probe batch; raises RunError/ValueError on bad settings.
-    compile_backend (--compile): torch.compile the training forward (hooks included, no graph
-    break); evaluation, the probe and checkpoints use the plain model."""
+    Under torchrun every rank builds and checks its run before the first collective (agreed: a
+    failure on one rank fails the run on all), then DistributedDataParallel wraps the model.
+    compile_backend (--compile): torch.compile the training forward, hooks included (no graph
+    break in one process; under torchrun on GPUs SyncBatchNorm breaks the graph at every BN layer);
+    evaluation, the probe and checkpoints use the plain model."""
+    run = multigpu.agree(_build, cfg, data, device, reg)
+    run.train_model = multigpu.wrap(run.model, device)
+    if compile_backend:
+        if multigpu.uses_sync_batchnorm(device):
+            print("note: --compile under torchrun: torch.compile breaks its graph at every SyncBatchNorm layer")
+        run.train_model = compile_model(run.train_model, compile_backend)
+    return run
+
+
+def _build(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run:
     amp = amp_policy(device, cfg["amp"])
     data = data.with_validation(cfg["val_size"])
     if cfg["batch_size"] > len(data.train_y):
@@ -167,11 +158,12 @@ def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compil
         raise RunError(f"unknown model {cfg['model']!r}; known: {', '.join(reg.models)}")
     seed_everything(cfg["seed"])
     model = reg.models[cfg["model"]](cfg, data.info).to(device, memory_format=torch.channels_last)
+    model = multigpu.sync_batchnorm(model, device)  # before the hooks: it replaces the BatchNorm modules
     layers = resolve_layers(cfg, model, reg.presets)
     opt = build_optimizer(cfg, model, reg.optimizers)
     sched = build_scheduler(cfg, opt)
     ses = SES(model, layers, cfg["lam"], cfg["beta"], cfg["every"], target=cfg["ses_target"]) if cfg["ses"] else None
-    mixer = make_mixer(cfg["mix"], data.info["num_classes"], cfg["mix_alpha"])
+    mixer = make_mixer(cfg["mix"], data.info["num_classes"], cfg["mix_alpha"], seed=cfg["seed"])
     augment = data.info.get("augment") or partial(random_crop_flip, pad=data.info["pad"])
     loader = GpuLoader(data.train_x, data.train_y, cfg["batch_size"], device, train=True,
                        augment=augment, seed=cfg["seed"])
@@ -181,11 +173,9 @@ def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compil
     if ses is not None and world.size > 1:
         ses.gather = multigpu.gather_rows  # SES on the global batch
         ses.agree = multigpu.gather_objects  # and one solver route on every rank
-    train_model = multigpu.wrap(model, device)
-    if compile_backend:
-        train_model = compile_model(train_model, compile_backend)
+    multigpu.seed_rank(cfg["seed"])  # dropout: one stream per rank
     return Run(cfg, data, device, amp, model, layers, opt, sched, amp.scaler(), ses, mixer, loader, probe_x,
-               "val" if data.val_x is not None else "test", train_model,
+               "val" if data.val_x is not None else "test", model,
                multigpu.shard(world, cfg["batch_size"]) if world.size > 1 else None)
 
 
@@ -199,34 +189,6 @@ def check_final_stage(run: Run) -> int | None:
 
 
 # ----------------------------------------------------------------------------- train, resume
-def resume(run: Run, run_dir: Path) -> tuple[list, int]:
-    ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-    if ckpt is None:
-        return [], 0
-    run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler") and run.scaler.is_enabled():
-        run.scaler.load_state_dict(ckpt["scaler"])
-    elif run.scaler.is_enabled():
-        print(f"note: {run_dir.name} resumes under fp16 from a checkpoint without a GradScaler state; "
-              f"the loss scale starts afresh")
-    if run.ses is not None:
-        run.ses.load_state_dict(ckpt["ses"])
-    set_rng_state(ckpt["rng"], run.device)
-    write_jsonl(run_dir / "metrics.jsonl", ckpt["history"])
-    print(f"resuming {run_dir.name} after epoch {ckpt['epoch']}/{run.cfg['epochs']}")
-    return ckpt["history"], ckpt["epoch"]
-
-
-def save_checkpoint(run: Run, path: Path, epoch: int, history: list) -> None:
-    atomic_torch_save(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(),
-                           scheduler=run.sched.state_dict(), scaler=run.scaler.state_dict(),
-                           ses=run.ses.state_dict() if run.ses else None, rng=rng_state(run.device),
-                           epoch=epoch, history=history, config=run.cfg, amp=run.amp.name), path)
-
-
 def layer_targets(run: Run, warn: bool) -> dict[str, float]:
     """Each hooked layer's SES target; with warn, one line per layer whose target is at or above
     the entropy a batch can reach."""
@@ -241,19 +203,19 @@ def layer_targets(run: Run, warn: bool) -> dict[str, float]:
     return targets
 
 
-def train_run(run: Run, run_dir: Path, reg: Registry, stage: list, tensorboard: bool = False) -> dict:
+def train_run(run: Run, run_dir: Path, reg: Registry, stage: list, tensorboard: bool = False, claim=None) -> dict:
     """Train to the end from run_dir's checkpoint; return the result. `stage[0]` names where the
     run is (for failure records): 'epoch N' or 'final metrics'. tensorboard: also log each epoch
-    to <run-dir>/tensorboard/."""
+    to <run-dir>/tensorboard/. claim: checked before every write (ClaimLost if taken over)."""
     cfg, device = run.cfg, run.device
     history, start_epoch = resume(run, run_dir)
     warn = run.ses is not None and start_epoch == 0
-    targets = layer_targets(run, warn) if warn or tensorboard else {}
+    targets = multigpu.agree(layer_targets, run, warn) if warn or tensorboard else {}
     board = TensorBoard(run_dir, targets) if tensorboard and multigpu.current().main else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        train_epochs(run, run_dir, reg, stage, history, start_epoch, board)
+        train_epochs(run, run_dir, reg, stage, history, start_epoch, board, claim)
     finally:
         if board is not None:
             board.close()
@@ -262,7 +224,8 @@ def train_run(run: Run, run_dir: Path, reg: Registry, stage: list, tensorboard: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with run.paused():
-        result = final_metrics(cfg, run.model, run.data, run.amp, run.layers, run.probe_x, history, run.ses)
+        result = multigpu.agree(final_metrics, cfg, run.model, run.data, run.amp, run.layers, run.probe_x, history,
+                                run.ses)
     result["peak_mem_bytes"] = peak_train if start_epoch < cfg["epochs"] else None
     result["peak_mem_final_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     result["device_mem_bytes"] = (torch.cuda.get_device_properties(device).total_memory
@@ -271,12 +234,11 @@ def train_run(run: Run, run_dir: Path, reg: Registry, stage: list, tensorboard: 
 
 
 def train_epochs(run: Run, run_dir: Path, reg: Registry, stage: list, history: list, start_epoch: int,
-                 board: TensorBoard | None) -> None:
+                 board: TensorBoard | None, claim=None) -> None:
     """Epochs start_epoch.. : each ends with evaluation, the probe, the epoch callbacks, a
-    checkpoint, metrics.jsonl and (with --tensorboard) the TensorBoard row."""
-    cfg, device, main = run.cfg, run.device, multigpu.current().main
-    eval_x, eval_y = ((run.data.val_x, run.data.val_y) if run.eval_split == "val"
-                      else (run.data.test_x, run.data.test_y))
+    checkpoint, metrics.jsonl and (with --tensorboard) the TensorBoard row. Under torchrun the
+    training epoch is the collective part; what follows it runs under multigpu.agree."""
+    cfg, device = run.cfg, run.device
     for epoch in range(start_epoch, cfg["epochs"]):
         stage[0] = f"epoch {epoch + 1}"
         lr = run.opt.param_groups[0]["lr"]
@@ -287,21 +249,39 @@ def train_epochs(run: Run, run_dir: Path, reg: Registry, stage: list, history: l
         sync(device)
         seconds = time.perf_counter() - t0
         run.sched.step()
-        with run.paused():  # eval: never collect
-            eval_acc, eval_loss = evaluate(run.model, eval_x, eval_y, run.amp, cfg["eval_batch_size"])
-            entropy, _ = measure_entropy(run.model, run.layers, run.probe_x, run.amp)
-            penalised = run.ses.epoch_entropy() if run.ses else {}  # {} in an epoch without SES steps (k > steps)
-            for callback in reg.epoch_callbacks if main else ():
-                callback(run.model, run.data, run_dir, epoch + 1, cfg)
-        history.append(dict(epoch=epoch + 1, lr=lr, **stats, **{f"{run.eval_split}_acc": eval_acc,
-                                                               f"{run.eval_split}_loss": eval_loss},
-                            entropy=entropy, **({"ses_entropy": penalised} if penalised else {}),
+        penalised = run.ses.epoch_entropy() if run.ses else {}  # {} in an epoch without SES steps (k > steps)
+        evaluated = multigpu.agree(evaluate_epoch, run, run_dir, reg, epoch + 1)
+        history.append(dict(epoch=epoch + 1, lr=lr, **stats, **evaluated,
+                            **({"ses_entropy": penalised} if penalised else {}),
                             ses_steps=run.ses.applied_steps if run.ses else 0,
                             epoch_time_s=seconds, images_per_s=stats["images"] / seconds))
-        if main:  # under torchrun, rank 0 alone writes
-            save_checkpoint(run, run_dir / "checkpoint.pt", epoch + 1, history)
-            write_jsonl(run_dir / "metrics.jsonl", history)
-            if board is not None:
-                board.epoch(history[-1])
+        state = checkpoint_state(run, epoch + 1, history)
+        multigpu.agree(write_epoch, run_dir, state, history, board, claim)
         print(f"  {run_dir.name} epoch {epoch + 1}/{cfg['epochs']}: loss {stats['train_loss']:.3f} "
-              f"{run.eval_split} acc {100 * eval_acc:.2f}% ({seconds:.1f}s, {stats['images'] / seconds:.0f} img/s)")
+              f"{run.eval_split} acc {100 * evaluated[f'{run.eval_split}_acc']:.2f}% "
+              f"({seconds:.1f}s, {stats['images'] / seconds:.0f} img/s)")
+
+
+def evaluate_epoch(run: Run, run_dir: Path, reg: Registry, epoch: int) -> dict:
+    """The end-of-epoch numbers (eval split accuracy and loss, probe H) and the epoch callbacks
+    (rank 0), in eval mode with the collector paused."""
+    eval_x, eval_y = ((run.data.val_x, run.data.val_y) if run.eval_split == "val"
+                      else (run.data.test_x, run.data.test_y))
+    with run.paused():  # eval: never collect
+        acc, loss = evaluate(run.model, eval_x, eval_y, run.amp, run.cfg["eval_batch_size"])
+        entropy, _ = measure_entropy(run.model, run.layers, run.probe_x, run.amp)
+        for callback in reg.epoch_callbacks if multigpu.current().main else ():
+            callback(run.model, run.data, run_dir, epoch, run.cfg)
+    return {f"{run.eval_split}_acc": acc, f"{run.eval_split}_loss": loss, "entropy": entropy}
+
+
+def write_epoch(run_dir: Path, state: dict, history: list, board: TensorBoard | None, claim) -> None:
+    """Rank 0: the checkpoint, metrics.jsonl and the TensorBoard row, if the run is still ours."""
+    if not multigpu.current().main:
+        return
+    if claim is not None:
+        claim.check()
+    atomic_torch_save(state, run_dir / "checkpoint.pt")
+    write_jsonl(run_dir / "metrics.jsonl", history)
+    if board is not None:
+        board.epoch(history[-1])

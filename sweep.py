@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 import multigpu
-from claims import acquire, describe
+from claims import ClaimLost, acquire, describe
 from config import resolve_config, run_name
-from data_utils import device_name, load_data
+from data_utils import Data, device_name, load_data
 from files import write_json
 from registry import Registry
 from runs import RunError, build_run, check_final_stage, environment, save_code, train_run
+from training import NonFiniteLoss
 
 OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (FGSM chunk) or --eval-batch-size",
             "final metrics": "--attack-batch-size (FGSM chunk) or --eval-batch-size"}
@@ -34,6 +35,9 @@ OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (
 
 class Followed:
     """What a torchrun rank other than 0 holds instead of a claim (rank 0 claims for the job)."""
+    def check(self) -> None:
+        pass
+
     def release(self) -> None:
         pass
 
@@ -81,31 +85,57 @@ def record_failure(run_dir: Path, stage: str, err: BaseException) -> str:
     return msg
 
 
-def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device) -> str:
-    """Train one run to its result; returns 'done', 'skipped' or 'failed'."""
-    run_dir = exp_dir / run_name(cfg)
-    world = multigpu.current()  # under torchrun, rank 0 alone writes; the others follow its decisions
-    if args.force and run_dir.exists() and world.main:
-        shutil.rmtree(run_dir)
-    multigpu.barrier()
-    check_same_settings(run_dir, cfg)
+def decide(run_dir: Path, cfg: dict) -> tuple[str, str]:
+    """What the run folder says before anything is built: ("skip", line) finished, ("bad", why)
+    settings that differ from the stored ones, ("go", "") otherwise. Read by rank 0 alone."""
+    try:
+        check_same_settings(run_dir, cfg)
+    except RunError as e:
+        return "bad", str(e)
     if (run_dir / "result.json").is_file():
-        print(f"{run_dir.name}: finished earlier, skipped")
+        return "skip", f"{run_dir.name}: finished earlier, skipped"
+    return "go", ""
+
+
+def dataset_for(cfg: dict, args, reg: Registry, datasets: dict, device) -> Data:
+    """The run's dataset on the device, loaded once per sweep (one dataset on the device at a time).
+    Every process loads it itself; the first to need a download or a decode does it under the data
+    folder's lock while the others wait for it outside any collective, then read its cache."""
+    if cfg["dataset"] not in datasets:
+        datasets.clear()
+        info = dict(reg.datasets[cfg["dataset"]])
+        smoke = cfg.get("smoke_sizes", {})
+        if args.smoke and "image_size" in info:  # the smoke's images: smaller, the code path the same
+            info["image_size"] = smoke["image_size"]
+        generated = ((smoke["n_train"], smoke["n_test"]) if args.smoke
+                     else info.get("sizes") if args.synthetic else None)
+        datasets[cfg["dataset"]] = multigpu.agree(load_data, cfg["dataset"], info, device, args.data_dir,
+                                                  not args.no_download, generated, reg.datasets)
+    return datasets[cfg["dataset"]]
+
+
+def contained(err: BaseException) -> bool:
+    """Whether a failure can end its run alone: always in one process; under torchrun only when
+    every rank knows of it (agreed, or a non-finite loss, which the training loop all-reduces)."""
+    return multigpu.current().size == 1 or getattr(err, "agreed", False) or isinstance(err, NonFiniteLoss)
+
+
+def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device) -> str:
+    """Train one run to its result; returns 'done', 'skipped' or 'failed'. Under torchrun every
+    decision about the run folder is rank 0's, broadcast, so all ranks take the same path."""
+    run_dir = exp_dir / run_name(cfg)
+    world = multigpu.current()
+    verdict, line = multigpu.broadcast(decide(run_dir, cfg) if world.main else None)
+    if verdict == "skip":
+        print(line)
         return "skipped"
+    if verdict == "bad":
+        print(f"error: {run_dir.name}: {line}", file=sys.stderr)
+        return "failed"
     stage = ["build"]
     try:
-        if cfg["dataset"] not in datasets:
-            datasets.clear()  # one dataset on the device at a time
-            info = dict(reg.datasets[cfg["dataset"]])
-            generated = ((cfg["smoke_sizes"]["n_train"], cfg["smoke_sizes"]["n_test"]) if args.smoke
-                         else info.get("sizes") if args.synthetic else None)
-            if not world.main:
-                multigpu.barrier()  # rank 0 downloads and caches first
-            datasets[cfg["dataset"]] = load_data(cfg["dataset"], info, device, args.data_dir, not args.no_download,
-                                                 generated, reg.datasets)
-            if world.main:
-                multigpu.barrier()
-        run = build_run(cfg, datasets[cfg["dataset"]], device, reg, getattr(args, "compile", None))
+        run = build_run(cfg, dataset_for(cfg, args, reg, datasets, device), device, reg,
+                        getattr(args, "compile", None))
     except (RunError, ValueError) as e:  # bad settings: nothing was written for this run
         print(f"error: {run_dir.name}: {e}", file=sys.stderr)
         return "failed"
@@ -114,7 +144,7 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
     claim = acquire(run_dir) if world.main else Followed()
     if not multigpu.broadcast(claim is not None and not (run_dir / "result.json").is_file()):
         print(f"{run_dir.name}: " + ("finished by another worker, skipped" if claim is not None else
-                                     f"being trained by {describe(run_dir / 'claim.json')}, skipped"))
+                                     f"being trained by {describe(run_dir)}, skipped"))
         if claim is not None:
             claim.release()
         run.close()
@@ -127,24 +157,26 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
             write_json(run_dir / "config.json", dict(config=cfg, environment=environment(device), amp=run.amp.name))
         print(f"== {exp_dir.name} / {run_dir.name} on {device_name(device)} ({run.amp.name})")
         stage[0] = "final-stage check"
-        check_final_stage(run)
-        result = train_run(run, run_dir, reg, stage, tensorboard=getattr(args, "tensorboard", False))
+        multigpu.agree(check_final_stage, run)
+        result = train_run(run, run_dir, reg, stage, tensorboard=getattr(args, "tensorboard", False), claim=claim)
         result.update(variant=cfg["variant"], overrides=cfg["overrides"], processes=world.size,
                       compiled=getattr(args, "compile", None))
         add_overhead(result, exp_dir)
-        if world.main:
-            write_json(run_dir / "result.json", result)
-        multigpu.barrier()
-        if args.smoke and world.main:  # written and resumable every epoch like a real run's; worthless once the result is in
-            (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        multigpu.agree(finish_run, run_dir, result, args.smoke, claim)
         return "done"
     except KeyboardInterrupt:
         raise Interrupted() from None
+    except ClaimLost as e:  # another worker owns the run now: its folder is not ours to write
+        print(f"{run_dir.name}: {e}", file=sys.stderr)
+        return "skipped"
     except Exception as e:  # noqa: BLE001 - any failure ends this run only
         msg = record_failure(run_dir, stage[0], e) if world.main else str(e)
-        print(f"error: {run_dir.name} failed during {stage[0]}: {msg} (details in {run_dir / 'failure.json'}; "
-              f"rerun the same command to retry it)", file=sys.stderr)
-        if world.size > 1:  # the other processes cannot go on in lockstep: end the job (torchrun stops them)
+        if world.main or not contained(e):  # an agreed failure is told once, by rank 0
+            print(f"error: {run_dir.name} failed during {stage[0]}: {msg} (details in {run_dir / 'failure.json'}; "
+                  f"rerun the same command to retry it)", file=sys.stderr)
+        if not contained(e):  # this rank alone failed inside a collective: the others cannot go on in lockstep
+            print(f"error: rank {world.rank} cannot leave the other processes in step; the job ends (torchrun "
+                  f"stops them); rerun the same command to resume", file=sys.stderr)
             raise SystemExit(1) from None
         return "failed"
     finally:
@@ -152,30 +184,75 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
         run.close()
 
 
+def finish_run(run_dir: Path, result: dict, smoke: bool, claim) -> None:
+    """Write result.json (rank 0), the run's last act; a --smoke run then drops its checkpoint
+    (written and resumable every epoch like a real run's, worthless once the result is in)."""
+    if not multigpu.current().main:
+        return
+    claim.check()  # never write into a run another worker has taken over
+    write_json(run_dir / "result.json", result)
+    if smoke:
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def force_restart(exp_dir: Path, names: list[str]) -> None:
+    """--force: delete the selected runs' folders once, before any run starts (the process that
+    was given --force does this, never its --devices workers). A run another live worker holds
+    is left alone, with one line; each deletion happens while holding the run's claim."""
+    for name in names:
+        run_dir = exp_dir / name
+        if not run_dir.is_dir():
+            continue
+        claim = acquire(run_dir)
+        if claim is None:
+            print(f"{name}: being trained by {describe(run_dir)}; not restarted")
+            continue
+        try:
+            shutil.rmtree(run_dir)
+        except OSError as e:
+            raise RunError(f"--force cannot delete {run_dir} ({e}); delete it by hand and rerun") from None
+        finally:
+            claim.release()
+        print(f"{name}: deleted as asked; it runs again from epoch 1")
+
+
 def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, reg: Registry) -> int:
     """Every (config, seed) of the selection; returns the exit code (1 if any run failed)."""
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    exp_dir = Path(args.out_dir) / ("smoke" if args.smoke else "synthetic" if args.synthetic else "") / experiment
+        torch.cuda.set_device(device)  # every CUDA call of this process (cuSOLVER's too) on this GPU
+    exp_dir = experiment_dir(args, experiment)
     exp_dir.mkdir(parents=True, exist_ok=True)
+    cfgs = selected_runs(experiment, grid, setup, args, overrides)
+    if args.force and multigpu.current().main:
+        force_restart(exp_dir, [run_name(cfg) for cfg in cfgs])
+    multigpu.barrier()
     datasets: dict = {}
     failed = []
     try:
-        for config in args.configs:
-            for seed in args.seeds:
-                cfg, _ = resolve_config(experiment, setup, grid, config, seed, args.smoke, overrides)
-                if run_one(cfg, exp_dir, args, reg, datasets, device) == "failed":
-                    failed.append(run_name(cfg))
+        for cfg in cfgs:
+            if run_one(cfg, exp_dir, args, reg, datasets, device) == "failed":
+                failed.append(run_name(cfg))
     finally:
         summary = summarize(exp_dir, list(grid))
         if multigpu.current().main:
             write_json(exp_dir / "summary.json", summary)
     print(format_table(summary["runs"]))
-    if failed:
+    if failed and multigpu.current().main:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def experiment_dir(args, experiment: str) -> Path:
+    return Path(args.out_dir) / ("smoke" if args.smoke else "synthetic" if args.synthetic else "") / experiment
+
+
+def selected_runs(experiment: str, grid: dict, setup: dict, args, overrides: dict) -> list[dict]:
+    """The resolved settings of every (config, seed) the command selects, in grid order."""
+    return [resolve_config(experiment, setup, grid, config, seed, args.smoke, overrides)[0]
+            for config in args.configs for seed in args.seeds]
 
 
 def summarize(exp_dir: Path, order: list[str]) -> dict:

@@ -1,6 +1,18 @@
-"""Fixtures shared by the test files."""
-import pytest
-import torch
+"""Fixtures shared by the test files, and one OpenMP thread per test process.
+
+pytest.ini runs the suite on two xdist workers; each test process (and every process a test
+starts, which inherits OMP_NUM_THREADS) computes on one thread, so two workers fill two cores
+without the spin-waits of OpenMP threads that share a core (on shared cores two threads a process
+made a preflight several times slower than one).
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture
@@ -90,3 +102,14 @@ def archive_server():
     for httpd in servers:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def exp10_smoke(tmp_path_factory):
+    """The out-dir of one `exp10_periodic_ses.py --smoke` (all five configs, seed 0), run once per
+    session; tests that change it work on a copy (helpers.copy_out_dir)."""
+    from helpers import EXP10, run
+    out = tmp_path_factory.mktemp("exp10_smoke")
+    p = run([EXP10, "--smoke", "--out-dir", out], cwd=out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p

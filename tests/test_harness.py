@@ -1,11 +1,6 @@
 """The harness (config, models, training, evaluation, runs, sweep, cli): AMP policy, models and presets, CLI errors, crash-safe resume, failure handling."""
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +9,17 @@ import torch.nn as nn
 import cli
 import config
 import evaluation
+import exp10_periodic_ses as exp10
 import models
 import runs
 import training
 from data_utils import DATASETS
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"epoch_time_s", "images_per_s", "overhead", "peak_mem_bytes"}
+from helpers import EXP10, SMOKE_EXP10, copy_out_dir, read_run, run, self_killing
 
 
-def run_script(script, *args, cwd=ROOT, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+def exp10_in_process(*args):
+    """exp10_periodic_ses.py's own grid and setup, in this process: its exit code."""
+    return cli.run_experiment(str(EXP10), exp10.SETUP, exp10.GRID, exp10.__doc__, [str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------- AMP
@@ -112,102 +106,86 @@ def test_milestones_scale_with_epochs():
 # ----------------------------------------------------------------------------- CLI errors
 @pytest.mark.parametrize("args,flag", [(["--beta", "1.5"], "--beta"), (["--lam", "-1"], "--lam"),
                                        (["--every", "0"], "--every"), (["--configs", "nope"], "--configs"),
-                                       (["--seeds", "x"], "--seeds")])
-def test_bad_flags_one_line_exit_2(args, flag, tmp_path):
-    p = run_script("exp10_periodic_ses.py", *args, "--out-dir", str(tmp_path))
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in p.stderr
+                                       (["--seeds", "x"], "--seeds"), (["--devices", "cuda:7"], "--devices")])
+def test_bad_flags_one_line_exit_2(args, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        exp10_in_process(*args, "--out-dir", tmp_path)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in err
 
 
-def test_missing_data_is_one_clear_line(tmp_path):
-    p = run_script("exp10_periodic_ses.py", "--no-download", "--device", "cpu", "--data-dir", str(tmp_path / "d"),
-                   "--out-dir", str(tmp_path / "r"))
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert "error: cifar100 not found" in p.stderr and "cifar-100-python.tar.gz" in p.stderr
+def test_missing_data_is_one_clear_line(tmp_path, capsys):
+    assert exp10_in_process("--no-download", "--device", "cpu", "--data-dir", tmp_path / "d",
+                            "--out-dir", tmp_path / "r") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "error: cifar100 not found" in err and "cifar-100-python.tar.gz" in err
 
 
 # ----------------------------------------------------------------------------- resume
-def strip_timing(obj):
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
-
-
-def read_run(run_dir: Path):
-    result = json.loads((run_dir / "result.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return strip_timing(result), strip_timing(metrics)
-
-
-def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
+def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, capsys):
     args = ["--smoke", "--configs", "ses_k3", "--epochs", "4"]
-    full = run_script("exp10_periodic_ses.py", *args, "--out-dir", str(tmp_path / "a"))
+    full = run([EXP10, *args, "--out-dir", tmp_path / "a"])
     assert full.returncode == 0, full.stderr[-2000:]
 
     out_b = tmp_path / "b"
     name = "ses_k3+epochs=4_seed0"  # --epochs overrides the smoke setting: part of the run's name
     run_dir = out_b / "smoke" / "exp10_periodic_ses" / name
-    proc = subprocess.Popen([sys.executable, str(ROOT / "exp10_periodic_ses.py"), *args, "--out-dir", str(out_b)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "result.json").exists(), "the run finished before it could be killed"
-    assert (run_dir / "checkpoint.pt").is_file()
+    killed = run([self_killing(tmp_path, EXP10, epoch=3), *args, "--out-dir", out_b])  # SIGKILL in epoch 3
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (run_dir / "result.json").exists()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
-    resumed = run_script("exp10_periodic_ses.py", *args, "--out-dir", str(out_b))
+    resumed = run([EXP10, *args, "--out-dir", out_b])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming {name} after epoch" in resumed.stdout
+    assert f"resuming {name} after epoch 2/4" in resumed.stdout
     assert read_run(run_dir) == read_run(tmp_path / "a" / "smoke" / "exp10_periodic_ses" / name)
 
-    again = run_script("exp10_periodic_ses.py", *args, "--out-dir", str(out_b))
-    assert "finished earlier, skipped" in again.stdout
+    capsys.readouterr()
+    assert exp10_in_process(*args, "--out-dir", out_b) == 0
+    assert "finished earlier, skipped" in capsys.readouterr().out
 
 
-def test_corrupt_checkpoint_restarts_the_run_with_a_warning(tmp_path):
-    args = ["--smoke", "--configs", "baseline", "--epochs", "1", "--out-dir", str(tmp_path)]
-    run_dir = tmp_path / "smoke" / "exp10_periodic_ses" / "baseline+epochs=1_seed0"
-    assert run_script("exp10_periodic_ses.py", *args).returncode == 0
+@pytest.mark.xdist_group("exp10_smoke")
+def test_corrupt_checkpoint_restarts_the_run_with_a_warning(exp10_smoke, tmp_path, capsys):
+    out = copy_out_dir(exp10_smoke[0], tmp_path / "out")
+    run_dir = out.joinpath(*SMOKE_EXP10, "baseline_seed0")
     (run_dir / "result.json").unlink()
     (run_dir / "checkpoint.pt").write_bytes(b"truncated")
-    p = run_script("exp10_periodic_ses.py", *args)
-    assert p.returncode == 0 and "Traceback" not in p.stderr
-    assert "cannot be read" in p.stderr and (run_dir / "result.json").is_file()
+    assert exp10_in_process("--smoke", "--configs", "baseline", "--out-dir", out) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot be read" in err and (run_dir / "result.json").is_file()
     assert (run_dir / "checkpoint.pt.corrupt").is_file()
 
 
-def test_an_override_gets_its_own_folder_and_is_never_mixed(tmp_path):
-    args = ["--smoke", "--configs", "baseline", "--out-dir", str(tmp_path)]
-    exp = tmp_path / "smoke" / "exp10_periodic_ses"
-    assert run_script("exp10_periodic_ses.py", *args).returncode == 0
-    p = run_script("exp10_periodic_ses.py", *args, "--lr", "0.05")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert sorted(d.name for d in exp.iterdir() if d.is_dir()) == ["baseline+lr=0.05_seed0", "baseline_seed0"]
+@pytest.mark.xdist_group("exp10_smoke")
+def test_an_override_gets_its_own_folder_and_is_never_mixed(exp10_smoke, tmp_path, capsys):
+    out = copy_out_dir(exp10_smoke[0], tmp_path / "out")
+    exp = out.joinpath(*SMOKE_EXP10)
+    assert exp10_in_process("--smoke", "--configs", "baseline", "--lr", "0.05", "--out-dir", out) == 0
+    assert sorted(d.name for d in exp.iterdir() if d.is_dir() and d.name.startswith("baseline")) == [
+        "baseline+lr=0.05_seed0", "baseline_seed0"]
     plain = json.loads((exp / "baseline_seed0" / "result.json").read_text())
     changed = json.loads((exp / "baseline+lr=0.05_seed0" / "result.json").read_text())
     assert plain["variant"] == "baseline" and plain["overrides"] == {}
     assert changed["variant"] == "baseline+lr=0.05" and changed["overrides"] == {"lr": 0.05}
     cfg = json.loads((exp / "baseline+lr=0.05_seed0" / "config.json").read_text())["config"]
     assert cfg["lr"] == 0.05 and cfg["config"] == "baseline"
+    capsys.readouterr()
     # a value equal to the config's own is no override: same folder, skipped as finished
-    again = run_script("exp10_periodic_ses.py", *args, "--lr", "0.1")
-    assert again.returncode == 0 and "baseline_seed0: finished earlier, skipped" in again.stdout
+    assert exp10_in_process("--smoke", "--configs", "baseline", "--lr", "0.1", "--out-dir", out) == 0
+    assert "baseline_seed0: finished earlier, skipped" in capsys.readouterr().out
 
 
-def test_non_finite_loss_stops_that_run_and_the_sweep_goes_on(tmp_path):
-    p = run_script("exp10_periodic_ses.py", "--smoke", "--configs", "ses_k1", "baseline", "--epochs", "1",
-                   "--lr", "1e30", "--out-dir", str(tmp_path))
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert "non-finite loss at epoch 1, step" in p.stderr and "SES term" in p.stderr
-    assert "ses_k1+epochs=1+lr=1e+30_seed0" in p.stderr and "baseline+epochs=1+lr=1e+30_seed0" in p.stderr
+def test_non_finite_loss_stops_that_run_and_the_sweep_goes_on(tmp_path, capsys):
+    assert exp10_in_process("--smoke", "--configs", "ses_k1", "baseline", "--epochs", "1", "--lr", "1e30",
+                            "--out-dir", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "non-finite loss at epoch 1, step" in err and "SES term" in err
+    assert "ses_k1+epochs=1+lr=1e+30_seed0" in err and "baseline+epochs=1+lr=1e+30_seed0" in err
 
 
 # ----------------------------------------------------------------------------- eval never collects
@@ -230,19 +208,18 @@ def test_evaluation_runs_with_the_ses_collector_disabled(monkeypatch, tmp_path):
     monkeypatch.setattr(runs, "SES", SpySES)
     monkeypatch.setattr(runs, "evaluate", checked_eval)
     monkeypatch.setattr(evaluation, "evaluate", checked_eval)
-    code = cli.run_experiment(str(ROOT / "exp10_periodic_ses.py"), dict(dataset="cifar10", layers="last3"),
+    code = cli.run_experiment(str(EXP10), dict(dataset="cifar10", layers="last3"),
                              {"ses": dict(ses=True, every=1)}, "doc",
                              ["--smoke", "--epochs", "1", "--out-dir", str(tmp_path)])
-    assert code == 0 and made and made[0].applied_steps == 3
+    assert code == 0 and made and made[0].applied_steps == 2  # one epoch of the smoke's 2 steps
 
 
 # ----------------------------------------------------------------------------- monitoring
 def test_tensorboard_logs_every_epoch_with_per_layer_h_and_targets(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    p = run_script("exp10_periodic_ses.py", "--smoke", "--configs", "ses_k1", "--layers", "last3", "--tensorboard",
-                   "--out-dir", str(tmp_path))
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert exp10_in_process("--smoke", "--configs", "ses_k1", "--layers", "last3", "--tensorboard",
+                            "--out-dir", tmp_path) == 0
     run_dir = next((tmp_path / "smoke" / "exp10_periodic_ses").glob("ses_k1*_seed0"))
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
@@ -269,8 +246,8 @@ def test_tensorboard_missing_is_one_line_not_a_failure(tmp_path, monkeypatch, ca
 
 
 def test_compile_flag_trains_a_smoke_run_and_is_recorded_not_named(tmp_path):
-    p = run_script("exp10_periodic_ses.py", "--smoke", "--configs", "ses_k3", "--layers", "last3", "--compile",
-                   "aot_eager", "--out-dir", str(tmp_path))
+    p = run([EXP10, "--smoke", "--configs", "ses_k3", "--layers", "last3", "--compile", "aot_eager",
+             "--out-dir", tmp_path])  # a process of its own: --compile changes a process-wide dynamo setting
     assert p.returncode == 0, p.stderr[-2000:]
     run_dir = tmp_path / "smoke" / "exp10_periodic_ses" / "ses_k3+layers=last3_seed0"  # --compile is not in the name
     result = json.loads((run_dir / "result.json").read_text())

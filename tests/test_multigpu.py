@@ -1,25 +1,27 @@
 """One run across processes (torchrun, gloo on the CPU): SES on the global batch equals the
-single-process penalty and gradient; a two-process smoke run is killed and resumes to the same result."""
+single-process penalty and gradient; dropout streams per rank that a resume restores; the process
+group torn down at the end; a two-process smoke run killed and resumed to the same result; a grid
+under two ranks where one run diverges, one resumes from a corrupt checkpoint and hooks a BatchNorm."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import multigpu
+import runs
+from config import DEFAULTS
+from data_utils import Data, synthetic_dataset
+from helpers import EXP10, ROOT, read_run, run, self_killing
+from registry import make_registry
 from ses_core import SES
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH, WORLD = 12, 2
-TIMING = {"epoch_time_s", "images_per_s", "overhead", "peak_mem_bytes", "solver_timings"}
+GLOO_THREADS = {"pt_gloo_runloop", "gloo_tcp_loop"}
 
 
 def make_model() -> nn.Module:
@@ -42,8 +44,21 @@ def step(model, ses, x, y):
     return reg.detach()
 
 
+def tiny_run():
+    """A real run (the CIFAR-stem ResNet-18, SES off) on 8 generated 8x8 images."""
+    tx, ty, vx, vy, _ = synthetic_dataset(10, 8, 8, 4)
+    data = Data(tx, ty, vx, vy, dict(num_classes=10, image_size=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3))
+    cfg = dict(DEFAULTS, dataset="cifar10", layers="last3", batch_size=4, seed=3, epochs=1, experiment="e", config="c")
+    return runs.build_run(cfg, data, torch.device("cpu"), make_registry())
+
+
+def gloo_threads() -> set:
+    return {Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")} & GLOO_THREADS
+
+
 def worker(rank: int, store: str, out: str):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    multigpu.join("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    report = {}
     try:
         model = make_model()
         ses = SES(model, ["1", "3", "6"], lam=1.0, beta=0.7, solver="float64")  # a weight that makes R count
@@ -51,77 +66,106 @@ def worker(rank: int, store: str, out: str):
         ddp = multigpu.wrap(model, torch.device("cpu"))
         x, y = batch()
         rows = multigpu.shard(multigpu.current(), BATCH)
-        reg = step(ddp, ses, x[rows], y[rows])
+        report.update(reg=step(ddp, ses, x[rows], y[rows]), grads=[p.grad for p in model.parameters()])
+        # dropout: one stream per rank after a run is built; a checkpoint restores each rank's own
+        r = tiny_run()
+        first = F.dropout(torch.ones(256), 0.5).bool()
+        state = checkpoints.checkpoint_state(r, 1, [dict(epoch=1)])
         if rank == 0:
-            torch.save(dict(reg=reg, grads=[p.grad for p in model.parameters()]), out)
+            torch.save(state, Path(out).with_name("checkpoint.pt"))
+        multigpu.barrier()
+        after = F.dropout(torch.ones(256), 0.5).bool()
+        F.dropout(torch.ones(999), 0.5)  # move every stream on
+        checkpoints.resume(r, Path(out).parent)
+        again = F.dropout(torch.ones(256), 0.5).bool()
+        report.update(masks=multigpu.gather_objects(first), restored=bool(torch.equal(after, again)),
+                      restored_all=multigpu.gather_objects(bool(torch.equal(after, again))))
+        r.close()
+        del ddp, model, ses, r
     finally:
-        dist.destroy_process_group()
+        multigpu.finish()
+    report["threads_after_finish"] = gloo_threads()
+    if rank == 0:
+        torch.save(report, out)
 
 
-def test_ses_on_two_processes_equals_one_process_at_the_same_global_batch(tmp_path):
+def test_ses_on_two_processes_equals_one_process_and_each_rank_draws_its_own_dropout(tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
-    got = torch.load(tmp_path / "out.pt")
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
     model = make_model()
     ses = SES(model, ["1", "3", "6"], lam=1.0, beta=0.7, solver="float64")
     reg = step(model, ses, *batch())
     assert torch.allclose(got["reg"], reg, rtol=1e-10, atol=1e-12)
     for g2, g1 in zip(got["grads"], (p.grad for p in model.parameters())):
         assert torch.allclose(g2, g1, rtol=1e-8, atol=1e-10), (g2 - g1).abs().max()
+    m0, m1 = got["masks"]
+    assert not torch.equal(m0, m1)  # the shards draw independent masks
+    single = tiny_run()  # rank 0 keeps the stream one process would draw
+    assert torch.equal(F.dropout(torch.ones(256), 0.5).bool(), m0)
+    single.close()
+    assert got["restored_all"] == [True, True]  # resume gives each rank its own state back
+    assert got["threads_after_finish"] == set()  # finish() stopped gloo's threads (DDP was built)
 
 
-def torchrun(out: Path, *extra, wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(ROOT / "exp10_periodic_ses.py"), "--smoke", "--configs", "ses_k3", "--layers", "last3", "--epochs", "4",
-           "--out-dir", str(out), *extra]
-    if wait:
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def descendants(pid: int) -> list[int]:
-    parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parent[int(stat.parent.name)] = int(fields[1])
-    out, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        out += kids
-        frontier = kids
-    return out
-
-
-def read_run(run_dir: Path):
-    result = {k: v for k, v in json.loads((run_dir / "result.json").read_text()).items() if k not in TIMING}
-    metrics = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-               for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return result, metrics
+def torchrun(out: Path, *extra, script=EXP10, timeout=900):
+    return run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", script, "--smoke",
+                *extra, "--out-dir", out], timeout=timeout)
 
 
 def test_two_process_smoke_run_is_killed_and_resumes_to_the_same_result(tmp_path):
+    args = ["--configs", "ses_k3", "--layers", "last3", "--epochs", "4"]
     name = "ses_k3+epochs=4+layers=last3_seed0"
-    full = torchrun(tmp_path / "a")
+    full = torchrun(tmp_path / "a", *args)
     assert full.returncode == 0, full.stderr[-3000:]
     ref = tmp_path / "a" / "smoke" / "exp10_periodic_ses" / name
     assert json.loads((ref / "result.json").read_text())["processes"] == WORLD
 
     run_dir = tmp_path / "b" / "smoke" / "exp10_periodic_ses" / name
-    proc = torchrun(tmp_path / "b", wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.05)
-    for pid in descendants(proc.pid):  # both ranks (torchrun starts them in sessions of their own), then torchrun
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "result.json").exists(), "the run finished before it could be killed"
-    resumed = torchrun(tmp_path / "b")
+    killed = torchrun(tmp_path / "b", *args, script=self_killing(tmp_path, EXP10, epoch=3))  # rank 0: SIGKILL
+    assert killed.returncode != 0 and not (run_dir / "result.json").exists()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    resumed = torchrun(tmp_path / "b", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and resumed.stdout.count("== exp10_periodic_ses") == 1  # rank 0 alone prints
     assert read_run(run_dir) == read_run(ref)
+
+
+GRID_SCRIPT = """import sys
+sys.path.insert(0, {root!r})
+from cli import run_experiment
+SETUP = dict(dataset="cifar10", model="resnet18", layers="last3")
+GRID = {{"diverges": dict(ses=True, lr=1e30), "bn_hooks": dict(ses=True, layers="bn1,layer4.1")}}
+sys.exit(run_experiment({exp10!r}, SETUP, GRID, "doc", sys.argv[1:]))
+"""
+
+
+def test_under_two_ranks_a_diverging_run_fails_alone_a_corrupt_checkpoint_is_moved_once_and_bn_can_be_hooked(tmp_path):
+    script = tmp_path / "grid.py"
+    script.write_text(GRID_SCRIPT.format(root=str(ROOT), exp10=str(EXP10)))
+    exp = tmp_path / "out" / "smoke" / "exp10_periodic_ses"
+    (exp / "bn_hooks_seed0").mkdir(parents=True)
+    (exp / "bn_hooks_seed0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    p = torchrun(tmp_path / "out", script=script)
+    assert p.returncode == 1, p.stderr[-3000:]  # a run failed; the job went on (torchrun adds its own report)
+    assert not [line for line in p.stderr.splitlines() if line.strip().startswith(f'File "{ROOT}')]  # no traceback of ours
+    assert p.stderr.count("error: 1 run(s) failed: diverges_seed0") == 1 and p.stderr.count("failed during") == 1
+    failure = json.loads((exp / "diverges_seed0" / "failure.json").read_text())
+    assert failure["error"] == "NonFiniteLoss" and failure["stage"].startswith("epoch")
+    result = json.loads((exp / "bn_hooks_seed0" / "result.json").read_text())
+    assert result["processes"] == WORLD and set(result["entropy"]) == {"bn1", "layer4.1"}
+    assert [f.name for f in (exp / "bn_hooks_seed0").glob("checkpoint.pt.corrupt*")] == ["checkpoint.pt.corrupt"]
+    assert p.stderr.count("cannot be read") == 1  # rank 0 alone read it and moved it aside
+
+
+def test_batchnorm_becomes_syncbatchnorm_before_the_hooks_are_attached(monkeypatch):
+    monkeypatch.setattr(multigpu, "uses_sync_batchnorm", lambda device: True)  # as on several GPUs
+    tx, ty, vx, vy, _ = synthetic_dataset(10, 8, 8, 4)
+    data = Data(tx, ty, vx, vy, dict(num_classes=10, image_size=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3))
+    cfg = dict(DEFAULTS, dataset="cifar10", layers="bn1,layer4.1", ses=True, batch_size=4, seed=0, epochs=1,
+               experiment="e", config="c")
+    run_ = runs.build_run(cfg, data, torch.device("cpu"), make_registry())
+    assert isinstance(run_.model.bn1, nn.SyncBatchNorm)  # (one process, no group: it runs as BatchNorm)
+    run_.ses.begin_step()
+    run_.model(torch.rand(4, 3, 8, 8))
+    assert list(run_.ses.collector.activations) == ["bn1", "layer4.1"]  # the hook sits on the module that ran
+    run_.close()

@@ -229,3 +229,36 @@ def test_curves_have_seed_bands_and_integer_epoch_ticks():
     assert len(dotted) == 2  # the penalised train-mode H of each (merged) layer
     assert not [ln for ln in fig.axes[0].lines if ln.get_linestyle() == ":"]  # the twin has no SES steps
     plt.close("all")
+
+
+# ----------------------------------------------------------------------------- runs of several machines
+def write_run(exp: Path, config: str, seed: int, acc: float, amp="bf16", device="NVIDIA L40S", processes=1):
+    d = exp / f"{config}_seed{seed}"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps(dict(
+        experiment=exp.name, config=config, seed=seed, acc=acc, rob=acc / 2, gap=0.1, baseline_config="baseline",
+        amp=amp, device=device, processes=processes)))
+
+
+def test_a_delta_counts_its_pairs_and_runs_that_ran_differently_are_marked(tmp_path):
+    exp = tmp_path / "exp10_periodic_ses"
+    for seed, acc in enumerate([0.70, 0.72, 0.74]):  # ses_k1: 3 seeds, seed 2 on a T4 under fp16
+        write_run(exp, "ses_k1", seed, acc, **(dict(amp="fp16", device="Tesla T4") if seed == 2 else {}))
+    for seed, acc in enumerate([0.68, 0.69]):  # baseline: 2 seeds, seed 1 under torchrun on 2 GPUs
+        write_run(exp, "baseline", seed, acc, **(dict(processes=2) if seed == 1 else {}))
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| ses_k1"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[1] == "ses_k1 † ‡" and cells[2] == "3 (Δ: 2)"
+    # Δ acc over the 2 pairs only: (70 - 68, 72 - 69) = (2, 3), mean 2.5
+    assert cells[6].startswith("+2.50 [")
+    assert "† `ses_k1` averages runs that ran differently: bf16 on NVIDIA L40S (2), fp16 on Tesla T4 (1)." in md
+    assert "‡ `ses_k1` vs its twin: seed 1: bf16 on NVIDIA L40S vs bf16 on NVIDIA L40S x2 processes." in md
+    base = next(line for line in md.splitlines() if line.startswith("| baseline"))
+    assert base.split("|")[1].strip() == "baseline †" and base.split("|")[2].strip() == "2"
+    tex = (tmp_path / "tables.tex").read_text()
+    assert "ses\\_\\allowbreak{}k1$^\\dagger$$^\\ddagger$ & 3/2 &" in tex and "seed pairs behind $\\Delta$" in tex
+    defs = dict(re.findall(r"\\newcommand\{\\([A-Za-z]+)\}\{([^}]*)\}", (tmp_path / "macros.tex").read_text()))
+    assert defs["sesExpTenSesKOneN"] == "3" and defs["sesExpTenSesKOneDeltaN"] == "2"
+    assert defs["sesExpTenSesKOneDeltaAcc"] == "+2.50"

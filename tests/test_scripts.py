@@ -1,17 +1,17 @@
 """Every experiment script end to end with --smoke, the rerun skip, --help, and the one-file bundle."""
+import importlib
 import json
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import report_tables
-
-ROOT = Path(__file__).resolve().parents[1]
+from config import SMOKE
+from helpers import ROOT, run
 SCRIPTS = {
     "exp10_periodic_ses": ["baseline", "ses_k1", "ses_k3", "ses_k5", "ses_k10"],
     "exp11_resnet50_tinyimagenet": ["baseline", "ses_k1"],
@@ -24,20 +24,16 @@ RESULT_FIELDS = {"experiment", "config", "variant", "overrides", "entropy_max", 
                  "peak_mem_bytes"}
 
 
-def run(cmd, cwd, timeout=600):
-    return subprocess.run([sys.executable, *map(str, cmd)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def check_experiment(exp_dir: Path, name: str, configs: list[str]):
-    for config in configs:
-        run_dir = exp_dir / f"{config}_seed0"
+def check_experiment(exp_dir, name: str, configs: list[str], seeds=(0,)):
+    for config, seed in [(c, s) for c in configs for s in seeds]:
+        run_dir = exp_dir / f"{config}_seed{seed}"
         for f in ("config.json", "metrics.jsonl", "result.json"):
             assert (run_dir / f).is_file(), f"{run_dir / f} missing"
         assert not (run_dir / "checkpoint.pt").exists()  # written every epoch, dropped once the smoke result is in
         assert list((run_dir / "code").glob("*.py"))  # the producing code, next to the result
         r = json.loads((run_dir / "result.json").read_text())
         assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)
-        assert r["experiment"] == name and r["config"] == config and r["epochs"] == 2
+        assert r["experiment"] == name and r["config"] == config and r["seed"] == seed and r["epochs"] == 2
         assert set(r["robustness"]) == {"gauss_0.05", "gauss_0.1", "fgsm_1/255", "fgsm_2/255"}
         assert r["rob"] == r["robustness"]["gauss_0.1"] and abs(r["gap"] - (r["train_acc"] - r["acc"])) < 1e-12
         assert set(r["entropy"]) == set(r["entropy_target"]) and r["entropy"]
@@ -55,49 +51,59 @@ def check_experiment(exp_dir: Path, name: str, configs: list[str]):
             assert "val_acc" in json.loads(lines[-1]) and "test_acc" not in json.loads(lines[-1])
             maps = torch.load(run_dir / "attention" / "epoch_002.pt", weights_only=False)["maps"]
             assert maps.shape[:2] == (4, {"cifar10_fourier": 4, "modelnet40_fourier": 2}.get(r["baseline_config"], 1))
-            assert maps.shape[-1] == (2048 if config.startswith("modelnet40") else 1024)
+            assert maps.shape[-1] == (2048 if config.startswith("modelnet40") else SMOKE["image_size"] ** 2)
     size = sum(f.stat().st_size for f in exp_dir.rglob("*") if f.is_file())
-    assert size < 4 * 2**20 * len(configs), f"a smoke run left {size / 2**20:.0f} MB"
+    assert size < 4 * 2**20 * len(configs) * len(seeds), f"a smoke run left {size / 2**20:.0f} MB"
     summary = json.loads((exp_dir / "summary.json").read_text())
-    assert [r["config"] for r in summary["runs"]] == configs and summary["unfinished"] == []
+    assert [r["config"] for r in summary["runs"]] == [c for c in configs for _ in seeds] and summary["unfinished"] == []
 
 
-@pytest.mark.parametrize("name", list(SCRIPTS))
-def test_smoke_end_to_end_then_rerun_skips(name, tmp_path):
-    p = run([ROOT / f"{name}.py", "--smoke", "--out-dir", tmp_path], cwd=tmp_path)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group("exp10_smoke"))
+                                  if n == "exp10_periodic_ses" else n for n in SCRIPTS])
+def test_smoke_end_to_end_then_rerun_skips(name, tmp_path, request, capsys):
+    if name == "exp10_periodic_ses":  # run once per session: other tests start from a copy of it
+        out, p = request.getfixturevalue("exp10_smoke")
+    else:
+        out, p = tmp_path, run([ROOT / f"{name}.py", "--smoke", "--out-dir", tmp_path], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    check_experiment(tmp_path / "smoke" / name, name, SCRIPTS[name])
+    check_experiment(out / "smoke" / name, name, SCRIPTS[name])
     assert "acc%" in p.stdout  # the printed table
-    again = run([ROOT / f"{name}.py", "--smoke", "--out-dir", tmp_path], cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == len(SCRIPTS[name])
+    capsys.readouterr()
+    assert importlib.import_module(name).main(["--smoke", "--out-dir", str(out)]) == 0  # the rerun, in this process
+    assert capsys.readouterr().out.count("finished earlier, skipped") == len(SCRIPTS[name])
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_help_is_complete(name):
-    p = run([ROOT / f"{name}.py", "--help"], cwd=ROOT)
-    assert p.returncode == 0
+def test_help_is_complete(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(name).main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
     for flag in ("--smoke", "--configs", "--seeds", "--epochs", "--data-dir", "--out-dir", "--device",
                  "--lam", "--beta", "--every", "--layers", "--no-download", "--force", "--batch-size", "--lr"):
-        assert flag in p.stdout
+        assert flag in out
     for config in SCRIPTS[name]:
-        assert config in p.stdout
+        assert config in out
 
 
-def test_exp12_bundle_runs_alone_from_an_empty_folder(tmp_path):
+def test_exp12_bundle_runs_alone_from_an_empty_folder_and_its_two_seed_report_fits_one_column(tmp_path):
+    """The one-file bundle from a folder holding nothing else (-I: no site or user paths), on the
+    report's acceptance selection: exp12's Mixup pair with two seeds, then report.py on it."""
     out = tmp_path / "dist" / "exp12_mixup_cutmix_cifar100.py"
     p = run([ROOT / "tools" / "bundle.py", ROOT / "exp12_mixup_cutmix_cifar100.py", "-o", out], cwd=ROOT)
     assert p.returncode == 0, p.stderr
     alone = tmp_path / "kaggle_working"
     alone.mkdir()
     shutil.copy(out, alone / "uploaded.py")  # nothing else of the repository is there
-    p = subprocess.run([sys.executable, "-I", "uploaded.py", "--smoke"], cwd=alone, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run([sys.executable, "-I", "uploaded.py", "--smoke", "--configs", "mixup", "mixup_ses",
+                        "--seeds", "0", "1"], cwd=alone, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    check_experiment(alone / "results" / "smoke" / "exp12_mixup_cutmix_cifar100", "exp12_mixup_cutmix_cifar100",
-                     SCRIPTS["exp12_mixup_cutmix_cifar100"])
-    cfg = json.loads((alone / "results" / "smoke" / "exp12_mixup_cutmix_cifar100" / "baseline_seed0" /
-                      "config.json").read_text())
+    smoke = alone / "results" / "smoke"
+    check_experiment(smoke / "exp12_mixup_cutmix_cifar100", "exp12_mixup_cutmix_cifar100", ["mixup", "mixup_ses"],
+                     seeds=(0, 1))
+    cfg = json.loads((smoke / "exp12_mixup_cutmix_cifar100" / "mixup_seed0" / "config.json").read_text())
     assert cfg["environment"]["git_commit"]  # recorded from the bundle
+    check_two_seed_report(smoke)
 
 
 def test_bundle_embeds_modules_verbatim():
@@ -119,28 +125,26 @@ def test_each_bundle_embeds_only_what_its_script_needs():
     assert {"lamb", "perceiver", "pointclouds"} <= set(bundle.collect(ROOT / "exp13_perceiver.py"))
 
 
-def test_exp13_help_shows_each_experiments_own_defaults():
-    p = run([ROOT / "exp13_perceiver.py", "--help"], cwd=ROOT)
-    text = " ".join(p.stdout.split())
+def test_exp13_help_shows_each_experiments_own_defaults(capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module("exp13_perceiver").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
     assert "0.004 (cifar10_fourier" in text and "0.001 (modelnet40_fourier" in text
     assert "64 (cifar10_fourier" in text and "32 (modelnet40_fourier" in text and "default 0.1)" not in text
 
 
-def test_two_seed_exp12_report_pairs_mixup_ses_with_mixup_and_fits_one_column(tmp_path):
-    """The report-issue's acceptance run: a two-seed smoke sweep of exp12's Mixup pair, then report.py."""
-    p = run([ROOT / "exp12_mixup_cutmix_cifar100.py", "--smoke", "--configs", "mixup", "mixup_ses", "--seeds", "0", "1",
-             "--out-dir", tmp_path], cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rep = run([ROOT / "report.py", tmp_path / "smoke"], cwd=tmp_path)
-    assert rep.returncode == 0, rep.stderr[-3000:]
-    md = (tmp_path / "smoke" / "report.md").read_text()
+def check_two_seed_report(smoke):
+    """report.py on a two-seed smoke sweep of exp12's Mixup pair: mixup_ses paired with mixup."""
+    import report
+    assert report.main([str(smoke)]) == 0
+    md = (smoke / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| mixup_ses |"))
     assert "| 2 |" in row and re.search(r"\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", row), row
-    tex = (tmp_path / "smoke" / "tables.tex").read_text()
+    tex = (smoke / "tables.tex").read_text()
     body = [line.removesuffix(" \\\\").split(" & ") for line in tex.splitlines() if line.count(" & ") == 7]
     assert len(body) == 3  # the header, mixup, mixup_ses
     assert report_tables.tex_width_pt(body[1:]) <= report_tables.TEXTWIDTH_PT
-    assert "\\newcommand{\\sesExpTwelveMixupSesDeltaAcc}" in (tmp_path / "smoke" / "macros.tex").read_text()
-    plots = tmp_path / "smoke" / "plots"
+    assert "\\newcommand{\\sesExpTwelveMixupSesDeltaAcc}" in (smoke / "macros.tex").read_text()
+    plots = smoke / "plots"
     assert (plots / "exp12_mixup_cutmix_cifar100_entropy_mixup_ses.pdf").is_file()
     assert (plots / "exp12_mixup_cutmix_cifar100_curves.pdf").is_file()

@@ -1,0 +1,84 @@
+"""What several test files share: the scripts, running them as real processes, a run that kills
+itself at a fixed point, and reading a run's outputs without its timings."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXP10 = ROOT / "exp10_periodic_ses.py"
+TIMING = {"epoch_time_s", "images_per_s", "overhead", "peak_mem_bytes", "solver_timings", "ses_solver_timings_s"}
+SMOKE_EXP10 = ("smoke", "exp10_periodic_ses")
+
+
+def run(cmd, cwd=ROOT, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """python <cmd...> as a child process; its exit code, stdout and stderr."""
+    return subprocess.run([sys.executable, *map(str, cmd)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def self_killing(tmp: Path, script: Path, epoch: int, signal_name: str = "SIGKILL") -> Path:
+    """A copy of `script`'s experiment that sends itself `signal_name` when epoch `epoch` ends,
+    after that epoch's evaluation and before its checkpoint (an epoch callback of rank 0): the
+    last checkpoint is epoch - 1's. Its runs have the same folders and settings as the script's."""
+    path = tmp / f"killed_at_epoch_{epoch}.py"
+    path.write_text(f"""import os, runpy, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from cli import run_experiment
+exp = runpy.run_path({str(script)!r}, run_name="experiment")
+
+
+def stop(model, data, run_dir, epoch, cfg):
+    if epoch == {epoch}:
+        os.kill(os.getpid(), signal.{signal_name})
+
+
+sys.exit(run_experiment({str(script)!r}, exp["SETUP"], exp["GRID"], exp["__doc__"], sys.argv[1:],
+                        epoch_callbacks=[stop]))
+""")
+    return path
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def read_run(run_dir: Path):
+    """(result.json, metrics.jsonl rows) without the wall-clock figures."""
+    result = json.loads((run_dir / "result.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return strip_timing(result), strip_timing(metrics)
+
+
+def copy_out_dir(src: Path, dest: Path) -> Path:
+    """A private copy of a finished out-dir (a session fixture's) for a test that changes it."""
+    shutil.copytree(src, dest)
+    return dest
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (children, grandchildren, ...), from /proc."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def started_runs(output: str, experiment: str = "exp10_periodic_ses") -> list[str]:
+    """The runs a sweep's output says it started training ('== <experiment> / <run> on ...')."""
+    return [line.split(" / ")[1].split(" on ")[0] for line in output.splitlines()
+            if line.startswith(f"== {experiment} / ")]
