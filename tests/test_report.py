@@ -154,7 +154,13 @@ def test_every_table_fits_a_single_column_article():
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (the width estimate above holds)")
 def test_tables_compile_without_an_overfull_box(tmp_path):
     write_results(tmp_path)
+    exp = tmp_path / "exp12_mixup_cutmix_cifar100"  # and a table whose rows and pairs mix machines (marks, notes)
+    for seed in range(3):
+        write_run(exp, "ses", seed, 0.7 + seed / 100, **(dict(amp="fp16", device="Tesla T4") if seed else {}))
+    for seed in range(2):
+        write_run(exp, "baseline", seed, 0.69, processes=2 if seed else 1)
     assert report.main([str(tmp_path)]) == 0
+    assert "\\dagger" in (tmp_path / "tables.tex").read_text()
     (tmp_path / "paper.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\\input{macros.tex}"
                                         "\\begin{document}\\input{tables.tex}\\sesExpTenSesKOneAcc\\end{document}\n")
     p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "paper.tex"], cwd=tmp_path, capture_output=True,
