@@ -5,11 +5,11 @@ load_dataset(name, data_dir) -> (train_x, train_y, test_x, test_y, classes)
 Sources: CIFAR-10/100 python pickles (archive downloaded with its md5 checked), Tiny-ImageNet
 (the cs231n zip with md5, the zip already present, or an extracted folder; val/ is the test
 split, labelled by val/val_annotations.txt; decoded once in parallel and cached as uint8),
-and a learnable synthetic set for --smoke (point clouds live in pointclouds.py, which a script
+and a learnable synthetic set for --smoke (point clouds live in perceiver/modelnet40.py, which a script
 passes in). Every file written here goes to a temporary name first and is moved into place with
-os.replace (files.py), so a failed or killed run never leaves a half-written archive or cache.
+os.replace (storage/files.py), so a failed or killed run never leaves a half-written archive or cache.
 Several processes loading one dataset at once (workers on a fresh machine) download, extract and
-decode it once: the first takes the data lock (files.prepare_once), the others wait for it and then
+decode it once: the first takes the data lock (storage.files.prepare_once), the others wait for it and then
 read its folder or cache.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from files import DataError, cached, download, extract_tar, fetch_archive, find_in_roots, prepare_once  # noqa: F401
+from storage.files import DataError, cached, download, extract_tar, fetch_archive, find_in_roots, prepare_once  # noqa: F401
 
 CIFAR_SOURCES = {
     "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -181,7 +181,7 @@ def synthetic_dataset(num_classes: int, image_size: int, n_train: int = 512, n_t
 # name -> facts used by the models and the loader (mean/std of the training pixels in [0, 1]) and
 # load(data_dir, download_ok) -> (train_x, train_y, test_x, test_y, classes); sizes = the real
 # (n_train, n_test), which --synthetic generates. A script adds its own
-# datasets (exp13: ModelNet40 from pointclouds.py) by passing them to the harness, not by writing here.
+# datasets (exp13: ModelNet40 from perceiver/modelnet40.py) by passing them to the harness, not by writing here.
 DATASETS = {
     "cifar10": dict(num_classes=10, image_size=32, pad=4, load=partial(load_cifar, "cifar10"), sizes=(50_000, 10_000),
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),

@@ -17,7 +17,7 @@ Rerunning the same command resumes unfinished runs and skips finished ones.
 """
 import sys
 
-from cli import run_experiment
+from harness.cli import run_experiment
 
 SETUP = dict(dataset="cifar100", model="resnet18", layers="all")
 GRID = {

@@ -16,7 +16,7 @@ Rerunning the same command resumes unfinished runs and skips finished ones.
 """
 import sys
 
-from cli import run_experiment
+from harness.cli import run_experiment
 
 SETUP = dict(dataset="tinyimagenet", model="resnet50", layers="layer4+avgpool",
              smoke=dict(batch_size=4, eval_batch_size=4, attack_batch_size=4, n_train=8, n_test=4))  # R50: slow on a CPU

@@ -28,10 +28,10 @@ Run it:
 import argparse
 import sys
 
-from cli import run_experiment
-from lamb import make_lamb
-from perceiver import build_perceiver, latent_taps, save_attention_maps
-from pointclouds import MODELNET40
+from harness.cli import run_experiment
+from perceiver.lamb import make_lamb
+from perceiver.model import build_perceiver, latent_taps, save_attention_maps
+from perceiver.modelnet40 import MODELNET40
 
 SETUP = dict(model="perceiver", layers="latents", optimizer="lamb", weight_decay=0.1, clip_grad=10.0, epochs=120,
              scheduler="multistep", milestones=[84, 102, 114], schedule_epochs=120, eval_batch_size=256,

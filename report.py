@@ -8,8 +8,8 @@ Per experiment, one row per config: acc, rob, gap as mean +- std over seeds (std
 omitted for a single seed), n, delta acc / delta rob against the config's twin, paired by seed, in
 percentage points with a 95 % t-interval, overhead where measured, and the paper's figure beside ours where one exists. Final-epoch
 numbers only: nothing is selected on the test set. Unfinished runs are listed, never averaged in.
-The text outputs are made in report_tables.py (tables.tex fits one column; macros.tex holds one
-\newcommand per headline number), the figures in report_plots.py (PDF and PNG; matplotlib optional).
+The text outputs are made in reporting/tables.py (tables.tex fits one column; macros.tex holds one
+\newcommand per headline number), the figures in reporting/plots.py (PDF and PNG; matplotlib optional).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from files import write_text_atomic as write_text
-from report_plots import plot_experiment
-from report_tables import KIND_NOTE, latex, macros, markdown
+from storage.files import write_text_atomic as write_text
+from reporting.plots import plot_experiment
+from reporting.tables import KIND_NOTE, latex, macros, markdown
 
 METRICS = ("acc", "rob", "gap")
 

@@ -18,7 +18,7 @@ spectrum gives H = 0 with finite gradients. A matrix with a NaN/inf entry (overf
 is replaced by zeros before the solver (H = 0; the non-finite CE then stops the run), so the solver
 never sees one.
 
-Solver routes (all exact; `solver=` of SES / spectral_entropies): see ses_solvers. "auto" (the
+Solver routes (all exact; `solver=` of SES / spectral_entropies): see ses_solvers/routes.py. "auto" (the
 default) keeps float32 on a CPU; on CUDA, on the first SES step's real matrices, it times every route
 that agrees with float64 LAPACK and keeps float32 unless another route is at least 10 % faster.
 Host synchronisation: torch's eigvalsh routes wait once per solver call (it reads its convergence
@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ses_solvers import SOLVERS, common_route, entropies_of_grams, entropy_of_gram, pick_solver
+from ses_solvers.routes import SOLVERS, common_route, entropies_of_grams, entropy_of_gram, pick_solver
 
 __all__ = ["entropy_ceiling", "entropy_target", "spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
            "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
@@ -269,7 +269,7 @@ class SES:
         if not due:
             return 0.0
         acts = self.collector.activations
-        if self.gather is not None:  # several processes: SES on the global batch (multigpu.gather_rows)
+        if self.gather is not None:  # several processes: SES on the global batch (harness.multigpu.gather_rows)
             pooled = {}
             for a in acts.values():  # an aliased tensor (avgpool = layer4.1) is gathered once, solved once
                 if id(a) not in pooled:

@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cusolver_batched  # noqa: E402
-from config import DEFAULTS  # noqa: E402
+from ses_solvers import cusolver_batched  # noqa: E402
+from harness.config import DEFAULTS  # noqa: E402
 from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
-from files import write_json  # noqa: E402
-from models import build_resnet, compile_model, resolve_layers  # noqa: E402
+from storage.files import write_json  # noqa: E402
+from harness.models import build_resnet, compile_model, resolve_layers  # noqa: E402
 from ses_core import SES, _centred_gram  # noqa: E402
-from ses_solvers import SOLVERS, padded_shape, time_route, unavailable  # noqa: E402
-from training import AMP_MODES, amp_policy  # noqa: E402
+from ses_solvers.routes import SOLVERS, padded_shape, time_route, unavailable  # noqa: E402
+from harness.training import AMP_MODES, amp_policy  # noqa: E402
 
 SETUPS = {"resnet18": dict(model="resnet18", layers="all", dataset="cifar100", size=32),
           "resnet50": dict(model="resnet50", layers="layer4+avgpool", dataset="tinyimagenet", size=64)}

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cusolver_batched  # noqa: E402
+from ses_solvers import cusolver_batched  # noqa: E402
 from ses_core import _centred_gram  # noqa: E402
-from ses_solvers import SOLVERS, forward_backward, padded_shape, unavailable  # noqa: E402
+from ses_solvers.routes import SOLVERS, forward_backward, padded_shape, unavailable  # noqa: E402
 
 RESULT = "GPU_CHECK_RESULT "
 SHAPES = [(8, 256), (3, 256), (8, 512), (3, 512)]

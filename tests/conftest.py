@@ -18,7 +18,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 @pytest.fixture
 def cpu_cusolver(monkeypatch):
     """cusolver_batched.eigh_batched (CUDA only) emulated on the CPU by its contract: (w, v, info) in `dtype`."""
-    import cusolver_batched
+    from ses_solvers import cusolver_batched
     calls = []
 
     def eigh_batched(a, dtype=None):
@@ -39,7 +39,7 @@ def write_lease():
     import time
     from pathlib import Path
 
-    import leases
+    from storage import leases
 
     def write(path, age=0.0, **facts):
         now = time.time()

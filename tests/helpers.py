@@ -25,7 +25,7 @@ def self_killing(tmp: Path, script: Path, epoch: int, signal_name: str = "SIGKIL
     path = tmp / f"killed_at_epoch_{epoch}.py"
     path.write_text(f"""import os, runpy, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from cli import run_experiment
+from harness.cli import run_experiment
 exp = runpy.run_path({str(script)!r}, run_name="experiment")
 
 

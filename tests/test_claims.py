@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import claims
-import leases
+from harness import claims
+from storage import leases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_an_owner_whose_claim_was_taken_over_gets_claim_lost_and_leaves_the_new_
     mine = claims.acquire(run)
     mine.check()
     # another worker whose clock or patience judges this claim stale (STALE_S < 0) takes it over
-    taker = subprocess.run([sys.executable, "-c", "import os, sys, claims; c = claims.acquire(sys.argv[1]); "
+    taker = subprocess.run([sys.executable, "-c", "import os, sys; from harness import claims; c = claims.acquire(sys.argv[1]); "
                             "print(c.lease.gen, os.getpid())", str(run)], cwd=ROOT, capture_output=True, text=True,
                            env=dict(os.environ, SES_CLAIM_STALE_S="-1"), timeout=60)
     assert taker.returncode == 0, taker.stderr
@@ -180,7 +180,8 @@ def test_a_fresh_acquire_that_missed_a_takeover_backs_off(run, write_lease):
 RACER = r"""
 import sys, time
 from pathlib import Path
-import claims, leases
+from harness import claims
+from storage import leases
 assert "torch" not in sys.modules
 root, me, races = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 

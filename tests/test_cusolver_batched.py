@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import cusolver_batched
+from ses_solvers import cusolver_batched
 from fake_cuda import FakeCusolver, FakeDevices, OldFakeCusolver, RecordingLock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +127,9 @@ def test_the_selftest_source_is_served_inside_a_bundle(tmp_path):
     out = tmp_path / "exp10.py"
     out.write_text(bundle.bundle(ROOT / "exp10_periodic_ses.py"))
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); import cusolver_batched as c; "
-            "print(c.__loader__.get_source('cusolver_batched') == b._BUNDLED_SOURCES['cusolver_batched'])")
+            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
+            "from ses_solvers import cusolver_batched as c; name = 'ses_solvers.cusolver_batched'; "
+            "print(c.__loader__.get_source(name) == b._BUNDLED_SOURCES[name])")
     p = subprocess.run([sys.executable, "-c", code, str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.stdout.strip() == "True", p.stderr[-2000:]
 

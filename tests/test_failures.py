@@ -9,14 +9,14 @@ import time
 import pytest
 import torch
 
-import checkpoints
-import cli
+from harness import checkpoints
+from harness import cli
 import exp10_periodic_ses as exp10
-import runs
-from config import DEFAULTS
+from harness import runs
+from harness.config import DEFAULTS
 from data_utils import Data, synthetic_dataset
 from helpers import EXP10, ROOT, SMOKE_EXP10, copy_out_dir
-from registry import make_registry
+from harness.registry import make_registry
 
 SETUP = dict(dataset="cifar10", layers="last3")
 GRID = {"baseline": dict(ses=False), "ses": dict(ses=True)}
@@ -150,7 +150,7 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("value,name", [("3", "ses_k1+every=3_seed0"), ("1", "ses_k1_seed0")])
 def test_run_names_carry_the_overrides(value, name):
-    from config import resolve_config, run_name
+    from harness.config import resolve_config, run_name
     import exp10_periodic_ses as exp10
     cfg, _ = resolve_config("exp10_periodic_ses", exp10.SETUP, exp10.GRID, "ses_k1", 0, False, {"every": int(value)})
     assert run_name(cfg) == name and cfg["every"] == int(value)

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import cli
-import config
-import evaluation
+from harness import cli
+from harness import config
+from harness import evaluation
 import exp10_periodic_ses as exp10
-import models
-import runs
-import training
+from harness import models
+from harness import runs
+from harness import training
 from data_utils import DATASETS
 from helpers import EXP10, SMOKE_EXP10, copy_out_dir, read_run, run, self_killing
 
@@ -89,7 +89,7 @@ def test_schedulers(name, check):
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lamb"])
 def test_optimizers_build_and_step(name):
     model = nn.Linear(3, 2)
-    from lamb import make_lamb
+    from perceiver.lamb import make_lamb
     opt = training.build_optimizer(dict(config.DEFAULTS, optimizer=name, lr=0.01), model,
                                    {**training.OPTIMIZERS, "lamb": make_lamb})
     before = model.weight.detach().clone()
@@ -236,7 +236,7 @@ def test_tensorboard_logs_every_epoch_with_per_layer_h_and_targets(tmp_path):
 
 
 def test_tensorboard_missing_is_one_line_not_a_failure(tmp_path, monkeypatch, capsys):
-    import tensorboard_log
+    from harness import tensorboard_log
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import -> ImportError
     board = tensorboard_log.TensorBoard(tmp_path, {"fc": 1.0})
     board.epoch(dict(epoch=1, entropy={"fc": 2.0}))

@@ -11,13 +11,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
-import multigpu
-import runs
-from config import DEFAULTS
+from harness import checkpoints
+from harness import multigpu
+from harness import runs
+from harness.config import DEFAULTS
 from data_utils import Data, synthetic_dataset
 from helpers import EXP10, ROOT, read_run, run, self_killing
-from registry import make_registry
+from harness.registry import make_registry
 from ses_core import SES
 
 BATCH, WORLD = 12, 2
@@ -132,7 +132,7 @@ def test_two_process_smoke_run_is_killed_and_resumes_to_the_same_result(tmp_path
 
 GRID_SCRIPT = """import sys
 sys.path.insert(0, {root!r})
-from cli import run_experiment
+from harness.cli import run_experiment
 SETUP = dict(dataset="cifar10", model="resnet18", layers="last3")
 GRID = {{"diverges": dict(ses=True, lr=1e30), "bn_hooks": dict(ses=True, layers="bn1,layer4.1")}}
 sys.exit(run_experiment({exp10!r}, SETUP, GRID, "doc", sys.argv[1:]))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import pointclouds as pc
-from lamb import Lamb
-from perceiver import Perceiver, fourier_features, grid_coords, latent_taps
+from perceiver import modelnet40 as pc
+from perceiver.lamb import Lamb
+from perceiver.model import Perceiver, fourier_features, grid_coords, latent_taps
 
 CIFAR = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -275,7 +275,7 @@ def test_multi_tensor_lamb_equals_the_per_tensor_loop_step_for_step():
 
 
 def test_make_lamb_exempts_biases_and_norms_from_decay():
-    from lamb import make_lamb
+    from perceiver.lamb import make_lamb
     m = Perceiver(num_classes=10, input_kind="image", num_tokens=64, image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3,
                   num_latents=4, latent_dim=16, num_cross_attend_stages=1, num_transformer_blocks=1, num_heads=2,
                   num_bands=2, use_learned_pe=True)
@@ -327,7 +327,7 @@ def test_exp13_flags_switch_off_and_help_shows_each_experiments_defaults():
     out = subprocess.run([sys.executable, str(root / "exp13_perceiver.py"), "--help"], capture_output=True, text=True,
                          timeout=120).stdout
     assert "--no-learned-pe" in out and "--no-permute-pixels" in out and "--weight-sharing" in out
-    from config import resolve_config
+    from harness.config import resolve_config
     import exp13_perceiver as e13
     cfg, changed = resolve_config("exp13_perceiver", e13.SETUP, e13.GRID, "cifar10_permuted_learned", 0, False,
                                   {"permute_pixels": False, "use_learned_pe": False})

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import cli
-import evaluation
-import models
-from config import DEFAULTS
+from harness import cli
+from harness import evaluation
+from harness import models
+from harness.config import DEFAULTS
 from data_utils import DATASETS
-from training import amp_policy
+from harness.training import amp_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP10 = str(ROOT / "exp10_periodic_ses.py")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import report
-import report_plots
-import report_tables
+from reporting import plots as report_plots
+from reporting import tables as report_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC = {"baseline": [0.70, 0.72, 0.74], "ses_k1": [0.75, 0.76, 0.80]}

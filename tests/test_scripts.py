@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-import report_tables
-from config import SMOKE
+from reporting import tables as report_tables
+from harness.config import SMOKE
 from helpers import ROOT, run
 SCRIPTS = {
     "exp10_periodic_ses": ["baseline", "ses_k1", "ses_k3", "ses_k5", "ses_k10"],
@@ -110,8 +110,10 @@ def test_bundle_embeds_modules_verbatim():
     sys.path.insert(0, str(ROOT / "tools"))
     import bundle
     mods = bundle.collect(ROOT / "exp10_periodic_ses.py")
-    assert {"ses_core", "data_utils", "cli", "sweep", "runs", "training"} <= set(mods)
-    assert list(mods).index("ses_core") < list(mods).index("runs")  # dependencies first
+    assert {"ses_core", "data_utils", "harness", "harness.cli", "harness.sweep", "harness.runs", "harness.training",
+            "ses_solvers.routes", "storage.files"} <= set(mods)
+    assert list(mods).index("ses_core") < list(mods).index("harness.runs")  # dependencies first
+    assert list(mods).index("harness") < list(mods).index("harness.runs")  # a package before its modules
     text = bundle.bundle(ROOT / "exp10_periodic_ses.py")
     for src in mods.values():
         assert bundle.literal(src) in text
@@ -121,8 +123,9 @@ def test_each_bundle_embeds_only_what_its_script_needs():
     sys.path.insert(0, str(ROOT / "tools"))
     import bundle
     plain = set(bundle.collect(ROOT / "exp10_periodic_ses.py"))
-    assert not plain & {"lamb", "perceiver", "pointclouds"}
-    assert {"lamb", "perceiver", "pointclouds"} <= set(bundle.collect(ROOT / "exp13_perceiver.py"))
+    exp13_parts = {"perceiver", "perceiver.lamb", "perceiver.model", "perceiver.modelnet40"}
+    assert not plain & exp13_parts and "reporting" not in " ".join(plain)
+    assert exp13_parts <= set(bundle.collect(ROOT / "exp13_perceiver.py"))
 
 
 def test_exp13_help_shows_each_experiments_own_defaults(capsys):

@@ -284,9 +284,9 @@ def test_entropy_ceiling_and_targets():
 def test_compiled_forward_runs_the_hooks_without_a_graph_break_and_equals_eager():
     """--compile: torch.compile (aot_eager here: no C compiler needed) of a ResNet with SES on `all`."""
     import torch.nn.functional as F
-    from config import DEFAULTS
+    from harness.config import DEFAULTS
     from data_utils import DATASETS
-    from models import build_resnet, compile_model, resolve_layers
+    from harness.models import build_resnet, compile_model, resolve_layers
 
     def make():
         torch.manual_seed(0)

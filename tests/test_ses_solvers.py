@@ -6,8 +6,8 @@ escapes. The cuSOLVER call is emulated by its contract (the `cpu_cusolver` fixtu
 import pytest
 import torch
 
-import cusolver_batched
-import ses_solvers
+from ses_solvers import cusolver_batched
+from ses_solvers import routes as ses_solvers
 from ses_core import _centred_gram, spectral_entropies
 from test_ses_core import random_acts, reference_entropy
 

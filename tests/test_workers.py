@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-import cli
+from harness import cli
 import exp10_periodic_ses as exp10
 from helpers import EXP10, ROOT, SMOKE_EXP10, copy_out_dir, descendants, started_runs
 

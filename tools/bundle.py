@@ -30,6 +30,7 @@ import linecache as _linecache
 import sys as _sys
 
 _BUNDLED_SOURCES = {{}}
+_BUNDLED_PACKAGES = {packages!r}
 '''
 
 IMPORTER = '''
@@ -39,7 +40,7 @@ class _BundledModules(_abc.MetaPathFinder, _abc.Loader):
 
     def find_spec(self, name, path=None, target=None):
         if name in _BUNDLED_SOURCES:
-            return _util.spec_from_loader(name, self, origin=f"bundled:{name}.py")
+            return _util.spec_from_loader(name, self, origin=f"bundled:{name}", is_package=name in _BUNDLED_PACKAGES)
         return None
 
     def create_module(self, spec):
@@ -50,7 +51,7 @@ class _BundledModules(_abc.MetaPathFinder, _abc.Loader):
 
     def exec_module(self, module):
         source = _BUNDLED_SOURCES[module.__name__]
-        filename = f"<bundled {module.__name__}.py>"
+        filename = f"<bundled {module.__name__}>"
         _linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         module.__file__ = __file__ if "__file__" in globals() else filename
         exec(compile(source, filename, "exec"), module.__dict__)
@@ -62,30 +63,47 @@ _sys.meta_path.insert(0, _BundledModules())
 '''
 
 
+def module_file(root: Path, name: str) -> Path | None:
+    """<root>/a/b.py, or <root>/a/b/__init__.py for a package, of module a.b; None if it is not local."""
+    base = root.joinpath(*name.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
 def local_imports(path: Path, root: Path) -> list[str]:
-    """Names of modules imported anywhere in `path` that are files <root>/<name>.py."""
+    """Dotted names of the local modules imported anywhere in `path` (function-level imports
+    included), each package before the modules in it."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names += [a.name.split(".")[0] for a in node.names]
+            wanted = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module.split(".")[0])
-    return [n for n in dict.fromkeys(names) if (root / f"{n}.py").is_file()]
+            wanted = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # from pkg import module
+        else:
+            continue
+        for name in wanted:
+            parts = name.split(".")
+            names += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return [n for n in dict.fromkeys(names) if module_file(root, n) is not None]
 
 
 def collect(script: Path) -> dict[str, str]:
-    """Every local module the script needs, dependencies first."""
+    """Every local module the script needs (dotted name -> source), dependencies first."""
     root, order, seen = script.parent, [], set()
 
     def visit(path: Path):
         for name in local_imports(path, root):
             if name not in seen:
                 seen.add(name)
-                visit(root / f"{name}.py")
+                visit(module_file(root, name))
                 order.append(name)
     visit(script)
-    return {name: (root / f"{name}.py").read_text() for name in order}
+    return {name: module_file(root, name).read_text() for name in order}
+
+
+def packages(script: Path, names) -> list[str]:
+    """Which of the collected modules are packages (a folder's __init__.py)."""
+    return [n for n in names if module_file(script.parent, n).name == "__init__.py"]
 
 
 def literal(source: str) -> str:
@@ -112,9 +130,9 @@ def bundle(script: Path) -> str:
     script = script.resolve()
     modules = collect(script)
     parts = [HEADER.format(script=script.name, experiment=script.stem, commit=git_commit(script.parent),
-                           modules=", ".join(modules) or "none")]
+                           modules=", ".join(modules) or "none", packages=packages(script, modules))]
     for name, source in modules.items():
-        parts.append(f"\n# ============================================================================ {name}.py\n"
+        parts.append(f"\n# ============================================================================ {name}\n"
                      f"_BUNDLED_SOURCES[{name!r}] = {literal(source)}\n")
     parts.append(IMPORTER.replace("SCRIPT", script.name))
     parts.append(script.read_text())

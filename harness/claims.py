@@ -1,6 +1,6 @@
 """Several workers on one out-dir: each run is claimed before it is trained, so it is trained once.
 
-The claim of a run is a lease (leases.py) in its folder: <run-dir>/claim.<gen>.json, created with
+The claim of a run is a lease (storage/leases.py) in its folder: <run-dir>/claim.<gen>.json, created with
 O_EXCL, its heartbeat time written in the file every HEARTBEAT_S seconds (SES_CLAIM_HEARTBEAT_S,
 default 30). Another worker skips a run whose claim is live; it takes over a claim whose in-file
 heartbeat is older than STALE_S (SES_CLAIM_STALE_S, default 180: its worker was killed, or its
@@ -10,15 +10,15 @@ generation's file with O_EXCL, so of any number of workers exactly one wins. A w
 was taken over (its heartbeat stalled past STALE_S, or its clock lags the taker's by more than
 that) learns it from Claim.check(), meant to be called after every epoch before the checkpoint is
 written: it raises ClaimLost with one line. result.json is checked again after claiming
-(sweep.py), so a finished run is never trained twice. A live run folder holds one claim.<gen>.json (two for an instant during a takeover), plus,
+(harness/sweep.py), so a finished run is never trained twice. A live run folder holds one claim.<gen>.json (two for an instant during a takeover), plus,
 for an instant during each heartbeat, a .claim.<gen>.json.<random>.tmp; release deletes the claim.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import leases
-from leases import HEARTBEAT_S, STALE_S  # noqa: F401  (the settings, for messages and tests)
+from storage import leases
+from storage.leases import HEARTBEAT_S, STALE_S  # noqa: F401  (the settings, for messages and tests)
 
 STEM = "claim"
 

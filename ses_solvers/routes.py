@@ -48,7 +48,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-import cusolver_batched
+from ses_solvers import cusolver_batched
 
 SOLVERS = ("auto", "float32", "float64", "host", "padded", "batched32", "batched64")
 PADDED = ("padded", "batched32", "batched64")

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-import multigpu
-from config import DEFAULTS, resolve_config, run_name
+from harness import multigpu
+from harness.config import DEFAULTS, resolve_config, run_name
 from data_utils import DataError
-from models import LayerError, resolve_layers
-from registry import make_registry
-from preflight import preflight
-from files import write_json
-from runs import RunError
-from sweep import Interrupted, experiment_dir, force_restart, format_table, run_sweep, selected_runs, summarize
-from training import AMP_MODES
+from harness.models import LayerError, resolve_layers
+from harness.registry import make_registry
+from harness.preflight import preflight
+from storage.files import write_json
+from harness.runs import RunError
+from harness.sweep import Interrupted, experiment_dir, force_restart, format_table, run_sweep, selected_runs, summarize
+from harness.training import AMP_MODES
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import multigpu
+from harness import multigpu
 from data_utils import GpuLoader
 from ses_core import SES
 

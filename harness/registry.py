@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from data_utils import DATASETS
-from models import HOOK_PRESETS, MODEL_BUILDERS
-from training import OPTIMIZERS
+from harness.models import HOOK_PRESETS, MODEL_BUILDERS
+from harness.training import OPTIMIZERS
 
 
 @dataclass(frozen=True)

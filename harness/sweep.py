@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-import multigpu
-from claims import ClaimLost, acquire, describe
-from config import resolve_config, run_name
+from harness import multigpu
+from harness.claims import ClaimLost, acquire, describe
+from harness.config import resolve_config, run_name
 from data_utils import Data, device_name, load_data
-from files import write_json
-from registry import Registry
-from runs import RunError, build_run, check_final_stage, environment, save_code, train_run
-from training import NonFiniteLoss
+from storage.files import write_json
+from harness.registry import Registry
+from harness.runs import RunError, build_run, check_final_stage, environment, save_code, train_run
+from harness.training import NonFiniteLoss
 
 OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (FGSM chunk) or --eval-batch-size",
             "final metrics": "--attack-batch-size (FGSM chunk) or --eval-batch-size"}

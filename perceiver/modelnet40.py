@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from files import DataError, cached, download, find_in_roots, writable_dir
+from storage.files import DataError, cached, download, find_in_roots, writable_dir
 
 MODELNET_URL = "http://modelnet.cs.princeton.edu/ModelNet40.zip"
 NUM_POINTS = 2048

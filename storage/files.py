@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import leases
+from storage import leases
 
 
 class DataError(RuntimeError):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import multigpu
-from files import atomic_torch_save, write_jsonl
+from harness import multigpu
+from storage.files import atomic_torch_save, write_jsonl
 
 
 def rng_state(device: torch.device) -> dict:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from data_utils import GpuLoader, device_name
 from ses_core import ActivationCollector, entropy_ceiling, entropy_target, spectral_entropies
-from training import AmpPolicy
+from harness.training import AmpPolicy
 
 NOISE_SEED = 20_240_601
 

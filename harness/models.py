@@ -3,7 +3,7 @@
 A model builder is `build(cfg, info) -> nn.Module` (cfg: the run's resolved settings, info: the
 dataset's facts: num_classes, image_size, mean, std, ...). A hook preset maps a model name to
 {preset name: [module names] or callable(model) -> [module names]}. Scripts bring their own models
-and presets (exp13: the Perceiver) by passing them to the harness (registry.py), never by writing
+and presets (exp13: the Perceiver) by passing them to the harness (harness/registry.py), never by writing
 into these dicts.
 """
 from __future__ import annotations

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from config import resolve_config
+from harness.config import resolve_config
 from data_utils import device_name
-from evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
-import multigpu
-from checkpoints import save_checkpoint
-from runs import build_run, sync
-from ses_solvers import describe_choice
-from sweep import dataset_for
-from training import train_epoch
+from harness.evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
+from harness import multigpu
+from harness.checkpoints import save_checkpoint
+from harness.runs import build_run, sync
+from ses_solvers.routes import describe_choice
+from harness.sweep import dataset_for
+from harness.training import train_epoch
 
 GiB = 2 ** 30
 

@@ -31,16 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import multigpu
+from harness import multigpu
 from data_utils import Data, GpuLoader, device_name, make_mixer, random_crop_flip
-from evaluation import evaluate, final_metrics, final_stage_check, measure_entropy
-from checkpoints import checkpoint_state, resume
-from files import atomic_torch_save, write_jsonl
-from models import compile_model, resolve_layers
-from registry import Registry
+from harness.evaluation import evaluate, final_metrics, final_stage_check, measure_entropy
+from harness.checkpoints import checkpoint_state, resume
+from storage.files import atomic_torch_save, write_jsonl
+from harness.models import compile_model, resolve_layers
+from harness.registry import Registry
 from ses_core import SES, entropy_ceiling, entropy_target
-from tensorboard_log import TensorBoard
-from training import AmpPolicy, amp_policy, build_optimizer, build_scheduler, train_epoch
+from harness.tensorboard_log import TensorBoard
+from harness.training import AmpPolicy, amp_policy, build_optimizer, build_scheduler, train_epoch
 
 
 class RunError(RuntimeError):
@@ -77,18 +77,22 @@ def environment(device: torch.device) -> dict:
 
 
 def save_code(dest: Path) -> None:
-    """Copy the code that produces a run next to it: the script and the local modules it loaded
-    (a bundle is one file holding all of them)."""
-    here = Path(__file__).resolve().parent
-    files = {Path(m.__file__) for m in list(sys.modules.values())
-             if str(getattr(m, "__file__", None) or "").endswith(".py") and Path(m.__file__).is_absolute()
-             and Path(m.__file__).parent.resolve() == here and Path(m.__file__).is_file()}
+    """Copy the code that produces a run next to it: the script and the project's modules it loaded
+    (the root's modules and those of its packages, at their paths: code/harness/runs.py); a bundle
+    is one file holding all of them."""
+    root = Path(__file__).resolve().parents[1]
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file:
-        files.add(Path(main_file).resolve())
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted(files):
-        shutil.copy2(f, dest / f.name)
+    files = {Path(main_file).name: Path(main_file).resolve()} if main_file else {}
+    for m in list(sys.modules.values()):
+        f = Path(str(getattr(m, "__file__", None) or ""))
+        if f.suffix != ".py" or not f.is_absolute() or not f.is_file():
+            continue
+        f = f.resolve()
+        if f.parent == root or (f.parent.parent == root and (f.parent / "__init__.py").is_file()):
+            files.setdefault(str(f.relative_to(root)), f)
+    for rel, f in sorted(files.items()):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest / rel)
 
 
 def sync(device: torch.device) -> None:
