@@ -7,9 +7,9 @@ Sources: CIFAR-10/100 python pickles (archive downloaded with its md5 checked), 
 split, labelled by val/val_annotations.txt; decoded once in parallel and cached as uint8),
 and a learnable synthetic set for --smoke (point clouds live in perceiver/modelnet40.py, which a script
 passes in). Every file written here goes to a temporary name first and is moved into place with
-os.replace (storage/files.py), so a failed or killed run never leaves a half-written archive or cache.
+os.replace (plumbing/files.py), so a failed or killed run never leaves a half-written archive or cache.
 Several processes loading one dataset at once (workers on a fresh machine) download, extract and
-decode it once: the first takes the data lock (storage.files.prepare_once), the others wait for it and then
+decode it once: the first takes the data lock (plumbing.files.prepare_once), the others wait for it and then
 read its folder or cache.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from plumbing.progress import tqdm
 
-from storage.files import DataError, cached, download, extract_tar, fetch_archive, find_in_roots, prepare_once  # noqa: F401
+from plumbing.files import DataError, cached, download, extract_tar, fetch_archive, find_in_roots, prepare_once  # noqa: F401
 
 CIFAR_SOURCES = {
     "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",

@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from storage.files import write_text_atomic as write_text
+from plumbing.files import write_text_atomic as write_text
 from reporting.plots import plot_experiment
 from reporting.tables import KIND_NOTE, latex, macros, markdown
 

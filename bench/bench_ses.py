@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ses_solvers import cusolver_batched  # noqa: E402
 from harness.config import DEFAULTS  # noqa: E402
 from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
-from storage.files import write_json  # noqa: E402
+from plumbing.files import write_json  # noqa: E402
 from harness.models import build_resnet, compile_model, resolve_layers  # noqa: E402
 from ses_core import SES, _centred_gram  # noqa: E402
 from ses_solvers.routes import SOLVERS, padded_shape, time_route, unavailable  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from storage.files import write_text_atomic  # noqa: E402
+from plumbing.files import write_text_atomic  # noqa: E402
 
 BEGIN, END = "<!-- ses-cost-table:begin -->", "<!-- ses-cost-table:end -->"
 SETUPS = {"resnet18": "ResNet-18 `all`, CIFAR-100", "resnet50": "ResNet-50 `layer4+avgpool`, Tiny-ImageNet"}

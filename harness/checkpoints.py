@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from harness import multigpu
-from storage.files import atomic_torch_save, write_jsonl
+from plumbing.files import atomic_torch_save, write_jsonl
 
 
 def rng_state(device: torch.device) -> dict:

@@ -1,6 +1,6 @@
 """Several workers on one out-dir: each run is claimed before it is trained, so it is trained once.
 
-The claim of a run is a lease (storage/leases.py) in its folder: <run-dir>/claim.<gen>.json, created with
+The claim of a run is a lease (plumbing/leases.py) in its folder: <run-dir>/claim.<gen>.json, created with
 O_EXCL, its heartbeat time written in the file every HEARTBEAT_S seconds (SES_CLAIM_HEARTBEAT_S,
 default 30). Another worker skips a run whose claim is live; it takes over a claim whose in-file
 heartbeat is older than STALE_S (SES_CLAIM_STALE_S, default 180: its worker was killed, or its
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage import leases
-from storage.leases import HEARTBEAT_S, STALE_S  # noqa: F401  (the settings, for messages and tests)
+from plumbing import leases
+from plumbing.leases import HEARTBEAT_S, STALE_S  # noqa: F401  (the settings, for messages and tests)
 
 STEM = "claim"
 

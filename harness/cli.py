@@ -23,7 +23,7 @@ from data_utils import DataError
 from harness.models import LayerError, resolve_layers
 from harness.registry import make_registry
 from harness.preflight import preflight
-from storage.files import write_json
+from plumbing.files import write_json
 from harness.runs import RunError
 from harness.sweep import Interrupted, experiment_dir, force_restart, format_table, run_sweep, selected_runs, summarize
 from harness.training import AMP_MODES

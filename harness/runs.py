@@ -35,7 +35,7 @@ from harness import multigpu
 from data_utils import Data, GpuLoader, device_name, make_mixer, random_crop_flip
 from harness.evaluation import evaluate, final_metrics, final_stage_check, measure_entropy
 from harness.checkpoints import checkpoint_state, resume
-from storage.files import atomic_torch_save, write_jsonl
+from plumbing.files import atomic_torch_save, write_jsonl
 from harness.models import compile_model, resolve_layers
 from harness.registry import Registry
 from ses_core import SES, entropy_ceiling, entropy_target

@@ -24,7 +24,7 @@ from harness import multigpu
 from harness.claims import ClaimLost, acquire, describe
 from harness.config import resolve_config, run_name
 from data_utils import Data, device_name, load_data
-from storage.files import write_json
+from plumbing.files import write_json
 from harness.registry import Registry
 from harness.runs import RunError, build_run, check_final_stage, environment, save_code, train_run
 from harness.training import NonFiniteLoss

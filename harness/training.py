@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from plumbing.progress import tqdm
 
 from harness import multigpu
 from data_utils import GpuLoader

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_utils import GpuLoader
-from storage.files import atomic_torch_save
+from plumbing.files import atomic_torch_save
 
 
 def fourier_features(coords: torch.Tensor, num_bands: int, max_freq: float) -> torch.Tensor:

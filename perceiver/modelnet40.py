@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from plumbing.progress import tqdm
 
-from storage.files import DataError, cached, download, find_in_roots, writable_dir
+from plumbing.files import DataError, cached, download, find_in_roots, writable_dir
 
 MODELNET_URL = "http://modelnet.cs.princeton.edu/ModelNet40.zip"
 NUM_POINTS = 2048

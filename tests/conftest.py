@@ -39,7 +39,7 @@ def write_lease():
     import time
     from pathlib import Path
 
-    from storage import leases
+    from plumbing import leases
 
     def write(path, age=0.0, **facts):
         now = time.time()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness import claims
-from storage import leases
+from plumbing import leases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ RACER = r"""
 import sys, time
 from pathlib import Path
 from harness import claims
-from storage import leases
+from plumbing import leases
 assert "torch" not in sys.modules
 root, me, races = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {
-    "storage": 0,       # all-or-nothing writes, downloads, caches, leases: standard library and torch
+    "plumbing": 0,      # all-or-nothing writes, downloads, caches, leases, progress bars
     "ses_solvers": 1,   # the exact eigen-solve under the penalty
     "ses_core": 2,      # the method: entropy, penalty, collector, periodic SES
     "data_utils": 2,    # datasets, the GPU-resident loader, Mixup/CutMix

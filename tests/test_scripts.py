@@ -111,7 +111,7 @@ def test_bundle_embeds_modules_verbatim():
     import bundle
     mods = bundle.collect(ROOT / "exp10_periodic_ses.py")
     assert {"ses_core", "data_utils", "harness", "harness.cli", "harness.sweep", "harness.runs", "harness.training",
-            "ses_solvers.routes", "storage.files"} <= set(mods)
+            "ses_solvers.routes", "plumbing.files"} <= set(mods)
     assert list(mods).index("ses_core") < list(mods).index("harness.runs")  # dependencies first
     assert list(mods).index("harness") < list(mods).index("harness.runs")  # a package before its modules
     text = bundle.bundle(ROOT / "exp10_periodic_ses.py")

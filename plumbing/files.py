@@ -22,9 +22,9 @@ import zlib
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from plumbing.progress import tqdm
 
-from storage import leases
+from plumbing import leases
 
 
 class DataError(RuntimeError):

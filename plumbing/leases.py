@@ -1,7 +1,7 @@
 """Leases on a shared folder: one holder at a time, a heartbeat, and takeover of a dead holder's lease.
 
 Used for the claim of a run (harness/claims.py: <run-dir>/claim.<gen>.json) and for the lock on a data folder
-(storage.files.prepare_once: <data>/.lock-<dataset>.<gen>.json). Standard library only.
+(plumbing.files.prepare_once: <data>/.lock-<dataset>.<gen>.json). Standard library only.
 
 A lease is a file <stem>.<gen>.json, created with O_CREAT | O_EXCL by its holder and written only by
 it. It holds the owner's facts: host, pid, the pid's start time (/proc/<pid>/stat), boot id, pid
