@@ -25,7 +25,8 @@ from harness.registry import make_registry
 from harness.preflight import preflight
 from plumbing.files import write_json
 from harness.runs import RunError
-from harness.sweep import Interrupted, experiment_dir, force_restart, format_table, run_sweep, selected_runs, summarize
+from harness.summary import format_table, summarize
+from harness.sweep import Interrupted, experiment_dir, force_restart, rerun, run_sweep, selected_runs
 from harness.training import AMP_MODES
 
 
@@ -82,6 +83,7 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
     base = {k: per_config(k, setup, grid) for k in ("dataset", "model", "layers", "epochs", "batch_size",
                                                      "lr", "lam", "beta", "every", "attack_batch_size")}
     p = OneLineParser(prog=f"{experiment}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      allow_abbrev=False,  # --forc is an error, never a --force the --devices workers miss
                       epilog=f"configs (settings over the defaults {json.dumps(base)}):\n{grid_text}\n\n"
                              f"outputs: <out-dir>/{experiment}/<config>_seed<N>/ config.json metrics.jsonl "
                              f"checkpoint.pt result.json; <out-dir>/{experiment}/summary.json. A setting given "
@@ -192,7 +194,7 @@ def run_workers(parser, experiment: str, grid: dict, args, argv, cfgs: list[dict
     if not devices:
         parser.error(f"argument --devices: {args.devices!r} names no device")
     exp_dir = experiment_dir(args, experiment)
-    if args.force:
+    if args.force and not args.preflight:  # a preflight writes no run folder and deletes none
         exp_dir.mkdir(parents=True, exist_ok=True)
         try:
             force_restart(exp_dir, [run_name(cfg) for cfg in cfgs])
@@ -203,12 +205,15 @@ def run_workers(parser, experiment: str, grid: dict, args, argv, cfgs: list[dict
     procs = [subprocess.Popen([sys.executable, sys.argv[0], *base, "--device", dev], env={**os.environ, **env})
              for _, dev, env in devices]
     print(f"{len(procs)} workers on {', '.join(name for name, _, _ in devices)} share {args.out_dir}")
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.wait()
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+    interrupted = False
+    while True:  # Ctrl-C reaches the workers too (one process group); wait until each has ended
+        try:
+            codes = [p.wait() for p in procs]
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        print(f"interrupted; {rerun(args)} to resume", file=sys.stderr)
         return 130
     if exp_dir.is_dir():
         summary = summarize(exp_dir, list(grid))
@@ -217,7 +222,7 @@ def run_workers(parser, experiment: str, grid: dict, args, argv, cfgs: list[dict
     bad = [(i, c) for i, c in enumerate(codes) if c != 0]
     for i, code in bad:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        print(f"error: the worker on {devices[i][0]} {how}; rerun the same command to finish its runs", file=sys.stderr)
+        print(f"error: the worker on {devices[i][0]} {how}; {rerun(args)} to finish its runs", file=sys.stderr)
     return 0 if not bad else max(1, max(c for _, c in bad))
 
 
@@ -272,6 +277,10 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         for note in override_notes(grid, setup, args.configs, overrides):
             print(note)
         return run_workers(parser, experiment, grid, args, argv, selected_runs(experiment, grid, setup, args, overrides))
+    try:
+        multigpu.timeout()
+    except ValueError as e:
+        parser.error(str(e))
     world, args.device = multigpu.init(args.device)
     if not world.main:  # under torchrun, rank 0 alone prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
@@ -284,11 +293,12 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         clean = True
         return code
     except (Interrupted, KeyboardInterrupt):
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"interrupted; {rerun(args)} to resume", file=sys.stderr)
         return 130
     except (DataError, RunError, ValueError) as e:
-        clean = True  # raised alike on every rank (data and settings are agreed)
-        print(f"error: {e}", file=sys.stderr)
+        clean = world.size == 1 or getattr(e, "agreed", False)  # raised alike on every rank, or only here
+        if world.main or not clean:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         multigpu.finish(clean)

@@ -38,8 +38,11 @@ a collective: that rank ends the job (torchrun stops the others) and the same co
 Collectives time out after SES_DIST_TIMEOUT_S seconds (default 7200), long enough for a first
 download of the data by another process.
 
-Only rank 0 writes files and prints; every rank evaluates (the same numbers, in parallel, so no
-rank waits at a collective for minutes). Checkpoints resume under torchrun or on one GPU alike.
+Rank 0 alone writes the run folders and prints the sweep's progress (the other ranks' stdout is
+discarded; their errors still reach stderr, agreed ones are told once, by rank 0). Data is the
+exception: whichever rank takes the data folder's lock first downloads, extracts and caches it
+(plumbing.files.prepare_once). Every rank evaluates (the same numbers, in parallel, so no rank
+waits at a collective for minutes). Checkpoints resume under torchrun or on one GPU alike.
 """
 from __future__ import annotations
 
@@ -95,7 +98,14 @@ def join(backend: str, **kwargs) -> None:
 
 def timeout() -> datetime.timedelta:
     """How long a collective waits for the slowest rank (SES_DIST_TIMEOUT_S, default 2 h)."""
-    return datetime.timedelta(seconds=float(os.environ.get("SES_DIST_TIMEOUT_S", 7200)))
+    value = os.environ.get("SES_DIST_TIMEOUT_S", "7200")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"SES_DIST_TIMEOUT_S={value!r} is not a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
 
 
 def current() -> World:

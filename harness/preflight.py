@@ -27,7 +27,7 @@ from harness import multigpu
 from harness.checkpoints import save_checkpoint
 from harness.runs import build_run, sync
 from ses_solvers.routes import describe_choice
-from harness.sweep import dataset_for
+from harness.sweep import contained, dataset_for
 from harness.training import train_epoch
 
 GiB = 2 ** 30
@@ -122,6 +122,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.cuda.set_device(device)  # an explicit --device cuda:1 never touches GPU 0
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     print(f"preflight of {experiment} on {device_name(device)}"
           + (f", {total / GiB:.1f} GiB" if total else "") + ("; synthetic data" if args.synthetic else ""))
@@ -145,7 +146,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
             else:
                 print(f"  {config}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
             worst = 1
-            if multigpu.current().size > 1 and not getattr(e, "agreed", False):
+            if not contained(e):
                 # this rank alone failed, where the others may wait in a collective: they cannot go on in step
                 print(f"error: rank {multigpu.current().rank} failed during the preflight of {config}; under torchrun "
                       f"the preflight ends here", file=sys.stderr)

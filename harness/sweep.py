@@ -1,13 +1,15 @@
-"""The sweep: every (config, seed) run in turn, each failure contained to its run, and the summary.
+"""The sweep: every (config, seed) run in turn, each failure contained to its run.
 
 For each run: resolve its settings, skip it if finished, build and check it (nothing is written
-before the checks pass), write config.json and the code, check that the final stage fits, train or
-resume, write result.json. Any error inside a run (non-finite loss or activations, out of memory,
-an error in the final metrics, a solver failure) prints one line, leaves failure.json in the run
-folder (what failed, where, when), and the sweep goes on; a rerun retries failed runs, and a run
-that failed after its last epoch redoes only its final metrics. Ctrl-C ends with one line and
-exit 130; the checkpoint of the last finished epoch stays intact. A --smoke run deletes its
-checkpoint once result.json is written (real runs keep theirs), so smoke runs leave a few MB.
+before the checks pass), claim it, write config.json and the code, check that the final stage
+fits, train or resume, write result.json. Any error inside a run (non-finite loss or activations,
+out of memory, an error in the final metrics, a solver failure) prints one line, leaves
+failure.json in the run folder (what failed, where, when), and the sweep goes on; a rerun retries
+failed runs, after the others, and a run that failed after its last epoch redoes only its final
+metrics. Ctrl-C ends with one line and exit 130; the checkpoint of the last finished epoch stays
+intact. --force deletes the selected runs once, first (never a run another live worker holds). A
+--smoke run deletes its checkpoint once result.json is written, so smoke runs leave a few MB.
+Under torchrun every decision about a run folder is rank 0's, broadcast (see multigpu).
 """
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ from pathlib import Path
 
 import torch
 
+from data_utils import Data, DataError, device_name, load_data
 from harness import multigpu
 from harness.claims import ClaimLost, acquire, describe
 from harness.config import resolve_config, run_name
-from data_utils import Data, device_name, load_data
-from plumbing.files import write_json
 from harness.registry import Registry
 from harness.runs import RunError, build_run, check_final_stage, environment, save_code, train_run
+from harness.summary import add_overhead, format_table, summarize
 from harness.training import NonFiniteLoss
+from plumbing.files import read_json, write_json
 
 OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (FGSM chunk) or --eval-batch-size",
             "final metrics": "--attack-batch-size (FGSM chunk) or --eval-batch-size"}
@@ -46,40 +49,41 @@ class Interrupted(Exception):
     """Ctrl-C: the CLI prints one line and exits 130."""
 
 
+def rerun(args) -> str:
+    """How to retry: the same command, or (when it carries --force, which would start over) without it."""
+    return "rerun the command without --force" if getattr(args, "force", False) else "rerun the same command"
+
+
 def check_same_settings(run_dir: Path, cfg: dict) -> None:
     """Refuse to resume or skip a run whose stored settings differ from the ones asked for now
-    (with run names made from the settings, this happens only when the harness defaults changed)."""
+    (with run names made from the settings, this happens only when the harness defaults changed),
+    or whose config.json cannot be read (a copy cut short)."""
     path = run_dir / "config.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text()).get("config", {})
+    stored = read_json(path)
+    restart = f"restart just this run with --configs {cfg['config']} --seeds {cfg['seed']} --force"
+    if not isinstance(stored, dict):
+        raise RunError(f"{path} cannot be read; move that folder away, or {restart}")
+    old = stored.get("config", {})
     diff = [k for k in sorted(set(old) | set(cfg)) if json.dumps(old.get(k)) != json.dumps(cfg.get(k))]
     if diff:
         k = diff[0]
         raise RunError(f"{run_dir} holds a run with other settings ({k}: {old.get(k)!r} there, {cfg.get(k)!r} "
-                       f"now); move that folder away, or restart just this run with --configs {cfg['config']} "
-                       f"--seeds {cfg['seed']} --force")
+                       f"now); move that folder away, or {restart}")
 
 
-def add_overhead(result: dict, exp_dir: Path) -> None:
-    """overhead = median epoch time / the same-seed twin's - 1 (same device, same overrides).
-    The twin is the config's `baseline_config` ("baseline", or e.g. `mixup` for `mixup_ses`)."""
-    twin = result["variant"].replace(result["config"], result["baseline_config"], 1)
-    base = exp_dir / f"{twin}_seed{result['seed']}" / "result.json"
-    if result["config"] == result["baseline_config"] or not base.is_file():
-        return
-    b = json.loads(base.read_text())
-    if b.get("device") == result["device"] and b["epoch_time_s"] > 0:
-        result["overhead"] = result["epoch_time_s"] / b["epoch_time_s"] - 1
+def one_line(err: BaseException, stage: str) -> str:
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, torch.OutOfMemoryError):
+        msg = f"out of GPU memory during {stage}; lower {OOM_HINT.get(stage, '--batch-size')} and rerun"
+    return msg
 
 
 def record_failure(run_dir: Path, stage: str, err: BaseException) -> str:
-    kind = type(err).__name__
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else kind
-    if isinstance(err, torch.OutOfMemoryError):
-        msg = f"out of GPU memory during {stage}; lower {OOM_HINT.get(stage, '--batch-size')} and rerun"
+    msg = one_line(err, stage)
     if run_dir.is_dir():
-        write_json(run_dir / "failure.json", dict(stage=stage, error=kind, message=msg,
+        write_json(run_dir / "failure.json", dict(stage=stage, error=type(err).__name__, message=msg,
                                                    time=time.strftime("%Y-%m-%d %H:%M:%S"),
                                                    traceback=traceback.format_exc(limit=-6)))
     return msg
@@ -87,14 +91,38 @@ def record_failure(run_dir: Path, stage: str, err: BaseException) -> str:
 
 def decide(run_dir: Path, cfg: dict) -> tuple[str, str]:
     """What the run folder says before anything is built: ("skip", line) finished, ("bad", why)
-    settings that differ from the stored ones, ("go", "") otherwise. Read by rank 0 alone."""
+    settings that differ from the stored ones or cannot be read, ("go", "") otherwise. Read by
+    rank 0 alone."""
     try:
         check_same_settings(run_dir, cfg)
     except RunError as e:
         return "bad", str(e)
+    except OSError as e:
+        return "bad", f"{run_dir} cannot be read ({e})"
     if (run_dir / "result.json").is_file():
         return "skip", f"{run_dir.name}: finished earlier, skipped"
     return "go", ""
+
+
+def claim_run(run_dir: Path, since: float) -> tuple[object | None, str, str]:
+    """Rank 0: (claim, verdict, line) with verdict 'go', 'skip' (line says why) or 'failed' (the
+    folder cannot be made or claimed: a full or read-only disk). A failure.json newer than `since`
+    (when this command's sweep began) was left by another worker during this command: not retried."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        claim = acquire(run_dir)
+    except OSError as e:
+        return None, "failed", f"error: {run_dir.name}: cannot create or claim {run_dir} ({e}); check the out-dir's space and permissions"
+    if claim is None:
+        return None, "skip", f"{run_dir.name}: being trained by {describe(run_dir)}, skipped"
+    if (run_dir / "result.json").is_file():
+        claim.release()
+        return None, "skip", f"{run_dir.name}: finished by another worker, skipped"
+    failure = run_dir / "failure.json"
+    if failure.is_file() and failure.stat().st_mtime > since:
+        claim.release()
+        return None, "skip", f"{run_dir.name}: failed on another worker during this command, skipped (rerun to retry it)"
+    return claim, "go", ""
 
 
 def dataset_for(cfg: dict, args, reg: Registry, datasets: dict, device) -> Data:
@@ -120,7 +148,14 @@ def contained(err: BaseException) -> bool:
     return multigpu.current().size == 1 or getattr(err, "agreed", False) or isinstance(err, NonFiniteLoss)
 
 
-def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device) -> str:
+def end_job(world, what: str, args) -> None:
+    """This rank alone failed inside a collective: the others cannot go on in lockstep."""
+    print(f"error: rank {world.rank} failed during {what} and cannot leave the other processes in step; the job "
+          f"ends (torchrun stops them); {rerun(args)} to resume", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device, since: float = 0.0) -> str:
     """Train one run to its result; returns 'done', 'skipped' or 'failed'. Under torchrun every
     decision about the run folder is rank 0's, broadcast, so all ranks take the same path."""
     run_dir = exp_dir / run_name(cfg)
@@ -130,25 +165,28 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
         print(line)
         return "skipped"
     if verdict == "bad":
-        print(f"error: {run_dir.name}: {line}", file=sys.stderr)
+        if world.main:  # decided by rank 0, told once
+            print(f"error: {run_dir.name}: {line}", file=sys.stderr)
         return "failed"
     stage = ["build"]
     try:
         run = build_run(cfg, dataset_for(cfg, args, reg, datasets, device), device, reg,
                         getattr(args, "compile", None))
-    except (RunError, ValueError) as e:  # bad settings: nothing was written for this run
-        print(f"error: {run_dir.name}: {e}", file=sys.stderr)
+    except DataError:
+        raise  # no run of this dataset can start: the sweep ends with the data's one line
+    except Exception as e:  # noqa: BLE001 - bad settings, or out of memory while building: nothing was written
+        if not contained(e):
+            end_job(world, f"the build of {run_dir.name}", args)
+        if world.main:
+            print(f"error: {run_dir.name}: {one_line(e, 'build')}", file=sys.stderr)
         return "failed"
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    claim = acquire(run_dir) if world.main else Followed()
-    if not multigpu.broadcast(claim is not None and not (run_dir / "result.json").is_file()):
-        print(f"{run_dir.name}: " + ("finished by another worker, skipped" if claim is not None else
-                                     f"being trained by {describe(run_dir)}, skipped"))
-        if claim is not None:
-            claim.release()
+    claim, verdict, line = claim_run(run_dir, since) if world.main else (Followed(), None, "")
+    verdict, line = multigpu.broadcast((verdict, line) if world.main else None)
+    if verdict != "go":
+        if world.main:
+            print(line, file=sys.stderr if verdict == "failed" else sys.stdout)
         run.close()
-        return "skipped"
+        return verdict
     try:
         if world.main:
             (run_dir / "failure.json").unlink(missing_ok=True)
@@ -167,17 +205,17 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
     except KeyboardInterrupt:
         raise Interrupted() from None
     except ClaimLost as e:  # another worker owns the run now: its folder is not ours to write
-        print(f"{run_dir.name}: {e}", file=sys.stderr)
+        if world.main:
+            print(f"{run_dir.name}: {e}", file=sys.stderr)
         return "skipped"
     except Exception as e:  # noqa: BLE001 - any failure ends this run only
-        msg = record_failure(run_dir, stage[0], e) if world.main else str(e)
-        if world.main or not contained(e):  # an agreed failure is told once, by rank 0
+        alone = not contained(e)  # then this rank writes failure.json: rank 0 may be waiting in a collective
+        msg = record_failure(run_dir, stage[0], e) if world.main or alone else one_line(e, stage[0])
+        if world.main or alone:  # an agreed failure is told once, by rank 0
             print(f"error: {run_dir.name} failed during {stage[0]}: {msg} (details in {run_dir / 'failure.json'}; "
-                  f"rerun the same command to retry it)", file=sys.stderr)
-        if not contained(e):  # this rank alone failed inside a collective: the others cannot go on in lockstep
-            print(f"error: rank {world.rank} cannot leave the other processes in step; the job ends (torchrun "
-                  f"stops them); rerun the same command to resume", file=sys.stderr)
-            raise SystemExit(1) from None
+                  f"{rerun(args)} to retry it)", file=sys.stderr)
+        if alone:
+            end_job(world, stage[0], args)
         return "failed"
     finally:
         claim.release()
@@ -197,13 +235,19 @@ def finish_run(run_dir: Path, result: dict, smoke: bool, claim) -> None:
 
 def force_restart(exp_dir: Path, names: list[str]) -> None:
     """--force: delete the selected runs' folders once, before any run starts (the process that
-    was given --force does this, never its --devices workers). A run another live worker holds
-    is left alone, with one line; each deletion happens while holding the run's claim."""
+    was given --force does this, rank 0 under torchrun, never its --devices workers). A run
+    another live worker holds is left alone, with one line; each deletion happens while holding
+    the run's claim."""
+    if not multigpu.current().main:
+        return
     for name in names:
         run_dir = exp_dir / name
         if not run_dir.is_dir():
             continue
-        claim = acquire(run_dir)
+        try:
+            claim = acquire(run_dir)
+        except OSError as e:
+            raise RunError(f"--force cannot claim {run_dir} ({e}); delete it by hand and rerun") from None
         if claim is None:
             print(f"{name}: being trained by {describe(run_dir)}; not restarted")
             continue
@@ -218,6 +262,7 @@ def force_restart(exp_dir: Path, names: list[str]) -> None:
 
 def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, reg: Registry) -> int:
     """Every (config, seed) of the selection; returns the exit code (1 if any run failed)."""
+    started = time.time()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -225,14 +270,14 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     exp_dir = experiment_dir(args, experiment)
     exp_dir.mkdir(parents=True, exist_ok=True)
     cfgs = selected_runs(experiment, grid, setup, args, overrides)
-    if args.force and multigpu.current().main:
-        force_restart(exp_dir, [run_name(cfg) for cfg in cfgs])
-    multigpu.barrier()
+    if args.force:
+        multigpu.agree(force_restart, exp_dir, [run_name(cfg) for cfg in cfgs])
+    cfgs = retried_last(exp_dir, cfgs)
     datasets: dict = {}
     failed = []
     try:
         for cfg in cfgs:
-            if run_one(cfg, exp_dir, args, reg, datasets, device) == "failed":
+            if run_one(cfg, exp_dir, args, reg, datasets, device, started) == "failed":
                 failed.append(run_name(cfg))
     finally:
         summary = summarize(exp_dir, list(grid))
@@ -240,7 +285,7 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
             write_json(exp_dir / "summary.json", summary)
     print(format_table(summary["runs"]))
     if failed and multigpu.current().main:
-        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them",
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; {rerun(args)} to retry them",
               file=sys.stderr)
     return 1 if failed else 0
 
@@ -255,36 +300,16 @@ def selected_runs(experiment: str, grid: dict, setup: dict, args, overrides: dic
             for config in args.configs for seed in args.seeds]
 
 
-def summarize(exp_dir: Path, order: list[str]) -> dict:
-    """Every finished run of the experiment folder (grid order, then seed), the failed and the unfinished."""
-    def key(d: Path):
-        variant, _, seed = d.name.rpartition("_seed")
-        config = variant.split("+")[0]
-        return (order.index(config) if config in order else len(order), variant, int(seed) if seed.isdigit() else 0)
-    runs, failed, unfinished = [], [], []
-    for d in sorted((p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name), key=key):
-        if (d / "result.json").is_file():
-            runs.append(json.loads((d / "result.json").read_text()))
-        elif (d / "failure.json").is_file():
-            failed.append(dict(run=d.name, **{k: v for k, v in json.loads((d / "failure.json").read_text()).items()
-                                              if k != "traceback"}))
-        elif (d / "config.json").is_file():
-            unfinished.append(d.name)
-    return dict(experiment=exp_dir.name, runs=runs, failed=failed, unfinished=unfinished)
-
-
-def format_table(runs: list[dict]) -> str:
-    def pct(v):
-        return "-" if v is None else f"{100 * v:6.2f}"
-    names = [f"{r.get('variant', r['config'])}_seed{r['seed']}" for r in runs]
-    w = max([len(n) for n in names] + [20]) + 2
-    head = f"{'run':<{w}}{'acc%':>8}{'rob%':>8}{'gap%':>8}{'overhead':>10}{'s/epoch':>9}{'img/s':>9}{'peak GB':>9}"
-    lines = [head, "-" * len(head)]
-    for name, r in zip(names, runs):
-        mem = r.get("peak_mem_bytes")
-        over = r.get("overhead")
-        lines.append(f"{name:<{w}}{pct(r['acc']):>8}{pct(r['rob']):>8}"
-                     f"{pct(r['gap']):>8}{'-' if over is None else f'{100 * over:+.0f}%':>10}"
-                     f"{r['epoch_time_s']:9.1f}{r['images_per_s']:9.0f}"
-                     f"{'-' if mem is None else f'{mem / 2**30:.2f}':>9}")
-    return "\n".join(lines)
+def retried_last(exp_dir: Path, cfgs: list[dict]) -> list[dict]:
+    """The selection with the runs that failed earlier (failure.json, no result.json) moved to the end,
+    so that one run failing again (under torchrun some failures end the job) never keeps the rest of
+    the grid from running. Rank 0 reads the folders; every rank gets its order."""
+    def failed_before(cfg):
+        d = exp_dir / run_name(cfg)
+        return (d / "failure.json").is_file() and not (d / "result.json").is_file()
+    flags = multigpu.broadcast([failed_before(c) for c in cfgs] if multigpu.current().main else None)
+    again = [c for c, f in zip(cfgs, flags) if f]
+    if again and len(again) < len(cfgs):
+        print(f"note: {len(again)} run(s) that failed earlier are retried after the others: "
+              + ", ".join(run_name(c) for c in again))
+    return [c for c, f in zip(cfgs, flags) if not f] + again

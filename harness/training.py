@@ -105,6 +105,17 @@ def build_scheduler(cfg: dict, opt):
     raise ValueError(f"unknown scheduler {name!r}; use multistep, cosine or step")
 
 
+def non_finite(epoch: int, bad_step, bad_ce, bad_ses) -> NonFiniteLoss:
+    """The error for the first non-finite loss of any rank: its step and its CE and SES terms (every
+    rank's are gathered, so rank 0's message names the step even when another rank's shard broke)."""
+    world = multigpu.current()
+    per_rank = multigpu.gather_objects((int(bad_step.item()), float(bad_ce.item()), float(bad_ses.item())))
+    rank, (step, ce, ses) = min(((r, v) for r, v in enumerate(per_rank) if v[0] >= 0), key=lambda rv: rv[1][0])
+    where = f" (on rank {rank})" if world.size > 1 else ""
+    return NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where}: CE = {ce:.4g}, "
+                         f"SES term = {ses:.4g}")
+
+
 # ----------------------------------------------------------------------------- one epoch
 def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolicy,
                 ses: SES | None, mixer, check_every: int = 50, max_steps: int | None = None,
@@ -156,9 +167,8 @@ def train_epoch(model, loader: GpuLoader, epoch: int, opt, scaler, amp: AmpPolic
         correct += (logits.detach().argmax(1) == hard).sum()
         seen += len(y)
         if (i + 1) % check_every == 0 or i + 1 == steps:
-            if multigpu.all_reduce_max(bad_step.clone()).item() >= 0:
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item() + 1}: "
-                                    f"CE = {bad_ce.item():.4g}, SES term = {bad_ses.item():.4g}")
+            if multigpu.all_reduce_max(bad_step.clone()).item() >= 0:  # every rank is here, and raises
+                raise non_finite(epoch, bad_step, bad_ce, bad_ses)
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
     loss_total, correct_total = multigpu.all_reduce_sum(torch.stack([loss_sum, correct.float()])).tolist()
     seen *= multigpu.current().size  # equal shards

@@ -152,7 +152,8 @@ def _decode_modelnet40(data_dir: Path, download_ok: bool, num_points: int):
             raise DataError(f"ModelNet40 not found: put ModelNet40.zip (from {MODELNET_URL}) or its extracted "
                             f"ModelNet40/ folder, or modelnet40_ply_hdf5_2048/, in {data_dir}; or run without --no-download")
         zipped = download(MODELNET_URL, writable_dir(data_dir) / "ModelNet40.zip", md5=None, verify=verify_zip)
-    verify_zip(zipped)
+    else:
+        verify_zip(zipped)  # a zip found in place; a download was checked before it took its name
     return _from_meshes(zipped, num_points)
 
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.request
 import zlib
 from pathlib import Path
@@ -65,6 +66,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path):
+    """The JSON in path, or None if the file is missing or cannot be read or parsed (a copy cut short)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -129,31 +138,53 @@ def _stamp(path: Path):
 def prepare_once(data_dir: Path, what: str, find, make):
     """find(), if it finds dataset `what` prepared (an extracted folder, a cache); else make(folder),
     done by one process at a time under the data lock <folder>/.lock-<what>.<gen>.json, a lease
-    (leases.py), after a last find() (folder = writable_dir(data_dir)). A process that finds the lock
-    held prints one line saying whom it waits for and returns find()'s result as soon as there is
-    one; it takes the lock itself if the holder released it unfinished or died. An OSError while
-    preparing (disk full, a file removed underneath, no permission) becomes a one-line DataError."""
+    (plumbing/leases.py), after a last find() (folder = writable_dir(data_dir)). A process that
+    finds the lock held prints one line saying whom it waits for and returns find()'s result as
+    soon as there is one; it takes the lock itself if the holder died. When the holder fails (no
+    internet, a bad checksum), it leaves its one-line error in <folder>/.failed-<what>.json before
+    it lets go, and every process that was waiting raises that same DataError instead of trying
+    again one after the other. An OSError while preparing (disk full, a file removed underneath, no
+    permission) becomes a one-line DataError."""
+    started = time.time()
     found = find()
     if found is not None:
         return found
     folder = writable_dir(data_dir)
+    safe = re.sub(r"[^\w-]", "_", what)
+    failed = folder / f".failed-{safe}.json"
+
+    def done():
+        result = find()
+        if result is not None:
+            return result
+        failure = read_json(failed)  # the holder failed after this process began to wait: fail alike
+        if isinstance(failure, dict) and failure.get("time", 0) >= started:
+            return DataError(failure.get("message", f"preparing {what} failed in another process"))
+        return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lease, found = leases.wait_acquire(folder, ".lock-" + re.sub(r"[^\w-]", "_", what), f"preparing {what}",
-                                           find)
+        lease, found = leases.wait_acquire(folder, ".lock-" + safe, f"preparing {what}", done)
     except OSError as e:
         raise DataError(f"cannot create the lock for preparing {what} in {folder} ({e}); make it writable "
                         f"or pass --data-dir to a writable folder") from None
+    if isinstance(found, DataError):
+        raise found
     if lease is None:
         return found
     if lease.previous is not None:
         print(f"note: taking over the {lease.reason} lock of {leases.who(lease.previous)} on {what}", flush=True)
     try:
+        failed.unlink(missing_ok=True)  # this attempt starts afresh
         found = find()  # finished by another process between the last look and the lock
         return found if found is not None else make(folder)
+    except DataError as e:
+        write_json(failed, dict(message=str(e), time=time.time()))
+        raise
     except OSError as e:
-        raise DataError(f"could not prepare {what} in {folder} ({e}); check its free space and permissions "
-                        f"and rerun, or pass --data-dir to another folder") from None
+        error = DataError(f"could not prepare {what} in {folder} ({type(e).__name__}: {e}); check its free space "
+                          f"and permissions and rerun, or pass --data-dir to another folder")
+        write_json(failed, dict(message=str(error), time=time.time()))
+        raise error from None
     finally:
         lease.release()
 
@@ -202,6 +233,8 @@ def download(url: str, dest: Path, md5: str | None, verify=None) -> Path:
     verify(path), which raises DataError."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.*.part"):  # a killed download's (the caller holds the data lock)
+        stale.unlink(missing_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     part = Path(name)
     try:
@@ -230,7 +263,9 @@ def download(url: str, dest: Path, md5: str | None, verify=None) -> Path:
 def extract_tar(archive: Path, root: Path, member: str) -> Path:
     """The folder `member` of a tar archive extracted to root/member, all or nothing: into a unique
     temp folder in root first, then moved into place with os.replace; one line says so."""
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    for stale in root.glob(f".extract-{member}-*"):  # a killed extraction's (the caller holds the data lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".extract-{member}-", dir=root))
     try:
         with tarfile.open(archive) as tar:
             try:

@@ -194,6 +194,7 @@ class Lease:
                           heartbeat=time.time(), beat=0)
         self.previous: dict | None = None  # the facts of the lease this one replaced, if any
         self.reason = "free"  # why it could be taken: 'free', 'stale' or 'dead here'
+        self._lost: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-heartbeat-{stem}")
 
@@ -224,13 +225,19 @@ class Lease:
             raise
 
     def lost(self) -> str | None:
-        """None while this process holds the lease; else 'taken over by <who>' or 'removed (...)'."""
-        above = [g for g in generations(self.folder, self.stem) if g > self.gen]
-        if above:
-            return f"taken over by {who(read(_path(self.folder, self.stem, above[-1])))}"
-        if _identity(read(self.path)) != self.token:
-            return f"removed ({self.path} is gone or was rewritten by another process)"
-        return None
+        """None while this process holds the lease; else 'taken over by <who>' or 'removed (...)'.
+        A higher generation counts once it holds a taker's facts (a file still being written, or
+        gone again because its taker backed off, does not); once lost, always lost."""
+        if self._lost is None:
+            for g in reversed([g for g in generations(self.folder, self.stem) if g > self.gen]):
+                facts = read(_path(self.folder, self.stem, g))
+                if facts is not None and "token" in facts:
+                    self._lost = f"taken over by {who(facts)}"
+                    break
+            else:
+                if _identity(read(self.path)) != self.token:
+                    self._lost = f"removed ({self.path} is gone or was rewritten by another process)"
+        return self._lost
 
     def _beat(self) -> None:
         failing = False

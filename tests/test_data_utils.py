@@ -198,7 +198,11 @@ else:
 Path(f"{start}.ready.{os.getpid()}").touch()
 while not Path(start).exists():
     time.sleep(0.002)
-tx, ty, vx, vy, classes = du.load_dataset(name, data_dir)
+try:
+    tx, ty, vx, vy, classes = du.load_dataset(name, data_dir)
+except du.DataError as e:  # as the scripts report it: one line, exit 1
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 h = hashlib.sha256(repr(classes).encode())
 for t in (tx, ty, vx, vy):
     h.update(t.numpy().tobytes())
@@ -206,7 +210,7 @@ print("digest", h.hexdigest(), flush=True)
 """
 
 
-def race_to_load(tmp_path, serve, name, archive: Path, n):
+def race_to_load(tmp_path, serve, name, archive: Path, n, checksum=None):
     """n processes, started together on a fresh folder, load `name` whose archive only the server has.
     The server holds the download until the n - 1 others say they wait. Returns (procs' (rc, out,
     err), the server's GET count of the archive, the data folder)."""
@@ -222,7 +226,7 @@ def race_to_load(tmp_path, serve, name, archive: Path, n):
         for i in range(n):
             with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
                 procs.append(subprocess.Popen([sys.executable, "-c", CHILD, str(data), name, server.url(archive.name),
-                                               md5(archive), str(start)], cwd=ROOT, stdout=out, stderr=err))
+                                               checksum or md5(archive), str(start)], cwd=ROOT, stdout=out, stderr=err))
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("start.ready.*"))) < n and time.monotonic() < deadline:
             assert all(p.poll() is None for p in procs), (logs / "0.err").read_text()[-2000:]
@@ -273,6 +277,17 @@ def test_processes_fetching_tinyimagenet_at_once_download_and_decode_it_once(tmp
     check_tiny(*du.load_dataset("tinyimagenet", data, download=False))
 
 
+def test_when_the_download_fails_every_waiting_process_says_so_and_none_downloads_again(tmp_path, archive_server):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    archive.write_bytes(b"a page of an error, not the archive")
+    results, gets, data = race_to_load(tmp_path, archive_server, "cifar100", archive, 4, checksum="0" * 32)
+    assert gets == 1  # the holder's attempt only: the three that waited take its failure as theirs
+    assert all(rc == 1 for rc, _, _ in results) and not any("Traceback" in err for _, _, err in results)
+    lines = {err.strip().splitlines()[-1] for _, _, err in results}  # (the holder's stderr also has its bar)
+    assert len(lines) == 1 and "md5" in lines.pop()  # one line, the same in every process
+    assert not list(data.glob("*.part")) and not list(data.glob("cifar-100-python*"))
+
+
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path, monkeypatch, write_lease, dead_pid, capsys):
     write_tiny_folder(tmp_path)
     write_lease(tmp_path / ".lock-tinyimagenet.1.json", pid=dead_pid, what="preparing tinyimagenet")
@@ -297,7 +312,8 @@ def test_an_os_error_while_extracting_is_one_line_and_leaves_nothing(tmp_path, m
     with pytest.raises(du.DataError) as e:
         du.load_dataset("cifar10", data, download=False)
     assert "No space left on device" in str(e.value) and "free space" in str(e.value) and "\n" not in str(e.value)
-    assert sorted(os.listdir(data)) == ["cifar-10-python.tar.gz"]  # no temp folder, no lock
+    # no temp folder, no lock; the failure's line stays for processes that were waiting for it
+    assert sorted(os.listdir(data)) == [".failed-cifar10.json", "cifar-10-python.tar.gz"]
 
 
 # ----------------------------------------------------------------------------- loader

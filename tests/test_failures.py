@@ -154,3 +154,60 @@ def test_run_names_carry_the_overrides(value, name):
     import exp10_periodic_ses as exp10
     cfg, _ = resolve_config("exp10_periodic_ses", exp10.SETUP, exp10.GRID, "ses_k1", 0, False, {"every": int(value)})
     assert run_name(cfg) == name and cfg["every"] == int(value)
+
+
+@pytest.mark.xdist_group("exp10_smoke")
+def test_an_unreadable_config_ends_that_run_with_one_line_and_failed_runs_are_retried_last(exp10_smoke, tmp_path,
+                                                                                        capsys):
+    out = copy_out_dir(exp10_smoke[0], tmp_path / "out")
+    exp = out.joinpath(*SMOKE_EXP10)
+    (exp / "ses_k1_seed0" / "config.json").write_text('{"config": {"lr": 0.1')  # a copy cut short
+    (exp / "ses_k1_seed0" / "result.json").unlink()
+    (exp / "baseline_seed0" / "result.json").unlink()  # baseline failed in an earlier command
+    (exp / "baseline_seed0" / "failure.json").write_text(json.dumps(dict(stage="epoch 1", message="boom")))
+    os.utime(exp / "baseline_seed0" / "failure.json", (time.time() - 3600,) * 2)  # by an earlier command
+    assert exp10_in_process(out, "--configs", "baseline", "ses_k1", "ses_k3") == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert f"error: ses_k1_seed0: {exp / 'ses_k1_seed0' / 'config.json'} cannot be read" in captured.err
+    assert "note: 1 run(s) that failed earlier are retried after the others: baseline_seed0" in captured.out
+    order = [line.split(":")[0] for line in captured.out.splitlines()
+             if line.startswith(("baseline_seed0", "ses_k3_seed0")) or line.startswith("== ")]
+    assert order.index("ses_k3_seed0") < next(i for i, line in enumerate(order) if "baseline_seed0" in line)
+    assert (exp / "baseline_seed0" / "result.json").is_file()  # retried, and done
+
+
+def test_with_force_every_hint_says_rerun_without_it(tmp_path, monkeypatch, capsys):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(runs, "final_metrics", oom)
+    assert in_process(tmp_path, "--configs", "baseline", "--force") == 1
+    err = capsys.readouterr().err
+    assert "rerun the command without --force to retry" in err and "rerun the same command" not in err
+
+
+def test_a_run_another_worker_failed_during_this_command_is_not_tried_again(tmp_path):
+    from harness import sweep
+    run_dir = tmp_path / "baseline_seed0"
+    run_dir.mkdir()
+    (run_dir / "failure.json").write_text("{}")
+    claim, verdict, line = sweep.claim_run(run_dir, since=time.time() - 60)  # this command began before it
+    assert claim is None and verdict == "skip" and "failed on another worker during this command" in line
+    claim, verdict, _ = sweep.claim_run(run_dir, since=time.time() + 60)  # an earlier command's: retried
+    assert verdict == "go"
+    claim.release()
+
+
+def test_a_worker_whose_claim_is_taken_over_stops_the_run_and_writes_nothing_more(tmp_path, capsys):
+    from plumbing import leases
+
+    def taken_over(model, data, run_dir, epoch, cfg):  # what another worker's takeover leaves in the folder
+        gen = max(leases.generations(run_dir, "claim"))
+        leases.take(run_dir, "claim", gen, leases.read(run_dir / f"claim.{gen}.json"), "stale", "training")
+    code = cli.run_experiment(str(EXP10), SETUP, {"baseline": dict(ses=False)}, "doc",
+                              ["--smoke", "--out-dir", str(tmp_path)], epoch_callbacks=[taken_over])
+    run_dir = tmp_path.joinpath(*SMOKE_EXP10, "baseline_seed0")
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    assert "baseline_seed0: the claim of baseline_seed0 was taken over by" in err and "this worker stops the run" in err
+    assert not any((run_dir / f).exists() for f in ("checkpoint.pt", "result.json", "failure.json"))

@@ -106,7 +106,8 @@ def test_milestones_scale_with_epochs():
 # ----------------------------------------------------------------------------- CLI errors
 @pytest.mark.parametrize("args,flag", [(["--beta", "1.5"], "--beta"), (["--lam", "-1"], "--lam"),
                                        (["--every", "0"], "--every"), (["--configs", "nope"], "--configs"),
-                                       (["--seeds", "x"], "--seeds"), (["--devices", "cuda:7"], "--devices")])
+                                       (["--seeds", "x"], "--seeds"), (["--devices", "cuda:7"], "--devices"),
+                                       (["--forc"], "--forc")])  # no abbreviations: workers must see what was meant
 def test_bad_flags_one_line_exit_2(args, flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         exp10_in_process(*args, "--out-dir", tmp_path)

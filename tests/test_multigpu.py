@@ -130,11 +130,30 @@ def test_two_process_smoke_run_is_killed_and_resumes_to_the_same_result(tmp_path
     assert read_run(run_dir) == read_run(ref)
 
 
+def test_a_run_resumes_across_process_counts(tmp_path):
+    """One process killed in epoch 2, resumed under two ranks and killed in epoch 3, resumed by one
+    process to the end: each resume goes on from the last checkpoint, whatever the process count."""
+    args = ["--smoke", "--configs", "ses_k3", "--layers", "last3", "--epochs", "4", "--out-dir", tmp_path]
+    run_dir = tmp_path / "smoke" / "exp10_periodic_ses" / "ses_k3+epochs=4+layers=last3_seed0"
+    assert run([self_killing(tmp_path, EXP10, epoch=2), *args]).returncode == -9
+    two = torchrun(tmp_path, *args[1:-2], script=self_killing(tmp_path, EXP10, epoch=3))
+    assert two.returncode != 0 and "resuming ses_k3+epochs=4+layers=last3_seed0 after epoch 1/4" in two.stdout
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and len(ckpt["rng_ranks"]) == WORLD
+    one = run([EXP10, *args])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resuming ses_k3+epochs=4+layers=last3_seed0 after epoch 2/4" in one.stdout
+    result = json.loads((run_dir / "result.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert result["epochs"] == 4 and result["processes"] == 1 and [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
 GRID_SCRIPT = """import sys
 sys.path.insert(0, {root!r})
 from harness.cli import run_experiment
 SETUP = dict(dataset="cifar10", model="resnet18", layers="last3")
-GRID = {{"diverges": dict(ses=True, lr=1e30), "bn_hooks": dict(ses=True, layers="bn1,layer4.1")}}
+GRID = {{"unreadable": dict(ses=False), "diverges": dict(ses=True, lr=1e30),
+         "bn_hooks": dict(ses=True, layers="bn1,layer4.1")}}
 sys.exit(run_experiment({exp10!r}, SETUP, GRID, "doc", sys.argv[1:]))
 """
 
@@ -145,16 +164,20 @@ def test_under_two_ranks_a_diverging_run_fails_alone_a_corrupt_checkpoint_is_mov
     exp = tmp_path / "out" / "smoke" / "exp10_periodic_ses"
     (exp / "bn_hooks_seed0").mkdir(parents=True)
     (exp / "bn_hooks_seed0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (exp / "unreadable_seed0").mkdir()
+    (exp / "unreadable_seed0" / "config.json").write_text('{"config": {')  # a copy cut short: rank 0 alone reads it
     p = torchrun(tmp_path / "out", script=script)
-    assert p.returncode == 1, p.stderr[-3000:]  # a run failed; the job went on (torchrun adds its own report)
+    assert p.returncode == 1, p.stderr[-3000:]  # runs failed; the job went on (torchrun adds its own report)
     assert not [line for line in p.stderr.splitlines() if line.strip().startswith(f'File "{ROOT}')]  # no traceback of ours
-    assert p.stderr.count("error: 1 run(s) failed: diverges_seed0") == 1 and p.stderr.count("failed during") == 1
+    assert p.stderr.count("error: 2 run(s) failed: unreadable_seed0, diverges_seed0") == 1
+    assert p.stderr.count("failed during") == 1 and p.stderr.count("config.json cannot be read") == 1
     failure = json.loads((exp / "diverges_seed0" / "failure.json").read_text())
     assert failure["error"] == "NonFiniteLoss" and failure["stage"].startswith("epoch")
+    assert failure["message"].startswith("non-finite loss at epoch 1, step ") and "(on rank " in failure["message"]
     result = json.loads((exp / "bn_hooks_seed0" / "result.json").read_text())
     assert result["processes"] == WORLD and set(result["entropy"]) == {"bn1", "layer4.1"}
     assert [f.name for f in (exp / "bn_hooks_seed0").glob("checkpoint.pt.corrupt*")] == ["checkpoint.pt.corrupt"]
-    assert p.stderr.count("cannot be read") == 1  # rank 0 alone read it and moved it aside
+    assert p.stderr.count("warning: checkpoint") == 1  # rank 0 alone read it and moved it aside
 
 
 def test_batchnorm_becomes_syncbatchnorm_before_the_hooks_are_attached(monkeypatch):

@@ -56,7 +56,8 @@ def test_a_worker_killed_by_a_signal_fails_the_command(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(descendants(proc.pid)) < 2:  # the event: both workers exist
         time.sleep(0.02)
-    os.kill(descendants(proc.pid)[0], signal.SIGKILL)
+    worker = descendants(proc.pid)[0]
+    os.kill(worker, signal.SIGKILL)  # a worker takes seconds to import torch: it is still alive here
     out, err = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "was killed by signal 9" in err and "rerun the same command" in err and "Traceback" not in err
@@ -85,3 +86,13 @@ def test_each_device_worker_sees_only_its_own_gpu_and_never_gets_force(tmp_path,
     assert cli.run_experiment(str(EXP10), exp10.SETUP, exp10.GRID, "doc",
                               ["--smoke", "--devices", "cuda:1", "--out-dir", str(tmp_path)]) == 0
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["3"]
+
+
+@pytest.mark.xdist_group("exp10_smoke")
+def test_a_preflight_with_force_and_devices_deletes_nothing(exp10_smoke, tmp_path, monkeypatch):
+    out = copy_out_dir(exp10_smoke[0], tmp_path / "out")
+    before = sorted(p.name for p in out.joinpath(*SMOKE_EXP10).iterdir())
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda cmd, env=None: types.SimpleNamespace(wait=lambda: 0))
+    assert cli.run_experiment(str(EXP10), exp10.SETUP, exp10.GRID, "doc", ["--smoke", "--preflight", "--force",
+                                                                           "--devices", "cpu", "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.joinpath(*SMOKE_EXP10).iterdir()) == before
