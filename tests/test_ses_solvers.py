@@ -87,11 +87,24 @@ def test_unavailable_batched_routes_are_left_out_with_the_reason(monkeypatch):
     assert asked == [(1, 8)]  # the probe is asked about the real padded stack (B, k)
 
 
-def test_ranks_agree_on_the_route_fastest_on_their_slowest_rank():
-    per_rank = [{"float64": 1.0, "host": 2.0, "batched32": 0.1}, {"float64": 3.0, "host": 2.5}]
-    assert ses_solvers.common_route(per_rank) == ("host", None)  # batched32 is missing on rank 1; no float32 timed
-    assert ses_solvers.common_route([{}, {}]) is None and ses_solvers.common_route([]) is None
-    assert ses_solvers.common_route([{"float32": 1.0}, {"float64": 1.0}]) == ("float64", None)  # nothing shared
+def test_ranks_agree_on_the_route_fastest_on_their_slowest_rank_and_record_those_times():
+    per_rank = [({"float64": 1.0, "host": 2.0, "batched32": 0.1}, {"padded": "boom"}),
+                ({"float64": 3.0, "host": 2.5}, {"batched32": "selftest exited 1: bad", "padded": "boom"})]
+    choice = ses_solvers.common_route(per_rank)  # batched32 is missing on rank 1; no float32 timed
+    assert (choice.route, choice.margin, choice.ranks) == ("host", None, 2)
+    assert choice.timings == {"float64": 3.0, "host": 2.5}  # the times the rule used: each route's slowest rank
+    assert choice.rejected["batched32"] == "rank 1: selftest exited 1: bad"  # rank 0 timed it, rank 1 did not
+    assert choice.rejected["padded"] == "ranks 0, 1: boom" and choice.rejected["float32"] == "ranks 0, 1: not timed"
+    assert ses_solvers.common_route([({}, {}), ({}, {})]) is None and ses_solvers.common_route([]) is None
+
+
+def test_ranks_that_share_no_route_take_host_and_say_why_each_rank_left_the_others_out():
+    choice = ses_solvers.common_route([({"float32": 1.0}, {"float64": "off"}), ({"float64": 1.0}, {"float32": "failed"})])
+    assert choice.route == "host" and choice.timings == {} and choice.rejected["float32"] == "rank 1: failed"
+    assert choice.rejected["float64"] == "rank 0: off"
+    line = ses_solvers.describe_choice(*choice)
+    assert line.startswith("host (no route could be timed on every rank: host, exact wherever it runs; ")
+    assert "float32 left out: rank 1: failed" in line
 
 
 def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
@@ -100,11 +113,13 @@ def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
     seen = []
-    ses.agree = lambda timings: seen.append(timings) or [timings, {"float64": 3.0, "host": 2.5}]
+    ses.agree = lambda mine: seen.append(mine) or [mine, ({"float64": 3.0, "host": 2.5}, {"padded": "off"})]
     ses.begin_step()
     model(torch.randn(32, 8))
     ses.penalty().backward()
-    assert ses.solver == "host" and seen == [{"float64": 1.0, "host": 2.0}] and ses.solver_margin is None
+    assert ses.solver == "host" and seen == [({"float64": 1.0, "host": 2.0}, {})] and ses.solver_margin is None
+    assert ses.solver_timings == {"float64": 3.0, "host": 2.5} and ses.solver_ranks == 2  # what the rule used
+    assert ses.solver_rejected["padded"] == "rank 0: not timed; rank 1: off"
 
 
 @pytest.mark.parametrize("timings,route,margin", [
@@ -114,7 +129,7 @@ def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
     ({"float32": 10.0, "padded": 12.0}, "float32", -0.2),
     ({"float32": 10.0}, "float32", None),
     ({"padded": 3.0, "host": 2.0}, "host", None),                             # float32 left out: the fastest
-    ({}, "float64", None),
+    ({}, "host", None),                                                      # nothing timed: the exact reference
 ])
 def test_auto_keeps_float32_unless_another_route_is_at_least_10_percent_faster(timings, route, margin):
     got, m = ses_solvers.choose_route(timings)
@@ -122,12 +137,13 @@ def test_auto_keeps_float32_unless_another_route_is_at_least_10_percent_faster(t
 
 
 def test_the_common_route_is_the_rule_on_the_slowest_rank_and_the_same_whatever_the_order():
-    fast, slow = {"float32": 10.0, "padded": 6.0, "host": 30.0}, {"float32": 11.0, "padded": 10.5, "host": 12.0}
-    assert ses_solvers.common_route([fast, slow]) == ("float32", pytest.approx(1 - 10.5 / 11.0))  # 5 % on the slow one
-    assert ses_solvers.common_route([slow, fast]) == ses_solvers.common_route([fast, slow])
-    slow["padded"] = 9.0  # now 18 % faster on the slowest rank
-    assert ses_solvers.common_route([fast, slow])[0] == "padded"
-    assert ses_solvers.common_route([{"float32": 1.0, "a": 0.5, "b": 0.5}]) == ("a", 0.5)  # ties: by name
+    fast, slow = ({"float32": 10.0, "padded": 6.0, "host": 30.0}, {}), ({"float32": 11.0, "padded": 10.5, "host": 12.0}, {})
+    choice = ses_solvers.common_route([fast, slow])
+    assert choice.route == "float32" and choice.margin == pytest.approx(1 - 10.5 / 11.0)  # 5 % on the slow one
+    assert ses_solvers.common_route([slow, fast]) == choice
+    slow[0]["padded"] = 9.0  # now 18 % faster on the slowest rank
+    assert ses_solvers.common_route([fast, slow]).route == "padded"
+    assert ses_solvers.choose_route({"float32": 1.0, "padded": 0.5, "host": 0.5}) == ("host", 0.5)  # ties: by name
 
 
 class FakeEvent:
