@@ -1,8 +1,9 @@
 """cusolver_batched on a CPU: the library and its bindings load, the bindings match cusolverDn.h, the
 call is checked against cuSOLVER's documented contract by a host-memory stand-in (argument order,
-dtype codes, column-major layout), every call runs on the tensor's device and stream under one lock,
-the size limit and every failure come back as a reason, never an escaping exception. The `test_cuda_*`
-tests run the real call and need a GPU (bench/gpu_check.sh runs them)."""
+dtype codes, column-major layout, the workspace sizes bufferSize returned), every call runs on the
+tensor's device and stream under one lock, the batched route reads nothing on the host, the size limit
+and every failure come back as a reason, never an escaping exception. The `test_cuda_*` tests run the
+real call and need a GPU (bench/gpu_check.sh runs them)."""
 import ctypes
 import re
 import subprocess

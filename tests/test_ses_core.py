@@ -260,65 +260,6 @@ def test_auto_solver_on_cpu_is_float32_and_recorded():
         SES(model, ["0"], solver="magic")
 
 
-def _one_ses_step(ses, model, x=None):
-    ses.begin_step()
-    model(torch.randn(32, 8) if x is None else x)
-    return ses.penalty()
-
-
-def test_an_explicit_route_that_cannot_run_here_is_refused_in_one_line_before_any_solve(monkeypatch):
-    from ses_solvers import cusolver_batched
-    monkeypatch.setattr(cusolver_batched, "eigh_batched", lambda *a, **k: pytest.fail("solved without the check"))
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    ses = SES(model, ["0", "2"], lam=0.1, beta=0.5, solver="batched32")
-    with pytest.raises(RuntimeError) as e:
-        _one_ses_step(ses, model)
-    assert str(e.value) == ("SES solver 'batched32' cannot run here: not a CUDA device; use solver='auto', "
-                            "which picks a route that can")
-
-
-def test_a_resumed_run_keeps_autos_route_and_its_measurement(monkeypatch):
-    """state_dict -> load_state_dict round trip: the resumed SES solves by the saved route without timing
-    anything again, and reports the saved timings (what chose it), not a new choice."""
-    import ses_core
-    from ses_solvers.routes import Choice
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    measured = Choice("padded", {"float32": 2.0, "padded": 1.0}, {"batched32": "selftest exited 1: x"}, 0.5)
-    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: measured)
-    first = SES(model, ["0", "2"], lam=0.1, beta=0.5)
-    _one_ses_step(first, model)
-    state = first.state_dict()
-    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: pytest.fail("auto timed the routes again"))
-    resumed = SES(model, ["0", "2"], lam=0.1, beta=0.5)
-    resumed.load_state_dict(state)
-    assert resumed.step == 1 and resumed.applied_steps == 1
-    x, calls, real = torch.randn(32, 8), [], torch.linalg.eigvalsh
-    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda g: calls.append((tuple(g.shape), g.dtype)) or real(g))
-    assert _one_ses_step(resumed, model, x).item() == pytest.approx(_one_ses_step(first, model, x).item(), rel=1e-5)
-    assert calls == [((2, 16, 16), torch.float64)] * 2  # "padded": sizes 16 and 4 in one float64 call, both runs
-    assert tuple(resumed.solver_choice()) == tuple(measured) and resumed.solver_changes == []
-    assert resumed.state_dict()["solver"] == first.state_dict()["solver"]
-
-
-def test_a_resumed_route_that_cannot_run_here_is_chosen_again_and_the_change_recorded():
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    state = {"step": 6, "applied_steps": 6, "solver": dict(route="batched32", timings={"float32": 2.0, "batched32": 1.0},
-                                                           rejected={}, margin=0.5, ranks=1, requested="auto", changes=[])}
-    ses = SES(model, ["0", "2"], lam=0.1, beta=0.5)
-    ses.load_state_dict(state)
-    assert torch.isfinite(_one_ses_step(ses, model))
-    assert ses.solver == "float32" and ses.solver_timings == {} and ses.solver_margin is None  # auto on a CPU
-    assert ses.solver_changes == ["step 6: batched32 (chosen before the resume) cannot run here (not a CUDA device); "
-                                  "auto chose float32"]
-    assert ses.state_dict()["solver"]["changes"] == ses.solver_changes  # carried into the next checkpoint
-    explicit = SES(model, ["0", "2"], lam=0.1, beta=0.5, solver="float64")
-    explicit.load_state_dict(state)  # an explicit route is the user's: a saved auto choice does not replace it
-    assert explicit.solver == "float64"
-    old = SES(model, ["0", "2"], lam=0.1, beta=0.5)
-    old.load_state_dict({"step": 3, "applied_steps": 3})  # a checkpoint from before the route was saved
-    assert old.solver == "auto" and old.step == 3
-
-
 def test_entropy_ceiling_and_targets():
     from ses_core import entropy_ceiling, entropy_target
     # exp13 CIFAR-10: n = 64, d = 384: target 0.7 log 384 = 4.17 above the ceiling log 63 = 4.14

@@ -1,13 +1,15 @@
 """The exact solver routes of ses_solvers (padding, the one-call routes) and auto: the check against
-float64 LAPACK, the timing as training runs it (back-to-back reps between two events, checked with
-stand-in events), the 10 % rule, the rule shared by torchrun ranks, and that a route's fault never
-escapes. The cuSOLVER call is emulated by its contract (the `cpu_cusolver` fixture of conftest); the
-`test_cuda_*` tests need a GPU (bench/gpu_check.sh runs them)."""
+float64 LAPACK, the timing of the solve (back-to-back reps between two events, checked with stand-in
+events), the 90 % rule, the rule shared by torchrun ranks and what it records, that a route's fault never
+escapes, and SES's route: an explicit one checked before use, auto's kept on resume where it can run.
+The cuSOLVER call is emulated by its contract (the `cpu_cusolver` fixture of conftest); the `test_cuda_*`
+tests need a GPU (bench/gpu_check.sh runs them)."""
 import pytest
 import torch
 
 from ses_solvers import cusolver_batched
 from ses_solvers import routes as ses_solvers
+import ses_core
 from ses_core import _centred_gram, spectral_entropies
 from test_ses_core import random_acts, reference_entropy
 
@@ -108,7 +110,6 @@ def test_ranks_that_share_no_route_take_host_and_say_why_each_rank_left_the_othe
 
 
 def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
-    import ses_core
     monkeypatch.setattr(ses_core, "pick_solver", lambda grams: ses_solvers.Choice("float64", {"float64": 1.0, "host": 2.0}, {}, None))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
@@ -201,6 +202,64 @@ def test_pick_solver_records_every_route_and_never_raises_when_the_batched_probe
     t32, best = choice.timings["float32"], min(t for r, t in choice.timings.items() if r != "float32")
     assert choice.margin == pytest.approx(1 - best / t32)
     assert (choice.route == "float32") == (best > 0.9 * t32)
+
+
+# ----------------------------------------------------------------------------- SES's route: checked, kept on resume
+def _one_ses_step(ses, model, x=None):
+    ses.begin_step()
+    model(torch.randn(32, 8) if x is None else x)
+    return ses.penalty()
+
+
+def test_an_explicit_route_that_cannot_run_here_is_refused_in_one_line_before_any_solve(monkeypatch):
+    from ses_solvers import cusolver_batched
+    monkeypatch.setattr(cusolver_batched, "eigh_batched", lambda *a, **k: pytest.fail("solved without the check"))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5, solver="batched32")
+    with pytest.raises(RuntimeError) as e:
+        _one_ses_step(ses, model)
+    assert str(e.value) == ("SES solver 'batched32' cannot run here: not a CUDA device; use solver='auto', "
+                            "which picks a route that can")
+
+
+def test_a_resumed_run_keeps_autos_route_and_its_measurement(monkeypatch):
+    """state_dict -> load_state_dict round trip: the resumed SES solves by the saved route without timing
+    anything again, and reports the saved timings (what chose it), not a new choice."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    measured = ses_solvers.Choice("padded", {"float32": 2.0, "padded": 1.0}, {"batched32": "selftest exited 1: x"}, 0.5)
+    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: measured)
+    first = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    _one_ses_step(first, model)
+    state = first.state_dict()
+    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: pytest.fail("auto timed the routes again"))
+    resumed = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.step == 1 and resumed.applied_steps == 1
+    x, calls, real = torch.randn(32, 8), [], torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda g: calls.append((tuple(g.shape), g.dtype)) or real(g))
+    assert _one_ses_step(resumed, model, x).item() == pytest.approx(_one_ses_step(first, model, x).item(), rel=1e-5)
+    assert calls == [((2, 16, 16), torch.float64)] * 2  # "padded": sizes 16 and 4 in one float64 call, both runs
+    assert tuple(resumed.solver_choice()) == tuple(measured) and resumed.solver_changes == []
+    assert resumed.state_dict()["solver"] == first.state_dict()["solver"]
+
+
+def test_a_resumed_route_that_cannot_run_here_is_chosen_again_and_the_change_recorded():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    state = {"step": 6, "applied_steps": 6, "solver": dict(route="batched32", timings={"float32": 2.0, "batched32": 1.0},
+                                                           rejected={}, margin=0.5, ranks=1, requested="auto", changes=[])}
+    ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    ses.load_state_dict(state)
+    assert torch.isfinite(_one_ses_step(ses, model))
+    assert ses.solver == "float32" and ses.solver_timings == {} and ses.solver_margin is None  # auto on a CPU
+    assert ses.solver_changes == ["step 6: batched32 (chosen before the resume) cannot run here (not a CUDA device); "
+                                  "auto chose float32"]
+    assert ses.state_dict()["solver"]["changes"] == ses.solver_changes  # carried into the next checkpoint
+    explicit = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5, solver="float64")
+    explicit.load_state_dict(state)  # an explicit route is the user's: a saved auto choice does not replace it
+    assert explicit.solver == "float64"
+    old = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    old.load_state_dict({"step": 3, "applied_steps": 3})  # a checkpoint from before the route was saved
+    assert old.solver == "auto" and old.step == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
