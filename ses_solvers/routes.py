@@ -174,8 +174,8 @@ def padded_shape(grams: Sequence[torch.Tensor]) -> tuple[int, int]:
 
 
 def forward_backward(grams: Sequence[torch.Tensor], solver: str) -> list[torch.Tensor]:
-    """One SES solve as training runs it: H of fresh leaf copies of `grams` by route `solver`, then the
-    backward pass; the H, detached. No sync beyond the route's own."""
+    """One SES solve, forward and backward, as the penalty runs it: H of fresh leaf copies of `grams` by
+    route `solver`, then the backward pass through them; the H, detached. No sync beyond the route's own."""
     leaves = [g.detach().clone().requires_grad_(True) for g in grams]
     with torch.enable_grad():  # SES picks its route inside no_grad()
         hs = entropies_of_grams(leaves, solver)
@@ -206,10 +206,11 @@ def _cuda_event():
 def time_route(grams: Sequence[torch.Tensor], solver: str, reps: int = REPS, event=None,
                warmup: bool = True) -> tuple[float, list[torch.Tensor]]:
     """(seconds per forward + backward of route `solver` on copies of `grams`, the H of the last rep),
-    timed as training runs it: an untimed warm-up rep (if `warmup`), then `reps` back-to-back reps
-    between two events recorded on the device's current stream, no sync inside, one wait on the end
-    event to read them. `event()` makes a torch.cuda.Event-like object (record, synchronize,
-    elapsed_time in ms); default CUDA timing events on CUDA, the host clock on a CPU."""
+    timed alone (not what its host sync costs the rest of a training step): an untimed warm-up rep (if
+    `warmup`), then `reps` back-to-back reps between two events recorded on the device's current stream,
+    no sync inside, one wait on the end event to read them. `event()` makes a torch.cuda.Event-like
+    object (record, synchronize, elapsed_time in ms); default CUDA timing events on CUDA, the host clock
+    on a CPU."""
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     device = grams[0].device
