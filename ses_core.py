@@ -19,12 +19,19 @@ is replaced by zeros before the solver (H = 0; the non-finite CE then stops the 
 never sees one.
 
 Solver routes (all exact; `solver=` of SES / spectral_entropies): see ses_solvers/routes.py. "auto" (the
-default) keeps float32 on a CPU; on CUDA, on the first SES step's real matrices, it times every route
-that agrees with float64 LAPACK and keeps float32 unless another route is at least 10 % faster.
+default) keeps float32 on a CPU; on CUDA, on the first SES step's real matrices, it times the solve
+(forward + backward, alone: not what a host sync costs the rest of the step) of every route that
+agrees with float64 LAPACK and keeps float32 unless another takes at most 90 % of float32's time.
+The chosen route is checkpointed (state_dict) and kept on resume where it can run (else auto
+chooses again and `solver_changes` says so); an explicit route that cannot run here (a batched one
+whose selftest fails) is refused in one line at its first use. Under torchrun every rank takes the
+route the rule gives on each route's slowest rank.
 Host synchronisation: torch's eigvalsh routes wait once per solver call (it reads its convergence
 flags on the host: there is no eigvalsh_ex), "host" copies the Grams to the CPU, the batched cuSOLVER
 routes make no host read of their own (cuSOLVER may work on the host when it asks for host
 workspace). The code here adds no other sync.
+Under torch.compile the collector cannot see that avgpool's input is a hooked block's output (no
+id()/weakref in a graph): ResNet `all` then solves 9 matrices per SES step, not 8 (the same H).
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ses_solvers.routes import SOLVERS, common_route, entropies_of_grams, entropy_of_gram, pick_solver
+from ses_solvers.routes import (SOLVERS, Choice, common_route, entropies_of_grams, entropy_of_gram, padded_shape,
+                                pick_solver, unavailable)
 
 __all__ = ["entropy_ceiling", "entropy_target", "spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
            "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
@@ -240,10 +248,13 @@ class SES:
         if target not in TARGETS:
             raise ValueError(f"unknown ses_target {target!r}; use logd or rank")
         self.lam, self.beta, self.every, self.solver = float(lam), check_beta(beta), int(every), solver
-        self.target = target
+        self.target, self.requested = target, solver  # requested: "auto" or an explicit route
         self.solver_timings: dict[str, float] = {}  # "auto" on CUDA: seconds per route, measured once
         self.solver_rejected: dict[str, str] = {}   # "auto" on CUDA: routes left out, and why
         self.solver_margin: float | None = None     # "auto" on CUDA: 1 - t(fastest other) / t(float32)
+        self.solver_ranks = 1                       # processes whose (slowest) times the rule used
+        self.solver_changes: list[str] = []         # a resumed run whose route could not run here
+        self._route_checked = False                 # the route is settled (chosen or checked) in this process
         self.collector = ActivationCollector(model, layers, enabled=False)
         self.step = 0            # training steps seen so far
         self.applied_steps = 0   # steps on which the penalty was added
@@ -275,15 +286,8 @@ class SES:
                 if id(a) not in pooled:
                     pooled[id(a)] = self.gather(a)
             acts = {n: pooled[id(a)] for n, a in acts.items()}
-        if self.solver == "auto":
-            unique = list({id(a): a for a in acts.values()}.values())
-            with torch.no_grad(), torch.autocast(device_type=unique[0].device.type, enabled=False):
-                choice = pick_solver([_centred_gram(a) for a in unique])
-            self.solver, self.solver_timings, self.solver_rejected, self.solver_margin = choice
-            if self.agree is not None:  # every rank solves by the same route, by the same rule
-                agreed = common_route(self.agree(self.solver_timings))
-                if agreed is not None:
-                    self.solver, self.solver_margin = agreed
+        if not self._route_checked:
+            self._settle_route(list({id(a): a for a in acts.values()}.values()))
         r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver, self.target)
         hs = hs.detach()
         self.last_entropy = dict(zip(acts, hs.unbind(0)))
@@ -300,11 +304,46 @@ class SES:
         self._entropy_sum, self._entropy_steps = None, 0
         return dict(zip(self._entropy_names, means))
 
+    def _settle_route(self, unique: list[torch.Tensor]) -> None:
+        """Once per process, on the first SES step's matrices: check that an explicit or resumed route can
+        run here (an explicit one that cannot is refused in one line; for a resumed one auto chooses
+        again), or choose by auto (under torchrun every rank by the same rule: self.agree gathers)."""
+        with torch.no_grad(), torch.autocast(device_type=unique[0].device.type, enabled=False):
+            grams = [_centred_gram(a) for a in unique]
+            why, before = "", self.solver
+            if self.solver != "auto":
+                whys = (self.agree or (lambda w: [w]))(unavailable(self.solver, grams[0].device, padded_shape(grams)))
+                why = "; ".join(f"rank {i}: {w}" if len(whys) > 1 else w for i, w in enumerate(whys) if w)
+                if why and self.requested != "auto":
+                    raise RuntimeError(f"SES solver {self.solver!r} cannot run here: {why}; use solver='auto', "
+                                       f"which picks a route that can")
+                self.solver = "auto" if why else self.solver
+            if self.solver == "auto":
+                choice = Choice(*pick_solver(grams))
+                if self.agree is not None:  # every rank solves by the same route, by the same rule
+                    choice = common_route(self.agree((choice.timings, choice.rejected))) or choice
+                self.solver, self.solver_timings, self.solver_rejected, self.solver_margin, self.solver_ranks = choice
+            if why:
+                self.solver_changes.append(f"step {self.step - 1}: {before} (chosen before the resume) cannot run "
+                                           f"here ({why}); auto chose {self.solver}")
+        self._route_checked = True
+
+    def solver_choice(self) -> Choice:
+        """The route in use and what auto measured to choose it (under torchrun: each route's slowest rank)."""
+        return Choice(self.solver, self.solver_timings, self.solver_rejected, self.solver_margin, self.solver_ranks)
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "applied_steps": self.applied_steps}
+        """The step counters and the solver choice (a resumed run keeps auto's route where it can run)."""
+        return {"step": self.step, "applied_steps": self.applied_steps,
+                "solver": dict(self.solver_choice()._asdict(), requested=self.requested, changes=list(self.solver_changes))}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.step, self.applied_steps = int(state["step"]), int(state["applied_steps"])
+        saved = state.get("solver")  # absent in checkpoints written before the route was saved
+        if saved and saved["requested"] == self.requested == "auto" and saved["route"] in SOLVERS[1:]:
+            self.solver, self.solver_timings, self.solver_rejected = saved["route"], dict(saved["timings"]), dict(saved["rejected"])
+            self.solver_margin, self.solver_ranks = saved["margin"], int(saved["ranks"])
+            self.solver_changes, self._route_checked = list(saved["changes"]), False  # checked on first use here
 
     def remove(self) -> None:
         self.collector.remove()

@@ -4,15 +4,22 @@ how its figures are read back, the copies of the benchmark JSONs to keep, and th
 Estimates (seconds on one H100/H200 with 16 host cores, from what each part runs; not measured):
 torch import + CUDA start ~5-8 s per process; the selftest solves 7 stacks x 2 dtypes (k <= 512) and
 their float64 LAPACK references; hostsync runs 6 routes x (warm-up + one 0.5 s sleep) plus the
-batched routes' child selftest (~8 s); an eager bench part times 6 variants x 3 rounds x 10 steps
-(ResNet-18 ~10-30 ms a step, ResNet-50 ~70-90 ms) after generating 50k images for its loader; the
-compile part adds two cold inductor compilations of the ResNet-18 training step (~30-40 s each);
-each preflight generates its synthetic set (Tiny-ImageNet: 100k images at 64x64) and times ~40 steps
-per config and its twin. Standard library only.
+batched routes' child selftest (~8 s). A bench part runs one model in bf16 and fp16 in one process:
+its solver table once (6 routes, one child selftest, ~11 s) and its loader's 50k images once, then
+per precision 12 timed variants (baseline, k = 1, 3, 5, 10, k = 1 with each of the 6 routes fixed,
+the loader-fed baseline) x 3 rounds x 10-12 steps (ResNet-18 ~10-70 ms a step: ~8 s; ResNet-50
+~70-110 ms: ~30 s), cuDNN autotuning, and auto's choice in each of the 4 auto variants (~1-1.5 s
+each): ResNet-18 ~65 s, ResNet-50 ~110 s. The compile part (ResNet-18 bf16, compiled baseline, k = 1
+and k = 10 only) pays three cold inductor compilations of the training step (~20-30 s each) and a child
+selftest at (9, 256) (under compile ResNet-18 `all` solves 9 matrices). Each preflight generates its
+synthetic set (Tiny-ImageNet: 100k images at 64x64) and times ~40 steps per config and its twin.
+Together ~455 s of the 458 s the parts may run in (470 s less the 12 s kept to end the last one):
+the compile part, last, runs only when the others finish within their estimates. Standard library only.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -46,6 +53,7 @@ class Part:
     parse: Callable[[Context, str], dict]
     needs: tuple[str, ...] = ("torch",)
     program: str | None = None                  # an executable the part needs on PATH
+    check: Callable[[], str | None] | None = None  # another precondition: why the part cannot run, or None
 
     def argv(self, ctx: Context) -> list[str] | None:
         return self.cpu(ctx) if ctx.cpu and callable(self.cpu) else None if ctx.cpu else self.gpu(ctx)
@@ -61,7 +69,14 @@ class Part:
             return f"needs {', '.join(missing)} (not installed here)"
         if self.program and shutil.which(self.program) is None:
             return f"{self.program} not found on PATH"
+        return self.check() if self.check else None
+
+
+def no_c_compiler() -> str | None:
+    """Why torch.compile's inductor cannot build its Triton kernels here (it needs a C compiler), or None."""
+    if os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"):
         return None
+    return "inductor's Triton kernels need a C compiler: none here (set CC, or install gcc or clang)"
 
 
 # ----------------------------------------------------------------------------- reading figures back
@@ -84,14 +99,16 @@ def bench_figures(name: str) -> Callable[[Context, str], dict]:
     def parse(ctx: Context, text: str) -> dict:
         path = ctx.out / "bench" / f"{name}.json"
         r = json.loads(path.read_text())
-        k1 = next((s for s in r["steps"] if s["variant"] == "k=1"), {})
-        return dict(json=str(path.relative_to(ctx.out)), device=r["env"]["device"], device_type=r["env"].get("device_type"),
-                    torch=r["env"]["torch"], cuda=r["env"]["cuda"],
+        env = r["env"]
+        return dict(json=str(path.relative_to(ctx.out)), device=env["device"], device_type=env.get("device_type"),
+                    torch=env["torch"], cuda=env["cuda"], date=env.get("date"), commit=env.get("commit"),
                     solvers={f"{s['layers']} / {s['solver']}": s["ms"] if s["ms"] is not None else f"skipped: {s['skipped']}"
                              for s in r["solvers"]},
-                    steps={s["variant"]: dict(ms=s["ms"], vs_baseline=s["vs_baseline"], solver=s["solver"]) for s in r["steps"]},
-                    auto=dict(route=k1.get("solver"), timings_ms=k1.get("solver_timings_ms"), margin=k1.get("solver_margin"),
-                              rejected=k1.get("solver_rejected")))
+                    steps={f"{s['amp']} {s['variant']}": dict(ms=s["ms"], vs_baseline=s["vs_baseline"], solver=s["solver"])
+                           for s in r["steps"]},
+                    auto={s["amp"]: dict(route=s.get("solver"), timings_ms=s.get("solver_timings_ms"),
+                                         margin=s.get("solver_margin"), rejected=s.get("solver_rejected"))
+                          for s in r["steps"] if s["variant"] == "k=1"})
     return parse
 
 
@@ -118,12 +135,12 @@ def preflight_figures(ctx: Context, text: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- the parts
-def _bench(name: str, setup: str, amp: str, compile_backend: str | None = None):
+def _bench(name: str, setup: str, amps: tuple[str, ...], compile_backend: str | None = None):
     def argv(ctx: Context) -> list[str]:
-        tiny = ["--device", "cpu", "--steps", "1", "--group", "1", "--batch", "2", "--repeats", "1"] if ctx.cpu \
-            else ["--steps", "2"]
-        return [ctx.python, "bench/bench_ses.py", "--setups", setup, "--amp", amp, *tiny,
-                *(["--compile", compile_backend] if compile_backend else []),
+        tiny = ["--device", "cpu", "--steps", "1", "--group", "1", "--batch", "2", "--repeats", "1", "--ks", "1", "3"] \
+            if ctx.cpu else ["--steps", "2"]
+        return [ctx.python, "bench/bench_ses.py", "--setups", setup, "--amp", *amps, *tiny,
+                *(["--compile", compile_backend, "--compiled-only"] if compile_backend else []),
                 "--json", str(ctx.out / "bench" / f"{name}.json")]
     return argv
 
@@ -132,13 +149,18 @@ def _torchrun(ctx: Context, *args: str) -> list[str]:
     return [ctx.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *args]
 
 
+def _cuda_tests(ctx: Context) -> list[str]:
+    """The CUDA tests, without the suite's pytest.ini addopts (its `-n 2` needs pytest-xdist); on a CPU
+    the same command, where they skip themselves."""
+    return [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=-ra",
+            "tests/test_cusolver_batched.py", "tests/test_ses_solvers.py", "-k", "cuda"]
+
+
 R50_ON_CPU = "ResNet-50 at 64x64 costs about 1 s per image on 2 CPU cores: left out of --cpu"
-FP16_ON_CPU = ("fp16 autocast on a CPU runs an order of magnitude slower than bf16: left out of --cpu "
-               "(bench_resnet18_bf16 runs the same command there)")
 NEEDS_CUDA = "needs CUDA"
-SCRIPTS = ("torch", "torchvision", "numpy", "tqdm")
+SCRIPTS = ("torch", "torchvision", "numpy")  # tqdm is optional: without it the scripts' progress bars are silent
 PARTS = [
-    Part("env", "versions: python, torch, CUDA, cuDNN, torchvision, devices, libcusolver and its batched entry point",
+    Part("env", "versions: python, torch, CUDA, cuDNN, torchvision, devices, libcusolver and its batched entry point, commit",
          lambda c: [c.python, "bench/gpu_probes.py", "env"], lambda c: [c.python, "bench/gpu_probes.py", "env"],
          10, 5, 30, probe_result),
     Part("nvidia_smi", "nvidia-smi", lambda c: ["nvidia-smi"], lambda c: ["nvidia-smi"], 2, 1, 15, smi_figures,
@@ -149,25 +171,22 @@ PARTS = [
     Part("hostsync", "per route: 0.5 s torch.cuda._sleep queued, then forward + backward: return vs done seconds",
          lambda c: [c.python, "bench/gpu_probes.py", "hostsync", "--device", "cuda:0"], NEEDS_CUDA, 20, 0, 60,
          probe_result),
-    Part("cuda_tests", "the tests that need CUDA (pytest -k cuda)",
-         lambda c: [c.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cusolver_batched.py",
-                    "tests/test_ses_solvers.py", "-k", "cuda"], NEEDS_CUDA, 25, 0, 75, pytest_figures,
-         needs=("torch", "numpy", "pytest")),
-    Part("bench_resnet18_bf16", "bench_ses.py ResNet-18 `all`, bf16: every route, baseline and k = 1, 3, 5, 10",
-         _bench("bench_resnet18_bf16", "resnet18", "bf16"), _bench("bench_resnet18_bf16", "resnet18", "bf16"),
-         35, 10, 75, bench_figures("bench_resnet18_bf16"), needs=SCRIPTS),
-    Part("bench_resnet18_fp16", "bench_ses.py ResNet-18 `all`, fp16 + GradScaler: every route, baseline and k = 1, 3, 5, 10",
-         _bench("bench_resnet18_fp16", "resnet18", "fp16"), FP16_ON_CPU, 35, 0, 75, bench_figures("bench_resnet18_fp16"),
-         needs=SCRIPTS),
-    Part("bench_resnet50_bf16", "bench_ses.py ResNet-50 `layer4+avgpool`, bf16: every route, baseline and k = 1, 3, 5, 10",
-         _bench("bench_resnet50_bf16", "resnet50", "bf16"), R50_ON_CPU, 55, 0, 120,
-         bench_figures("bench_resnet50_bf16"), needs=SCRIPTS),
+    Part("cuda_tests", "the tests that need CUDA (pytest -k cuda; on a CPU they skip themselves)", _cuda_tests, _cuda_tests,
+         25, 6, 75, pytest_figures, needs=("torch", "numpy", "pytest")),
+    Part("bench_resnet18", "bench_ses.py ResNet-18 `all`, bf16 and fp16 + GradScaler (--cpu: bf16): every route, "
+         "baseline, k = 1, 3, 5, 10, k = 1 with each route fixed",
+         _bench("bench_resnet18", "resnet18", ("bf16", "fp16")), _bench("bench_resnet18", "resnet18", ("bf16",)),
+         65, 15, 120, bench_figures("bench_resnet18"), needs=SCRIPTS),
+    Part("bench_resnet50", "bench_ses.py ResNet-50 `layer4+avgpool`, bf16 and fp16 + GradScaler: every route, "
+         "baseline, k = 1, 3, 5, 10, k = 1 with each route fixed",
+         _bench("bench_resnet50", "resnet50", ("bf16", "fp16")), R50_ON_CPU, 110, 0, 170,
+         bench_figures("bench_resnet50"), needs=SCRIPTS),
     Part("torchrun_smoke", "torchrun --standalone --nproc_per_node 1 exp10 --smoke --configs ses_k1",
          lambda c: _torchrun(c, "exp10_periodic_ses.py", "--smoke", "--device", c.device, "--configs", "ses_k1",
                              "--out-dir", str(c.out / "torchrun")),
          lambda c: _torchrun(c, "exp10_periodic_ses.py", "--smoke", "--device", c.device, "--configs", "ses_k1",
                              "--epochs", "1", "--out-dir", str(c.out / "torchrun")),
-         25, 25, 60, result_figures("torchrun"), needs=SCRIPTS),
+         25, 12, 60, result_figures("torchrun"), needs=SCRIPTS),
     Part("collectives", "torchrun, one process: all_gather / all_reduce / all_gather_object over NCCL (gloo on a CPU)",
          lambda c: _torchrun(c, "bench/gpu_probes.py", "collectives", "--device", c.device),
          lambda c: _torchrun(c, "bench/gpu_probes.py", "collectives", "--device", c.device), 12, 6, 45, probe_result),
@@ -180,16 +199,12 @@ PARTS = [
                     "--out-dir", str(c.out / "preflight")],
          lambda c: [c.python, "exp12_mixup_cutmix_cifar100.py", "--preflight", "--smoke", "--configs", "mixup",
                     "--batch-size", "2", "--attack-batch-size", "2", "--out-dir", str(c.out / "preflight")],
-         40, 12, 90, preflight_figures, needs=SCRIPTS),
-    Part("bench_resnet18_bf16_compile", "bench_ses.py ResNet-18 `all`, bf16, with --compile inductor "
-         "(compiled baseline, k = 1, k = 10 beside the eager ones)",
-         _bench("bench_resnet18_bf16_compile", "resnet18", "bf16", "inductor"),
+         40, 8, 90, preflight_figures, needs=SCRIPTS),
+    Part("bench_resnet18_compile", "bench_ses.py ResNet-18 `all`, bf16, --compile inductor --compiled-only "
+         "(compiled baseline, k = 1, k = 10; the eager ones are bench_resnet18's)",
+         _bench("bench_resnet18_compile", "resnet18", ("bf16",), "inductor"),
          "inductor compiles for minutes on a CPU (tests/test_bench.py runs bench_ses --compile eager there)",
-         120, 0, 200, bench_figures("bench_resnet18_bf16_compile"), needs=SCRIPTS),
-    Part("bench_resnet50_fp16", "bench_ses.py ResNet-50 `layer4+avgpool`, fp16 + GradScaler (last: ResNet-50 trains "
-         "in bf16 on the L40S; runs when the budget still holds its estimate)",
-         _bench("bench_resnet50_fp16", "resnet50", "fp16"), R50_ON_CPU, 55, 0, 120,
-         bench_figures("bench_resnet50_fp16"), needs=SCRIPTS),
+         90, 0, 150, bench_figures("bench_resnet18_compile"), needs=SCRIPTS, check=no_c_compiler),
 ]
 
 
@@ -198,14 +213,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
 
 
+def result_name(fig: dict, part: str) -> str:
+    """<gpu>_torch<version>_<UTC date and time>_<commit>_<part>.json: a later run (an "after") never
+    overwrites an earlier one (a "before")."""
+    stamp = re.sub(r"[^0-9T]", "", (fig.get("date") or "")[:16]) or "nodate"
+    return f"{_slug(fig['device'])}_torch{_slug(fig['torch'])}_{stamp}_{_slug(fig.get('commit') or 'nocommit')}_" \
+           f"{part.removeprefix('bench_')}.json"
+
+
 def keep_results(ctx: Context, report: dict) -> list[str]:
-    """Copies of the CUDA benchmark JSONs as results/<gpu>_torch<version>_<part>.json (none from a CPU)."""
+    """Copies of the CUDA benchmark JSONs under results/, named by result_name (none from a CPU)."""
     kept = []
     for rec in report["parts"]:
         fig = rec["figures"]
         if rec["status"] != "ok" or fig.get("device_type") != "cuda" or "json" not in fig:
             continue
-        name = f"{_slug(fig['device'])}_torch{_slug(fig['torch'])}_{rec['name'].removeprefix('bench_')}.json"
+        name = result_name(fig, rec["name"])
         (ctx.out / "results").mkdir(exist_ok=True)
         shutil.copyfile(ctx.out / fig["json"], ctx.out / "results" / name)
         kept.append(f"results/{name}")
@@ -222,11 +245,12 @@ def _details(rec: dict) -> list[str]:
         for route, r in fig.get("routes", {}).items():
             out.append(f"    {route:<10} " + (f"skipped: {r['skipped']}" if "skipped" in r else
                        f"returns after {r['return_s']:.3f} s, done after {r['done_s']:.3f} s: "
-                       f"{'waits for the GPU' if r['waits_for_host'] else 'returns at once'}"
+                       f"{'the host waits for the GPU' if r['host_waits_for_gpu'] else 'returns at once'}"
                        + (f", host workspace {r['host_workspace_bytes']} B" if "host_workspace_bytes" in r else "")))
     elif rec["name"].startswith("bench_") and "steps" in fig:
         out += [f"    solver {k:<36} " + (f"{v:8.2f} ms" if isinstance(v, (int, float)) else v) for k, v in fig["solvers"].items()]
-        out += [f"    step   {k:<22} {v['ms']:8.2f} ms {_pct(v['vs_baseline']):>9}  solver {v['solver']}"
+        out += [f"    step   {k:<27} " + (f"{v['ms']:8.2f} ms {_pct(v['vs_baseline']):>9}" if v["ms"] is not None
+                                               else f"{'not run':>21}") + f"  solver {v['solver']}"
                 for k, v in fig["steps"].items()]
         out.append(f"    auto: {json.dumps(fig['auto'])}")
     elif rec["name"].endswith("_preflight"):

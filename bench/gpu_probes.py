@@ -13,10 +13,13 @@ Real shapes (B, k) of the padded stack the batched routes solve at batch 256: Re
 under torchrun with a gathered batch of 512: (8, 512) and (3, 512).
 hostsync: a torch.cuda._sleep of SLEEP_S seconds is queued first, then one forward + backward of the
 route on the ResNet-18 matrices; return_s is the host time until the call returns, done_s until the
-GPU is done. A route that waits for the host returns only after the sleep (return_s ~ done_s >= SLEEP_S).
+GPU is done. A route whose call makes the host wait for the GPU (a host read of a device value, a copy
+to the CPU) returns only after the sleep (return_s ~ done_s >= SLEEP_S): host_waits_for_gpu.
+env also records the commit of the code and the date, as bench_ses.py's JSON does.
 """
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import records  # bench/records.py, beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ses_solvers import cusolver_batched  # noqa: E402
 from ses_core import _centred_gram  # noqa: E402
@@ -41,12 +45,11 @@ def env(args) -> dict:
     out = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                cudnn=torch.backends.cudnn.version(), cuda_available=torch.cuda.is_available(),
                torch_batches_eigh=cusolver_batched.torch_batches_eigh(), host=platform.node(),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    try:
-        import torchvision
-        out["torchvision"] = torchvision.__version__
-    except ImportError as e:
-        out["torchvision"] = f"missing ({e})"
+               date=records.utc_now(), commit=records.commit())
+    try:  # the installed version, not imported here (2-3 s); the bench and script parts import it
+        out["torchvision"] = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        out["torchvision"] = "missing"
     if torch.cuda.is_available():
         out["devices"] = [dict(name=torch.cuda.get_device_name(i), capability=list(torch.cuda.get_device_capability(i)),
                                memory_gib=round(torch.cuda.get_device_properties(i).total_memory / 2 ** 30, 1))
@@ -100,7 +103,7 @@ def hostsync(args) -> dict:
         returned = time.perf_counter() - t0
         torch.cuda.synchronize(dev)
         done = time.perf_counter() - t0
-        routes[route] = dict(return_s=returned, done_s=done, waits_for_host=returned >= SLEEP_S / 2)
+        routes[route] = dict(return_s=returned, done_s=done, host_waits_for_gpu=returned >= SLEEP_S / 2)
         if route.startswith("batched"):
             routes[route]["host_workspace_bytes"] = cusolver_batched.host_workspace_bytes(dev)
     return dict(device=args.device, sleep_s=SLEEP_S, sizes=[min(256, d) for d in R18_DIMS], routes=routes)

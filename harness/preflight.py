@@ -102,7 +102,7 @@ def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | Non
         return dict(note=probe_note, step_s=step_s, images_per_s=cfg["batch_size"] / step_s, peak_train=peak_train,
                     peak_final=peak_final, per_gpu=per_gpu if len(per_gpu) > 1 else None, ckpt_mb=ckpt_mb, run_s=cfg["epochs"] * per_epoch + final,
                     amp=amp.name, steps_per_epoch=len(run.loader),
-                    solver=(run.ses.solver, run.ses.solver_timings, run.ses.solver_rejected, run.ses.solver_margin)
+                    solver=run.ses.solver_choice()
                     if run.ses else None)
     finally:
         run.close()

@@ -7,8 +7,12 @@ What torch does with a batched eigh / eigvalsh on CUDA depends on its version:
 and either way torch reads the per-matrix convergence flags `info` on the host after the call.
 This module hands the whole stack to cuSOLVER in one call, through ctypes into the libcusolver that
 torch has loaded (no compiler, no extra package), and leaves `info` on the device:
-    cusolverDnXsyevBatched        cuSOLVER >= 11.7.1 (CUDA 12.6.2+): divide and conquer, as syevd
-    cusolverDn{S,D}syevjBatched   older cuSOLVER: Jacobi to machine precision (default tolerance)
+    cusolverDnXsyevBatched        cuSOLVER >= 11.7.1 (CUDA 12.6.2+); the cuSOLVER docs do not name its
+                                  algorithm (its default mode "may switch between algorithms")
+    cusolverDn{S,D}syevjBatched   older cuSOLVER: Jacobi to machine precision (default tolerance); called
+                                  at any k: cusolverDn.h and its documentation set no size limit on it
+                                  (the n <= 32 limit is gesvdjBatched's); its speed at k = 64-512 is not
+                                  yet measured
 So on torch <= 2.11 it replaces a loop of B calls; on torch >= 2.12 it differs from eigvalsh only by
 that host read of `info`.
 

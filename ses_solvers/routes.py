@@ -6,7 +6,8 @@ are differentiated, dL/dG = V diag(dL/dlam) V^T. The routes differ in how the so
 
     "float32"   torch.linalg.eigvalsh in float32, one call per size group (same-size matrices stacked)
     "float64"   the same in float64
-    "host"      float64 LAPACK eigh on the CPU, one thread per matrix; the gradient is formed on the device
+    "host"      float64 LAPACK eigh on the CPU, the matrices spread over a pool of 8 threads; the
+                gradient is formed on the device
     "padded"    every G_l zero-padded to k = max k_l and solved in ONE float64 eigvalsh call
     "batched32" / "batched64"   the padded stack in ONE direct cuSOLVER batched call
                 (cusolver_batched: XsyevBatched / syevjBatched), float32 / float64
@@ -29,11 +30,17 @@ own (cuSOLVER may still work on the host when it asks for host workspace: see cu
 
 auto (pick_solver, on CUDA, once, on the first SES step's real matrices): every route is checked
 against float64 LAPACK (off by more than AUTO_TOLERANCE nats, failing or unavailable: left out, with
-why), then timed the way training runs it: REPS back-to-back forward + backward repetitions between
-two CUDA events, no sync inside (one wait on the end event to read it), ROUNDS rounds interleaved over
-the routes, the median kept. "float32" (plain torch) is kept unless another route takes at most
+why), then its solve is timed: REPS back-to-back forward + backward repetitions between two CUDA
+events, no sync inside (one wait on the end event to read it), ROUNDS rounds interleaved over the
+routes, the median kept. "float32" (plain torch) is kept unless another route takes at most
 1 - KEEP_MARGIN = 90 % of its time; the margin recorded is 1 - t(fastest other) / t(float32). Under
 torchrun (common_route) the same rule is applied to each route's time on its slowest rank.
+What this timing cannot see: what a route's host sync costs the rest of the training step. Timed
+alone, a route pays only for the GPU idling inside its own repetitions; in training the sync also
+costs the CPU its lead over the backward pass and the optimizer, whose launches are then exposed.
+So on torch >= 2.12, where "float32" and "batched*" differ only by that sync, the rule keeps
+"float32" even where "batched32" would make the step faster; bench/bench_ses.py times the training
+step with each route fixed (its "k=1 <route>" rows) to show it.
 """
 from __future__ import annotations
 
@@ -167,8 +174,8 @@ def padded_shape(grams: Sequence[torch.Tensor]) -> tuple[int, int]:
 
 
 def forward_backward(grams: Sequence[torch.Tensor], solver: str) -> list[torch.Tensor]:
-    """One SES solve as training runs it: H of fresh leaf copies of `grams` by route `solver`, then the
-    backward pass; the H, detached. No sync beyond the route's own."""
+    """One SES solve, forward and backward, as the penalty runs it: H of fresh leaf copies of `grams` by
+    route `solver`, then the backward pass through them; the H, detached. No sync beyond the route's own."""
     leaves = [g.detach().clone().requires_grad_(True) for g in grams]
     with torch.enable_grad():  # SES picks its route inside no_grad()
         hs = entropies_of_grams(leaves, solver)
@@ -199,10 +206,11 @@ def _cuda_event():
 def time_route(grams: Sequence[torch.Tensor], solver: str, reps: int = REPS, event=None,
                warmup: bool = True) -> tuple[float, list[torch.Tensor]]:
     """(seconds per forward + backward of route `solver` on copies of `grams`, the H of the last rep),
-    timed as training runs it: an untimed warm-up rep (if `warmup`), then `reps` back-to-back reps
-    between two events recorded on the device's current stream, no sync inside, one wait on the end
-    event to read them. `event()` makes a torch.cuda.Event-like object (record, synchronize,
-    elapsed_time in ms); default CUDA timing events on CUDA, the host clock on a CPU."""
+    timed alone (not what its host sync costs the rest of a training step): an untimed warm-up rep (if
+    `warmup`), then `reps` back-to-back reps between two events recorded on the device's current stream,
+    no sync inside, one wait on the end event to read them. `event()` makes a torch.cuda.Event-like
+    object (record, synchronize, elapsed_time in ms); default CUDA timing events on CUDA, the host clock
+    on a CPU."""
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     device = grams[0].device
@@ -248,12 +256,13 @@ def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = SOLVER
 def choose_route(timings: dict[str, float]) -> tuple[str, float | None]:
     """(route, margin) by auto's rule, from seconds per route: "float32" unless the fastest other route
     takes at most (1 - KEEP_MARGIN) of float32's time; margin = 1 - t(fastest other) / t(float32), None
-    without both. Without a float32 time: the fastest route; with no time at all: "float64". Ties go
-    to the first name in sorted order, so equal timings give the same route everywhere."""
+    without both. Without a float32 time: the fastest route; with no time at all: "host" (the float64
+    LAPACK reference auto checks against: exact wherever it runs). Ties go to the first name in sorted
+    order, so equal timings give the same route everywhere."""
     others = sorted((t, r) for r, t in timings.items() if r != "float32")
     t32 = timings.get("float32")
     if t32 is None:
-        return (others[0][1] if others else "float64"), None
+        return (others[0][1] if others else "host"), None
     if not others or t32 <= 0:
         return "float32", None
     t_best, best = others[0]
@@ -263,9 +272,10 @@ def choose_route(timings: dict[str, float]) -> tuple[str, float | None]:
 
 class Choice(NamedTuple):
     route: str                  # the route "auto" uses
-    timings: dict[str, float]   # seconds per forward + backward of each route kept
-    rejected: dict[str, str]    # route -> why it was left out
+    timings: dict[str, float]   # seconds per forward + backward of each route kept (torchrun: its slowest rank's)
+    rejected: dict[str, str]    # route -> why it was left out (torchrun: "rank i: why" of each rank that did)
     margin: float | None        # 1 - t(fastest other route) / t(float32); None when not both timed
+    ranks: int = 1              # how many processes' timings the rule was applied to
 
 
 def timed_here(device: torch.device) -> bool:
@@ -283,22 +293,39 @@ def pick_solver(grams: Sequence[torch.Tensor], reps: int = REPS, rounds: int = R
     return Choice(route, timings, rejected, margin)
 
 
-def common_route(per_rank: Sequence[dict[str, float]]) -> tuple[str, float | None] | None:
-    """Several processes (torchrun): (route, margin) by choose_route's rule applied to each route's time
-    on its slowest rank, over the routes every rank timed (("float64", None) if they share none); None
-    if no rank timed anything (a CPU: every rank keeps float32). The same on every rank given the same
-    gathered list (SES.agree gathers every rank's timings in rank order)."""
-    if not any(per_rank):
+def common_route(per_rank: Sequence[tuple[dict[str, float], dict[str, str]]]) -> Choice | None:
+    """Several processes (torchrun): per_rank[i] = (timings, rejected) of rank i, in rank order (SES.agree
+    gathers them), so every rank gets the same Choice. choose_route's rule applied to each route's time
+    on its slowest rank, over the routes every rank timed; those times are the Choice's timings, and
+    every other route's reason names the ranks that left it out ("rank 1: why" / "ranks 0, 2: why").
+    No route timed on every rank: "host" (exact everywhere). None if no rank timed anything (a CPU:
+    every rank keeps float32)."""
+    if not any(t for t, _ in per_rank):
         return None
-    shared = set.intersection(*(set(t) for t in per_rank))
-    return choose_route({r: max(t[r] for t in per_rank) for r in shared})
+    shared = set.intersection(*(set(t) for t, _ in per_rank))
+    timings = {r: max(t[r] for t, _ in per_rank) for r in SOLVERS if r in shared}
+    rejected = {}
+    for route in (r for r in SOLVERS[1:] if r not in shared):
+        by_why: dict[str, list[str]] = {}
+        for i, (t, why) in enumerate(per_rank):
+            if route not in t:
+                by_why.setdefault(why.get(route, "not timed"), []).append(str(i))
+        rejected[route] = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(r)}: {w}" for w, r in by_why.items())
+    route, margin = choose_route(timings)
+    return Choice(route, timings, rejected, margin, len(per_rank))
 
 
-def describe_choice(route: str, timings: dict[str, float], rejected: dict[str, str], margin: float | None) -> str:
-    """One line: the route, each route's ms per forward + backward, the margin against float32, what was left out."""
+def describe_choice(route: str, timings: dict[str, float], rejected: dict[str, str], margin: float | None,
+                    ranks: int = 1) -> str:
+    """One line: the route, each route's ms per forward + backward (under torchrun: on its slowest rank),
+    the margin against float32, what was left out and why."""
     parts = [", ".join(f"{r} {1e3 * t:.1f} ms" for r, t in timings.items())] if timings else []
+    if timings and ranks > 1:
+        parts[0] += f" (each on its slowest of {ranks} ranks)"
     if margin is not None:
         parts.append(f"fastest other route takes {100 * (1 - margin):.0f} % of float32's time "
                      f"(auto leaves float32 at <= {100 * (1 - KEEP_MARGIN):.0f} %)")
+    if not timings and rejected:
+        parts.append(f"no route could be timed{' on every rank' if ranks > 1 else ''}: {route}, exact wherever it runs")
     parts += [f"{r} left out: {why}" for r, why in rejected.items()]
     return f"{route} ({'; '.join(parts)})"

@@ -55,11 +55,18 @@ class RecordingLock:
 
 class FakeCusolver:
     """cuSOLVER's documented contract on host memory: column-major stacks (A_k(i, j) = A[i + lda*j + lda*n*k]),
-    only the lower triangle read, A overwritten with the eigenvectors by column, W ascending, info per matrix.
-    Each call records (name, the current device, the lock acquisition held)."""
+    only the lower triangle read, A overwritten with the eigenvectors by column, W ascending, info per matrix,
+    and the solve given the workspace sizes its bufferSize call returned (sizes that differ per shape here,
+    so a binding passing anything else fails). Each call records (name, the current device, the lock
+    acquisition held)."""
 
     def __init__(self, devices=None, lock=None):
         self.called, self.log, self.devices, self.lock = [], [], devices, lock
+        self.sizes = None  # what the last bufferSize call returned
+
+    def _sized(self, got, work):
+        assert self.sizes is not None and got == self.sizes, f"solve given workspace {got}, bufferSize said {self.sizes}"
+        assert work.value, "solve given no device workspace"
 
     def _note(self, name):
         self.log.append((name, self.devices.current if self.devices else None, self.lock.held() if self.lock else None))
@@ -94,24 +101,30 @@ class FakeCusolver:
 
     def cusolverDnXsyevBatched_bufferSize(self, h, p, jobz, uplo, n, ta, A, lda, tw, W, tc, dev, host, batch):
         assert (jobz, uplo, ta, tw, tc) == (1, 0, ta, ta, ta) and ta in (0, 1)
-        return self._out("bufferSize", dev, 128) or self._out("bufferSize", host, 16)
+        self.sizes = (128 + 8 * n * batch, 16 + batch)
+        return self._out("bufferSize", dev, self.sizes[0]) or self._out("bufferSize", host, self.sizes[1])
 
     def cusolverDnXsyevBatched(self, h, p, jobz, uplo, n, ta, A, lda, tw, W, tc, work, dev_bytes, host, host_bytes,
                                info, batch):
         self.called.append(("XsyevBatched", ta, n, batch, dev_bytes, host_bytes))
+        self._sized((dev_bytes, host_bytes), work)
+        assert host.value, "solve given no host workspace where bufferSize asked for some"
         return self._solve("solve", np.float32 if ta == 0 else np.float64, n, A, lda, W, info, batch)
 
     def _syevj_size(self, h, jobz, uplo, n, A, lda, W, lwork, params, batch):
-        return self._out("bufferSize", lwork, 7)
+        self.sizes = 7 + n * batch
+        return self._out("bufferSize", lwork, self.sizes)
 
     cusolverDnSsyevjBatched_bufferSize = cusolverDnDsyevjBatched_bufferSize = _syevj_size
 
     def cusolverDnSsyevjBatched(self, h, jobz, uplo, n, A, lda, W, work, lwork, info, params, batch):
         self.called.append(("SsyevjBatched", n, batch, lwork))
+        self._sized(lwork, work)
         return self._solve("solve", np.float32, n, A, lda, W, info, batch)
 
     def cusolverDnDsyevjBatched(self, h, jobz, uplo, n, A, lda, W, work, lwork, info, params, batch):
         self.called.append(("DsyevjBatched", n, batch, lwork))
+        self._sized(lwork, work)
         return self._solve("solve", np.float64, n, A, lda, W, info, batch)
 
 

@@ -1,8 +1,9 @@
 """cusolver_batched on a CPU: the library and its bindings load, the bindings match cusolverDn.h, the
 call is checked against cuSOLVER's documented contract by a host-memory stand-in (argument order,
-dtype codes, column-major layout), every call runs on the tensor's device and stream under one lock,
-the size limit and every failure come back as a reason, never an escaping exception. The `test_cuda_*`
-tests run the real call and need a GPU (bench/gpu_check.sh runs them)."""
+dtype codes, column-major layout, the workspace sizes bufferSize returned), every call runs on the
+tensor's device and stream under one lock, the batched route reads nothing on the host, the size limit
+and every failure come back as a reason, never an escaping exception. The `test_cuda_*` tests run the
+real call and need a GPU (bench/gpu_check.sh runs them)."""
 import ctypes
 import re
 import subprocess
@@ -172,7 +173,7 @@ def test_eigh_batched_passes_cusolver_the_right_arguments_and_reads_its_layout(f
     # v[b, :, i] is the i-th eigenvector: A v = v diag(w)
     assert torch.allclose((sym @ v.double()), v.double() * w.double().unsqueeze(-2), atol=tol * sym.abs().max().item())
     with torch.cuda.device(a.device):  # the stand-in's tensors live on the CPU
-        assert cusolver_batched.host_workspace_bytes(a.device) == (16 if xsyev else None)
+        assert cusolver_batched.host_workspace_bytes(a.device) == (fake.sizes[1] if xsyev else None)
 
 
 @pytest.mark.parametrize("xsyev", [True, False])
@@ -214,9 +215,57 @@ def test_eigh_batched_makes_one_copy_of_the_stack_whatever_dtype_it_solves_in(fa
         assert len(mode.ops) == 1 and v.dtype == dtype and a.dtype == torch.float32, mode.ops
 
 
+class HostReads(TorchDispatchMode):
+    """Records every op that reads a tensor's value on the host (item(), bool(), torch's own `info` check)
+    or copies to the CPU by name (`.to("cpu", ...)`, a non-blocking or pinned copy). On a CPU a copy of a
+    CPU tensor to the CPU is no op at all, and torch's CPU eigvalsh checks `info` inside its kernel, so
+    only what a route's own code asks for is seen."""
+    READS = ("_local_scalar_dense", "is_nonzero", "equal", "_linalg_check_errors", "_pin_memory")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.READS or (name == "_to_copy" and (str(kwargs.get("device")) == "cpu" or kwargs.get("non_blocking"))):
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+def test_the_batched_route_reads_nothing_on_the_host(fake_cuda, monkeypatch):
+    """forward + backward of "batched32" through the real binding (cuSOLVER stood in for): no host read, no
+    copy to the CPU. The detector itself catches the "host" route and a route that reads `info` with .item()."""
+    from ses_solvers import routes
+    from ses_core import _centred_gram
+    fake_cuda[2](True)
+    grams = [_centred_gram(torch.randn(32, d)) for d in (8, 16, 16, 24)]
+    with HostReads() as mode:
+        hs = routes.forward_backward(grams, "batched32")
+    assert mode.seen == [] and all(torch.isfinite(h) for h in hs)
+    with HostReads() as mode:
+        routes.forward_backward(grams, "host")
+    assert "_to_copy" in mode.seen
+    real = cusolver_batched.eigh_batched
+
+    def reads_info(a, dtype=None):
+        w, v, info = real(a, dtype)
+        assert not info.any().item()  # the host read a route must not make
+        return w, v, info
+    monkeypatch.setattr(cusolver_batched, "eigh_batched", reads_info)
+    with HostReads() as mode:
+        routes.forward_backward(grams, "batched32")
+    assert "_local_scalar_dense" in mode.seen
+
+
 # ----------------------------------------------------------------------------- on a GPU
 @cuda
 def test_cuda_eigh_batched_solves_on_every_device_whatever_device_is_current():
+    """Each device solved while the next one is current. With one GPU the device and the current one
+    are the same: that case says nothing about the guard, so it is skipped."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: with one, the tensor's device is always the current one")
     x = torch.randn(8, 256, 200, dtype=torch.float64)
     a = x @ x.transpose(-2, -1) / 200
     ref = torch.linalg.eigvalsh(a)
@@ -233,3 +282,22 @@ def test_cuda_eigh_batched_solves_on_every_device_whatever_device_is_current():
 def test_cuda_available_at_the_real_shape():
     """The child selftest at ResNet-18 `all`'s stack (the other real shapes: bench/gpu_probes.py selftest)."""
     assert cusolver_batched.available(torch.device("cuda", 0), (8, 256)) == ""
+
+
+@cuda
+def test_cuda_eigh_batched_runs_on_the_current_side_stream():
+    """The stack is written on a side stream behind a long sleep and solved there: a call on any other
+    stream would read it before it is written."""
+    x = torch.randn(8, 256, 200, dtype=torch.float64)
+    a = x @ x.transpose(-2, -1) / 200
+    ref = torch.linalg.eigvalsh(a)
+    side = torch.cuda.Stream()
+    host = a.float().pin_memory()
+    with torch.cuda.stream(side):
+        dev = torch.zeros(8, 256, 256, device="cuda")
+        torch.cuda._sleep(200_000_000)  # ~0.1 s or more of GPU clock before the stack is written
+        dev.copy_(host, non_blocking=True)
+        w, v, info = cusolver_batched.eigh_batched(dev)
+    side.synchronize()
+    assert not info.any().item()
+    assert ((w.double().cpu() - ref).abs().max() / ref.abs().max()).item() < 1e-4

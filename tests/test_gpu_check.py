@@ -1,8 +1,12 @@
-"""bench/gpu_check.sh: the --cpu rehearsal end to end (every part run or skipped with its reason, one JSON and one
-text file), and the orchestrator's limits on stand-in parts: a hanging part is ended at its limit with its
-process group, a missing module or a spent budget is a reason, a failing part never stops the others."""
+"""bench/gpu_check.sh: the --cpu rehearsal end to end, in two halves (--only; each half runs env), every
+part run or skipped with its reason, one JSON and one text file; and the orchestrator's rules on stand-in
+parts: a hanging part is ended at its limit with its process group, whatever a part leaves running (in a
+session of its own, as torchrun's workers are) is killed, a missing module or a spent budget is a reason,
+a failing part never stops the others, and a machine without torch or a failed env part exits 2."""
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +19,15 @@ import gpu_check  # noqa: E402
 import gpu_check_parts  # noqa: E402
 from gpu_check_parts import Part, probe_result  # noqa: E402
 
+SOLVER_HALF = ("nvidia_smi", "selftest", "hostsync", "cuda_tests", "bench_resnet18", "bench_resnet50", "bench_resnet18_compile")
+SCRIPT_HALF = ("torchrun_smoke", "collectives", "exp11_preflight", "exp12_preflight")
 
-def test_the_cpu_rehearsal_runs_every_part_or_says_why_not(tmp_path):
+
+def rehearse(tmp_path, only):
+    """Run `bash bench/gpu_check.sh --cpu --only ...` and check what holds for every part: (parts by name, text)."""
     out = tmp_path / "out"
-    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path,
-                       env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu", "--only", ",".join(only), str(out)],
+                       cwd=tmp_path, env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
     text = (out / "gpu_check.txt").read_text()
@@ -31,16 +39,33 @@ def test_the_cpu_rehearsal_runs_every_part_or_says_why_not(tmp_path):
         assert any(line.split()[:2] == [name, r["status"]] for line in text.splitlines()), name
         if r["status"] == "skipped":
             assert r["reason"] and r["reason"] in text and r["command"] is None
+            assert (name in only) != (r["reason"] == "not asked for (--only)"), (name, r["reason"])
         else:
             assert r["exit_code"] == 0 and r["seconds"] > 0 and (out / r["log"]).is_file() and r["command"] in text
-    for name in ("selftest", "hostsync", "cuda_tests"):
+            assert r["left_running_killed"] == 0
+    assert parts["env"]["status"] == "ok" and parts["env"]["figures"]["cuda_available"] is False
+    assert parts["env"]["figures"]["torch"] and parts["env"]["figures"]["commit"]
+    return parts, out
+
+
+def test_the_two_rehearsal_halves_hold_every_part():
+    assert sorted(("env",) + SOLVER_HALF + SCRIPT_HALF) == sorted(part.name for part in gpu_check_parts.PARTS)
+
+
+def test_the_cpu_rehearsal_runs_the_solver_parts(tmp_path):
+    parts, out = rehearse(tmp_path, SOLVER_HALF)
+    for name in ("selftest", "hostsync"):
         assert parts[name]["reason"] == "needs CUDA"
-    assert {parts[n]["status"] for n in ("env", "bench_resnet18_bf16", "torchrun_smoke", "collectives",
-                                        "exp12_preflight")} == {"ok"}
-    assert parts["env"]["figures"]["torch"] and parts["env"]["figures"]["cuda_available"] is False
-    bench = parts["bench_resnet18_bf16"]["figures"]
-    assert bench["device_type"] == "cpu" and {"baseline", "k=1", "k=3", "k=5", "k=10"} <= set(bench["steps"])
-    assert (out / bench["json"]).is_file() and bench["auto"]["route"] == "float32"
+    assert parts["bench_resnet50"]["reason"] == gpu_check_parts.R50_ON_CPU
+    tests = parts["cuda_tests"]  # the suite's pytest.ini asks for -n 2: the part's command runs without xdist
+    assert tests["status"] == "ok" and tests["figures"]["skipped"] >= 3 and "failed" not in tests["figures"]
+    bench = parts["bench_resnet18"]["figures"]
+    assert bench["device_type"] == "cpu" and {"bf16 baseline", "bf16 k=1", "bf16 k=3", "bf16 k=1 host"} <= set(bench["steps"])
+    assert (out / bench["json"]).is_file() and bench["auto"]["bf16"]["route"] == "float32"
+
+
+def test_the_cpu_rehearsal_runs_the_script_parts(tmp_path):
+    parts, _ = rehearse(tmp_path, SCRIPT_HALF)
     (run,) = parts["torchrun_smoke"]["figures"].values()
     assert run["config"] == "ses_k1" and run["ses_solver"] == "float32" and run["epochs"] == 1
     assert parts["collectives"]["figures"]["backend"] == "gloo" and parts["collectives"]["figures"]["all_gather"] is True
@@ -106,6 +131,76 @@ def test_without_cuda_the_gpu_mode_says_so_and_skips_the_rest(monkeypatch, tmp_p
     assert "CUDA is not available here" in capsys.readouterr().err.strip().splitlines()[-1]
     bench = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["parts"][1]
     assert bench["status"] == "skipped" and "--cpu rehearses" in bench["reason"]
+
+
+# A child in a session of its own (as torch elastic starts torchrun's workers), out of reach of the part's group.
+ORPHAN = [PY, "-c", "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+          f"\"import os, signal; open({PID_FILE!r}, 'w').write(str(os.getpid())); signal.pause()\"], start_new_session=True); "
+          f"import os, time\nwhile not os.path.exists({PID_FILE!r}): time.sleep(0.01)"]
+
+
+@pytest.mark.parametrize("then", ["exits", "hangs"])
+def test_what_a_part_leaves_running_in_another_session_is_killed(monkeypatch, tmp_path, then):
+    argv = ORPHAN if then == "exits" else ORPHAN[:2] + [ORPHAN[2] + "\nimport signal; signal.pause()"]
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_check_parts, "PARTS", [_part("spawns", lambda c: argv, limit=2)])
+    gpu_check.main(["--cpu", str(tmp_path / "out")])
+    (rec,) = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["parts"]
+    assert rec["status"] == ("ok" if then == "exits" else "timeout") and rec["left_running_killed"] == 1
+    assert not alive(int((tmp_path / PID_FILE).read_text()))
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_without_torch_or_with_a_failed_env_part_the_check_exits_2_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_check_parts, "PARTS", [
+        _part("env", lambda c: [PY, "-c", "import sys; print('ImportError: libtorch_cuda.so: cannot open'); sys.exit(1)"]),
+        _part("bench", lambda c: [PY, "-c", "pass"], needs=())])
+    assert gpu_check.main([str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpu_check: the env part failed: ImportError: libtorch_cuda.so")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "torch" else real(m, *a))
+    assert gpu_check.main([str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpu_check: torch is not installed for ")
+    parts = json.loads((tmp_path / "out2" / "gpu_check.json").read_text())["parts"]
+    assert parts[0]["reason"] == "needs torch (not installed here)" and parts[1]["status"] == "ok"
+
+
+def test_the_last_line_names_the_error_and_no_limit_reaches_past_the_budget(monkeypatch, tmp_path):
+    usage = "ERROR: usage: __main__.py [options] [file_or_dir]\n__main__.py: error: unrecognized arguments: -n\n"
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_check, "BUDGET_S", 60)
+    monkeypatch.setattr(gpu_check_parts, "PARTS", [
+        _part("usage", lambda c: [PY, "-c", f"import sys; sys.stdout.write({usage!r} + '  inifile: pytest.ini\\n'); sys.exit(4)"],
+              limit=1000)])
+    assert gpu_check.main(["--cpu", str(tmp_path / "out")]) == 1
+    (rec,) = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["parts"]
+    assert rec["last_line"] == "__main__.py: error: unrecognized arguments: -n"
+    assert rec["limit_s"] <= 60 - gpu_check.KILL_S  # ended (SIGTERM, SIGKILL, sweep) within the budget
+
+
+def test_the_compile_part_needs_a_c_compiler_and_kept_files_never_overwrite_each_other(monkeypatch):
+    compile_part = next(p for p in gpu_check_parts.PARTS if p.name == "bench_resnet18_compile")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    ctx = gpu_check_parts.Context(out=Path("/nonexistent"), cpu=False, python=PY, root=ROOT)
+    assert "need a C compiler" in compile_part.skip_reason(ctx, {m: True for m in gpu_check.MODULES})
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    assert compile_part.skip_reason(ctx, {m: True for m in gpu_check.MODULES}) is None
+    fig = dict(device="NVIDIA H100 80GB HBM3", torch="2.11.0+cu130", date="2026-11-24T10:12:03+00:00", commit="963cccb1a2b3")
+    before = gpu_check_parts.result_name(fig, "bench_resnet18")
+    after = gpu_check_parts.result_name(dict(fig, date="2026-11-24T16:40:00+00:00", commit="abcdef123456+dirty"), "bench_resnet18")
+    assert before == "nvidia-h100-80gb-hbm3_torch2.11.0-cu130_20261124T1012_963cccb1a2b3_resnet18.json"
+    assert after != before and "abcdef123456-dirty" in after
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU answer")

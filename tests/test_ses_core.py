@@ -249,7 +249,7 @@ def test_global_pool_is_aliased_to_the_block_it_averages_and_solved_once(monkeyp
 
 def test_auto_solver_on_cpu_is_float32_and_recorded():
     from ses_core import pick_solver
-    assert pick_solver([torch.eye(4)]) == ("float32", {}, {}, None)  # (route, timings, rejected, margin)
+    assert pick_solver([torch.eye(4)]) == ("float32", {}, {}, None, 1)  # (route, timings, rejected, margin, ranks)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     ses = SES(model, ["0", "2"], lam=0.1, beta=0.5, every=1)
     ses.begin_step()

@@ -1,13 +1,15 @@
 """The exact solver routes of ses_solvers (padding, the one-call routes) and auto: the check against
-float64 LAPACK, the timing as training runs it (back-to-back reps between two events, checked with
-stand-in events), the 10 % rule, the rule shared by torchrun ranks, and that a route's fault never
-escapes. The cuSOLVER call is emulated by its contract (the `cpu_cusolver` fixture of conftest); the
-`test_cuda_*` tests need a GPU (bench/gpu_check.sh runs them)."""
+float64 LAPACK, the timing of the solve (back-to-back reps between two events, checked with stand-in
+events), the 90 % rule, the rule shared by torchrun ranks and what it records, that a route's fault never
+escapes, and SES's route: an explicit one checked before use, auto's kept on resume where it can run.
+The cuSOLVER call is emulated by its contract (the `cpu_cusolver` fixture of conftest); the `test_cuda_*`
+tests need a GPU (bench/gpu_check.sh runs them)."""
 import pytest
 import torch
 
 from ses_solvers import cusolver_batched
 from ses_solvers import routes as ses_solvers
+import ses_core
 from ses_core import _centred_gram, spectral_entropies
 from test_ses_core import random_acts, reference_entropy
 
@@ -87,24 +89,38 @@ def test_unavailable_batched_routes_are_left_out_with_the_reason(monkeypatch):
     assert asked == [(1, 8)]  # the probe is asked about the real padded stack (B, k)
 
 
-def test_ranks_agree_on_the_route_fastest_on_their_slowest_rank():
-    per_rank = [{"float64": 1.0, "host": 2.0, "batched32": 0.1}, {"float64": 3.0, "host": 2.5}]
-    assert ses_solvers.common_route(per_rank) == ("host", None)  # batched32 is missing on rank 1; no float32 timed
-    assert ses_solvers.common_route([{}, {}]) is None and ses_solvers.common_route([]) is None
-    assert ses_solvers.common_route([{"float32": 1.0}, {"float64": 1.0}]) == ("float64", None)  # nothing shared
+def test_ranks_agree_on_the_route_fastest_on_their_slowest_rank_and_record_those_times():
+    per_rank = [({"float64": 1.0, "host": 2.0, "batched32": 0.1}, {"padded": "boom"}),
+                ({"float64": 3.0, "host": 2.5}, {"batched32": "selftest exited 1: bad", "padded": "boom"})]
+    choice = ses_solvers.common_route(per_rank)  # batched32 is missing on rank 1; no float32 timed
+    assert (choice.route, choice.margin, choice.ranks) == ("host", None, 2)
+    assert choice.timings == {"float64": 3.0, "host": 2.5}  # the times the rule used: each route's slowest rank
+    assert choice.rejected["batched32"] == "rank 1: selftest exited 1: bad"  # rank 0 timed it, rank 1 did not
+    assert choice.rejected["padded"] == "ranks 0, 1: boom" and choice.rejected["float32"] == "ranks 0, 1: not timed"
+    assert ses_solvers.common_route([({}, {}), ({}, {})]) is None and ses_solvers.common_route([]) is None
+
+
+def test_ranks_that_share_no_route_take_host_and_say_why_each_rank_left_the_others_out():
+    choice = ses_solvers.common_route([({"float32": 1.0}, {"float64": "off"}), ({"float64": 1.0}, {"float32": "failed"})])
+    assert choice.route == "host" and choice.timings == {} and choice.rejected["float32"] == "rank 1: failed"
+    assert choice.rejected["float64"] == "rank 0: off"
+    line = ses_solvers.describe_choice(*choice)
+    assert line.startswith("host (no route could be timed on every rank: host, exact wherever it runs; ")
+    assert "float32 left out: rank 1: failed" in line
 
 
 def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
-    import ses_core
     monkeypatch.setattr(ses_core, "pick_solver", lambda grams: ses_solvers.Choice("float64", {"float64": 1.0, "host": 2.0}, {}, None))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
     seen = []
-    ses.agree = lambda timings: seen.append(timings) or [timings, {"float64": 3.0, "host": 2.5}]
+    ses.agree = lambda mine: seen.append(mine) or [mine, ({"float64": 3.0, "host": 2.5}, {"padded": "off"})]
     ses.begin_step()
     model(torch.randn(32, 8))
     ses.penalty().backward()
-    assert ses.solver == "host" and seen == [{"float64": 1.0, "host": 2.0}] and ses.solver_margin is None
+    assert ses.solver == "host" and seen == [({"float64": 1.0, "host": 2.0}, {})] and ses.solver_margin is None
+    assert ses.solver_timings == {"float64": 3.0, "host": 2.5} and ses.solver_ranks == 2  # what the rule used
+    assert ses.solver_rejected["padded"] == "rank 0: not timed; rank 1: off"
 
 
 @pytest.mark.parametrize("timings,route,margin", [
@@ -114,7 +130,7 @@ def test_ses_takes_the_agreed_route_under_several_processes(monkeypatch):
     ({"float32": 10.0, "padded": 12.0}, "float32", -0.2),
     ({"float32": 10.0}, "float32", None),
     ({"padded": 3.0, "host": 2.0}, "host", None),                             # float32 left out: the fastest
-    ({}, "float64", None),
+    ({}, "host", None),                                                      # nothing timed: the exact reference
 ])
 def test_auto_keeps_float32_unless_another_route_is_at_least_10_percent_faster(timings, route, margin):
     got, m = ses_solvers.choose_route(timings)
@@ -122,12 +138,13 @@ def test_auto_keeps_float32_unless_another_route_is_at_least_10_percent_faster(t
 
 
 def test_the_common_route_is_the_rule_on_the_slowest_rank_and_the_same_whatever_the_order():
-    fast, slow = {"float32": 10.0, "padded": 6.0, "host": 30.0}, {"float32": 11.0, "padded": 10.5, "host": 12.0}
-    assert ses_solvers.common_route([fast, slow]) == ("float32", pytest.approx(1 - 10.5 / 11.0))  # 5 % on the slow one
-    assert ses_solvers.common_route([slow, fast]) == ses_solvers.common_route([fast, slow])
-    slow["padded"] = 9.0  # now 18 % faster on the slowest rank
-    assert ses_solvers.common_route([fast, slow])[0] == "padded"
-    assert ses_solvers.common_route([{"float32": 1.0, "a": 0.5, "b": 0.5}]) == ("a", 0.5)  # ties: by name
+    fast, slow = ({"float32": 10.0, "padded": 6.0, "host": 30.0}, {}), ({"float32": 11.0, "padded": 10.5, "host": 12.0}, {})
+    choice = ses_solvers.common_route([fast, slow])
+    assert choice.route == "float32" and choice.margin == pytest.approx(1 - 10.5 / 11.0)  # 5 % on the slow one
+    assert ses_solvers.common_route([slow, fast]) == choice
+    slow[0]["padded"] = 9.0  # now 18 % faster on the slowest rank
+    assert ses_solvers.common_route([fast, slow]).route == "padded"
+    assert ses_solvers.choose_route({"float32": 1.0, "padded": 0.5, "host": 0.5}) == ("host", 0.5)  # ties: by name
 
 
 class FakeEvent:
@@ -185,6 +202,64 @@ def test_pick_solver_records_every_route_and_never_raises_when_the_batched_probe
     t32, best = choice.timings["float32"], min(t for r, t in choice.timings.items() if r != "float32")
     assert choice.margin == pytest.approx(1 - best / t32)
     assert (choice.route == "float32") == (best > 0.9 * t32)
+
+
+# ----------------------------------------------------------------------------- SES's route: checked, kept on resume
+def _one_ses_step(ses, model, x=None):
+    ses.begin_step()
+    model(torch.randn(32, 8) if x is None else x)
+    return ses.penalty()
+
+
+def test_an_explicit_route_that_cannot_run_here_is_refused_in_one_line_before_any_solve(monkeypatch):
+    from ses_solvers import cusolver_batched
+    monkeypatch.setattr(cusolver_batched, "eigh_batched", lambda *a, **k: pytest.fail("solved without the check"))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5, solver="batched32")
+    with pytest.raises(RuntimeError) as e:
+        _one_ses_step(ses, model)
+    assert str(e.value) == ("SES solver 'batched32' cannot run here: not a CUDA device; use solver='auto', "
+                            "which picks a route that can")
+
+
+def test_a_resumed_run_keeps_autos_route_and_its_measurement(monkeypatch):
+    """state_dict -> load_state_dict round trip: the resumed SES solves by the saved route without timing
+    anything again, and reports the saved timings (what chose it), not a new choice."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    measured = ses_solvers.Choice("padded", {"float32": 2.0, "padded": 1.0}, {"batched32": "selftest exited 1: x"}, 0.5)
+    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: measured)
+    first = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    _one_ses_step(first, model)
+    state = first.state_dict()
+    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: pytest.fail("auto timed the routes again"))
+    resumed = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.step == 1 and resumed.applied_steps == 1
+    x, calls, real = torch.randn(32, 8), [], torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda g: calls.append((tuple(g.shape), g.dtype)) or real(g))
+    assert _one_ses_step(resumed, model, x).item() == pytest.approx(_one_ses_step(first, model, x).item(), rel=1e-5)
+    assert calls == [((2, 16, 16), torch.float64)] * 2  # "padded": sizes 16 and 4 in one float64 call, both runs
+    assert tuple(resumed.solver_choice()) == tuple(measured) and resumed.solver_changes == []
+    assert resumed.state_dict()["solver"] == first.state_dict()["solver"]
+
+
+def test_a_resumed_route_that_cannot_run_here_is_chosen_again_and_the_change_recorded():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    state = {"step": 6, "applied_steps": 6, "solver": dict(route="batched32", timings={"float32": 2.0, "batched32": 1.0},
+                                                           rejected={}, margin=0.5, ranks=1, requested="auto", changes=[])}
+    ses = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    ses.load_state_dict(state)
+    assert torch.isfinite(_one_ses_step(ses, model))
+    assert ses.solver == "float32" and ses.solver_timings == {} and ses.solver_margin is None  # auto on a CPU
+    assert ses.solver_changes == ["step 6: batched32 (chosen before the resume) cannot run here (not a CUDA device); "
+                                  "auto chose float32"]
+    assert ses.state_dict()["solver"]["changes"] == ses.solver_changes  # carried into the next checkpoint
+    explicit = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5, solver="float64")
+    explicit.load_state_dict(state)  # an explicit route is the user's: a saved auto choice does not replace it
+    assert explicit.solver == "float64"
+    old = ses_core.SES(model, ["0", "2"], lam=0.1, beta=0.5)
+    old.load_state_dict({"step": 3, "applied_steps": 3})  # a checkpoint from before the route was saved
+    assert old.solver == "auto" and old.step == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
