@@ -4,6 +4,10 @@ pytest.ini runs the suite on two xdist workers; each test process (and every pro
 starts, which inherits OMP_NUM_THREADS) computes on one thread, so two workers fill two cores
 without the spin-waits of OpenMP threads that share a core (on shared cores two threads a process
 made a preflight several times slower than one).
+
+Every test stays under 60 s on two cores except the tests marked `end_to_end` (at most three,
+each under 150 s); collection fails if more than three carry the mark. `--durations=15` shows
+where each stands after every run.
 """
 import os
 
@@ -13,6 +17,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+MAX_END_TO_END = 3
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = sorted({item.nodeid.split("[")[0] for item in items if item.get_closest_marker("end_to_end")})
+    if len(marked) > MAX_END_TO_END:
+        raise pytest.UsageError(f"{len(marked)} tests are marked end_to_end, at most {MAX_END_TO_END} may be: "
+                                + ", ".join(marked) + "; make one cheaper or merge two")
 
 
 @pytest.fixture

@@ -126,6 +126,7 @@ def test_missing_data_is_one_clear_line(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- resume
+@pytest.mark.end_to_end
 def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, capsys):
     args = ["--smoke", "--configs", "ses_k3", "--epochs", "4"]
     full = run([EXP10, *args, "--out-dir", tmp_path / "a"])

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
@@ -112,6 +113,7 @@ def torchrun(out: Path, *extra, script=EXP10, timeout=900):
                 *extra, "--out-dir", out], timeout=timeout)
 
 
+@pytest.mark.end_to_end
 def test_two_process_smoke_run_is_killed_and_resumes_to_the_same_result(tmp_path):
     args = ["--configs", "ses_k3", "--layers", "last3", "--epochs", "4"]
     name = "ses_k3+epochs=4+layers=last3_seed0"
@@ -130,6 +132,7 @@ def test_two_process_smoke_run_is_killed_and_resumes_to_the_same_result(tmp_path
     assert read_run(run_dir) == read_run(ref)
 
 
+@pytest.mark.end_to_end
 def test_a_run_resumes_across_process_counts(tmp_path):
     """One process killed in epoch 2, resumed under two ranks and killed in epoch 3, resumed by one
     process to the end: each resume goes on from the last checkpoint, whatever the process count."""
