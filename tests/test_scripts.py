@@ -11,7 +11,7 @@ import torch
 
 from reporting import tables as report_tables
 from harness.config import SMOKE
-from helpers import ROOT, run
+from helpers import EXP10, ROOT, run
 SCRIPTS = {
     "exp10_periodic_ses": ["baseline", "ses_k1", "ses_k3", "ses_k5", "ses_k10"],
     "exp11_resnet50_tinyimagenet": ["baseline", "ses_k1"],
@@ -157,6 +157,7 @@ NO_TQDM = """import runpy, sys
 sys.modules["tqdm"] = sys.modules["tqdm.auto"] = None  # import tqdm raises ImportError, as on a bare image
 sys.path.insert(0, {root!r})
 from plumbing.progress import tqdm
+assert tqdm.__module__ == "plumbing.progress"  # the stand-in, not tqdm's class
 with tqdm(total=3, unit="B", unit_scale=True, desc="download") as bar:  # files.download's calls
     bar.update(2)
     bar.set_postfix(loss=1.0)
@@ -170,8 +171,7 @@ def test_without_tqdm_a_script_runs_with_silent_bars(tmp_path):
     """requirements.txt installs tqdm, a bare GPU image may lack it: plumbing.progress's stand-in
     takes every call the code makes, and a smoke run trains to its result with no bar printed."""
     driver = tmp_path / "no_tqdm.py"
-    script = ROOT / "exp10_periodic_ses.py"
-    driver.write_text(NO_TQDM.format(root=str(ROOT), script=str(script)))
+    driver.write_text(NO_TQDM.format(root=str(ROOT), script=str(EXP10)))
     p = run([driver, "--smoke", "--configs", "ses_k1", "--epochs", "1", "--out-dir", tmp_path / "out"])
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "smoke" / "exp10_periodic_ses" / "ses_k1+epochs=1_seed0" / "result.json").read_text())
