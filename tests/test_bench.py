@@ -166,3 +166,33 @@ def test_the_cost_table_runs_without_torch(tiny_run, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]
     assert cost_table.NONE_YET in doc.read_text()
+
+
+def test_a_record_names_its_commit_dirty_or_not_and_none_outside_a_checkout(tmp_path, monkeypatch):
+    import records
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git looks for no checkout above tmp_path
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "-C", str(tmp_path / "repo")]
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "a.txt").write_text("one\n")
+    for cmd in (["init", "-q"], ["add", "a.txt"], ["commit", "-q", "-m", "a"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert records.commit(tmp_path / "repo") == head[:12]
+    (tmp_path / "repo" / "untracked.txt").write_text("not part of the code\n")
+    assert records.commit(tmp_path / "repo") == head[:12]  # untracked files do not make it dirty
+    (tmp_path / "repo" / "a.txt").write_text("two\n")
+    assert records.commit(tmp_path / "repo") == head[:12] + "+dirty"
+    (tmp_path / "copy").mkdir()
+    assert records.commit(tmp_path / "copy") is None  # a copied folder, no checkout
+
+
+def test_a_record_that_cannot_be_moved_into_place_leaves_no_temp_file(tmp_path):
+    import records
+    (tmp_path / "out.json").write_text("old")
+    records.write_atomic(tmp_path / "out.json", "new")
+    assert (tmp_path / "out.json").read_text() == "new"
+    (tmp_path / "taken").mkdir()  # a folder where the file should go: os.replace fails
+    (tmp_path / "taken" / "x").write_text("")
+    with pytest.raises(OSError):
+        records.write_atomic(tmp_path / "taken", "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "taken"]

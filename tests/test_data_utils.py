@@ -98,6 +98,43 @@ def test_download_checks_md5_and_leaves_no_partial_file(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.bin"]
 
 
+def test_a_download_over_a_socket_drops_a_killed_ones_part_file_and_ctrl_c_or_a_404_leaves_none(tmp_path, archive_server):
+    server = archive_server({"a.bin": b"y" * 3000})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".a.bin.killed.part").write_bytes(b"half")  # what a killed download left (the caller holds the lock)
+    assert du.download(server.url("a.bin"), out / "a.bin", hashlib.md5(b"y" * 3000).hexdigest()).read_bytes() == b"y" * 3000
+
+    def interrupted(path):  # Ctrl-C while the downloaded file is checked
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        du.download(server.url("a.bin"), out / "b.bin", None, verify=interrupted)
+    with pytest.raises(du.DataError, match=r"could not download .*404.* by hand"):
+        du.download(server.url("missing.bin"), out / "c.bin", "0" * 32)
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin"]
+
+
+def test_an_archive_without_its_folder_or_cut_short_is_one_line_and_leaves_no_temp_folder(tmp_path):
+    src = tmp_path / "src"
+    write_cifar10(src)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / ".extract-cifar-10-batches-py-killed").mkdir()  # what a killed extraction left
+    wrong = root / "wrong.tar.gz"
+    with tarfile.open(wrong, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="other-folder")
+    with pytest.raises(du.DataError, match="holds no cifar-10-batches-py/ folder; delete it and rerun"):
+        du.extract_tar(wrong, root, "cifar-10-batches-py")
+    short = root / "short.tar.gz"
+    with tarfile.open(short, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    short.write_bytes(short.read_bytes()[: short.stat().st_size // 2])
+    with pytest.raises(du.DataError, match="cannot extract .*short.tar.gz.*delete it and rerun") as e:
+        du.extract_tar(short, root, "cifar-10-batches-py")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in root.iterdir()) == ["short.tar.gz", "wrong.tar.gz"]
+
+
 # ----------------------------------------------------------------------------- Tiny-ImageNet
 WNIDS = ["n09999999", "n01443537", "n04067472"]  # deliberately unsorted, as in the real wnids.txt
 

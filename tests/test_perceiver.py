@@ -332,3 +332,36 @@ def test_exp13_flags_switch_off_and_help_shows_each_experiments_defaults():
     cfg, changed = resolve_config("exp13_perceiver", e13.SETUP, e13.GRID, "cifar10_permuted_learned", 0, False,
                                   {"permute_pixels": False, "use_learned_pe": False})
     assert not cfg["permute_pixels"] and not cfg["use_learned_pe"] and set(changed) == {"permute_pixels", "use_learned_pe"}
+
+
+def test_lamb_steps_bf16_weights_by_the_float32_update_takes_a_closure_and_rejects_bad_settings():
+    torch.manual_seed(1)
+    w0, g = torch.randn(6, 5), torch.randn(6, 5)
+    low = torch.nn.Parameter(w0.bfloat16())
+    idle = torch.nn.Parameter(torch.randn(3))  # a group whose parameters have no gradient is left alone
+    opt = Lamb([dict(params=[low]), dict(params=[idle])], lr=0.05, weight_decay=0.01)
+    ref, before_idle = [low.detach().float().double()], idle.detach().clone()
+
+    def closure():
+        low.grad = g.bfloat16()
+        return torch.tensor(3.0)
+
+    assert opt.step(closure).item() == 3.0  # the closure ran (under grad) and its loss is returned
+    reference_lamb_step(ref, [g.bfloat16().double()], {}, 0.05, 0.9, 0.999, 1e-6, 0.01)
+    assert low.dtype == torch.bfloat16 and torch.equal(idle.detach(), before_idle) and not opt.state[idle]
+    moved = low.detach().double() - w0.bfloat16().double()  # the float32 update, added in bf16:
+    assert moved.abs().min() > 0 and torch.allclose(low.detach().double(), ref[0], rtol=2 ** -7, atol=2 ** -10)
+    for bad in (dict(lr=0.0), dict(eps=-1.0), dict(weight_decay=-0.1), dict(betas=(0.9, 1.0))):
+        with pytest.raises(ValueError, match="invalid LAMB settings"):
+            Lamb([torch.nn.Parameter(torch.ones(2))], **bad)
+
+
+def test_attention_slots_map_back_to_the_pixels_they_carry():
+    from reporting.plots import slots_to_image
+    x = torch.rand(1, 3, 8, 8)
+    for kw in (dict(), dict(permute_pixels=True), dict(permute_pixels=True, permute_order="before_pe")):
+        m = image_model(**kw)
+        assert torch.equal(m.pixel_perm, torch.arange(64)) == (not kw)  # permuted only when asked
+        red = m.tokens(x)[0, :, 0]  # slot j's normalised red value
+        back = torch.from_numpy(slots_to_image(red, m.pixel_perm, 8, 8))
+        assert torch.allclose(back, (x[0, 0] - m.mean.flatten()[0]) / m.std.flatten()[0], atol=1e-6), kw

@@ -154,3 +154,18 @@ def test_no_gpu_means_no_silent_cpu_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no GPU on this machine" in err and "--smoke" in err and "--device cpu" in err
     assert len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
+
+
+def test_a_config_that_fails_in_the_preflight_is_one_line_the_others_are_measured_and_it_exits_1(tmp_path, capsys):
+    grid = {"baseline": dict(ses=False), "blowup": dict(ses=False, lr=1e30)}  # NaN weights after one SGD step
+    code = cli.run_experiment(EXP10, dict(dataset="cifar10", layers="last3"), grid, "doc",
+                              ["--smoke", "--preflight", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    lines = out.splitlines()
+    failed = [line for line in lines if line.startswith("  blowup:")]
+    assert len(failed) == 1 and "NonFiniteLoss: non-finite loss at epoch" in failed[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("config"))
+    table = [line.split()[0] for line in lines[header + 1:]]  # the table rows, then the sweep line
+    assert table == ["baseline", "projected"] and "for 1 run(s)" in out
+    assert not tmp_path.exists() or not any(tmp_path.rglob("*.json"))

@@ -1,4 +1,5 @@
-"""Every experiment script end to end with --smoke, the rerun skip, --help, and the one-file bundle."""
+"""Every experiment script end to end with --smoke, the rerun skip, --help, the one-file bundle, and the
+report of the exp13 smoke folder with its cross-attention figures."""
 import importlib
 import json
 import re
@@ -71,6 +72,28 @@ def test_smoke_end_to_end_then_rerun_skips(name, tmp_path, request, capsys):
     capsys.readouterr()
     assert importlib.import_module(name).main(["--smoke", "--out-dir", str(out)]) == 0  # the rerun, in this process
     assert capsys.readouterr().out.count("finished earlier, skipped") == len(SCRIPTS[name])
+    if name == "exp13_perceiver":
+        check_attention_figures(out / "smoke", SCRIPTS[name])
+
+
+def check_attention_figures(smoke, configs):
+    """The report of the exp13 smoke folder draws every run's saved cross-attention maps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import report
+    from reporting import plots
+    assert report.main([str(smoke)]) == 0
+    for config in configs:
+        stem = smoke / "plots" / f"exp13_perceiver_attention_{config}_seed0"
+        assert stem.with_name(stem.name + ".pdf").read_bytes()[:5] == b"%PDF-"
+        assert stem.with_name(stem.name + ".png").read_bytes()[:4] == b"\x89PNG"
+    for run, cols, first in (("cifar10_permuted_learned_seed0", 6, "input (label"),
+                             ("modelnet40_fourier_seed0", 4, "mean over latents (label")):
+        fig = plots.attention_figure(plt, run, smoke / "exp13_perceiver" / run / "attention" / "epoch_002.pt")
+        assert len(fig.axes) == 4 * cols  # a row per saved sample: input, mean, overlay, 3 latents; or 1 + 3 clouds
+        assert fig.axes[0].get_title().startswith(first) and fig.axes[cols - 1].get_title() == "latent 2"
+        plt.close(fig)
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
