@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import pickle
 import threading
 import zipfile
@@ -304,13 +303,6 @@ def make_mixer(kind: str, num_classes: int, alpha: float = 1.0, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- a dataset on the device
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()})"
-
-
 @dataclass
 class Data:
     """One dataset on the device, shared by every run of a sweep (info: the dataset's entry)."""

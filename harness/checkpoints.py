@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from harness import multigpu
+from plumbing import gpu
 from plumbing.files import atomic_torch_save, write_jsonl
 
 
 def rng_state(device: torch.device) -> dict:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(), cuda=cuda)
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=gpu.rng_state(device))
 
 
 def set_rng_state(s: dict, device: torch.device) -> None:
@@ -35,8 +36,7 @@ def set_rng_state(s: dict, device: torch.device) -> None:
     cuda = s.get("cuda")
     if isinstance(cuda, list):  # older checkpoints held every GPU's state: take the first
         cuda = cuda[0] if cuda else None
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
+    gpu.set_rng_state(cuda, device)
 
 
 def load_checkpoint(path: Path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from harness import multigpu
+from plumbing import gpu
 from harness.config import DEFAULTS, resolve_config, run_name
 from data_utils import DataError
 from harness.models import LayerError, resolve_layers
@@ -167,7 +168,7 @@ def strip_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
 def worker_devices(spec: str) -> list[tuple[str, str, dict]]:
     """--devices LIST -> (name, the --device of each worker, its environment changes). Each CUDA worker
     sees only its own GPU (CUDA_VISIBLE_DEVICES), as cuda:0, so nothing it loads touches another card."""
-    n = torch.cuda.device_count()
+    n = gpu.count()
     names = [f"cuda:{i}" for i in range(n)] if spec == "all" else [d.strip() for d in spec.split(",") if d.strip()]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     physical = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(n)]
@@ -254,13 +255,10 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
     if unknown:
         parser.error(f"argument --configs: unknown config {unknown[0]!r}; choose from {', '.join(grid)}")
     explicit_device = args.device is not None
-    args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"argument --device: {args.device!r} is not a device (use cuda, cuda:0 or cpu)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
+    try:  # one place turns the user's device into the one this process uses (cuda -> cuda:<current>)
+        args.device = str(gpu.pick(args.device, default_cpu=args.smoke))
+    except gpu.DeviceError as e:
+        parser.error(f"argument --device: {e}")
     if multigpu.launched() and args.devices:
         parser.error("argument --devices: starts one worker per GPU by itself; under torchrun leave it out")
     if args.device == "cpu" and not explicit_device and not (args.smoke or args.preflight or args.devices):

@@ -5,9 +5,10 @@ Everything here runs the model in eval mode with the SES collector disabled (the
 - gaussian_noise(sigma): x + N(0, sigma^2) on [0, 1] pixels, clamped, one fixed noise seed.
 - fgsm(eps): x + eps * sign(grad_x CE), run in chunks of `attack_batch_size` (its backward graph is
   what costs memory: ~50 MiB per 64x64 image for the CIFAR-stem ResNet-50 in bf16, twice that in
-  float32). The attack always runs in float32 with autocast off, whatever the training precision:
-  under fp16 the logit gradients of confident samples underflow to 0 and sign(0) = 0 would leave
-  them unattacked, and a float32 attack makes FGSM numbers comparable across a T4 and an L40S.
+  float32). The attack always runs in IEEE float32 with autocast and TF32 off, whatever the
+  training precision: under fp16 the logit gradients of confident samples underflow to 0 and
+  sign(0) = 0 would leave them unattacked, and TF32 (the default of cuDNN's convolutions on Ampere
+  and newer, not on a T4) would make the L40S compute another attack than the T4.
 - measure_entropy: per-layer H on one fixed batch with a temporary collector (no grad).
 - final_stage_check: one chunk of every end-of-run stage, so an out-of-memory error in the final
   metrics surfaces at the start of a run (and in --preflight), not after the last epoch.
@@ -20,7 +21,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from data_utils import GpuLoader, device_name
+from data_utils import GpuLoader
+from plumbing import gpu
 from ses_core import ActivationCollector, entropy_ceiling, entropy_target, spectral_entropies
 from harness.training import AmpPolicy
 
@@ -68,8 +70,10 @@ def gaussian_noise(sigma: float, clamp: bool = True):
 def input_gradient(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """grad_x of the summed CE, in float32 with autocast off (no fp16 underflow to 0)."""
     x = x.detach().float().clone().requires_grad_(True)
-    with torch.autocast(device_type=x.device.type, enabled=False):  # the backward too: it runs in this
-        loss = F.cross_entropy(model(x).float(), y, reduction="sum")  # thread's autocast state on a CPU
+    # the backward too runs in this block: autocast off (on a CPU it follows the thread's state) and
+    # TF32 off, so the attack is IEEE float32 on every card (Ampere and newer default to TF32)
+    with torch.autocast(device_type=x.device.type, enabled=False), gpu.strict_float32():
+        loss = F.cross_entropy(model(x).float(), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
     return grad
 
@@ -152,4 +156,4 @@ def final_metrics(cfg, model, data, amp, layers, probe_x, history, ses) -> dict:
         ses_solver_ranks=ses.solver_ranks if ses else None, ses_solver_changes=ses.solver_changes if ses else None,
         epochs=len(history), epoch_time_s=statistics.median(h["epoch_time_s"] for h in history),
         images_per_s=statistics.median(h["images_per_s"] for h in history),
-        amp=amp.name, device=device_name(data.train_x.device))
+        amp=amp.name, device=gpu.name(data.train_x.device))

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from plumbing import gpu
+
 
 @dataclass(frozen=True)
 class World:
@@ -77,7 +79,7 @@ def init(device: str) -> tuple[World, str]:
     cuda = device.startswith("cuda")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
+        gpu.use(device)
     join("nccl" if cuda else "gloo")
     return current(), device
 

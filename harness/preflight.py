@@ -6,7 +6,7 @@ overhead, then one chunk of every end-of-run stage (evaluation, noise, FGSM, tra
 entropy probe) and one checkpoint write to a temporary folder. Printed per config: step time,
 images/s, SES overhead, peak memory of training and of the final stage against the device's
 total memory, and the projected time per run; then the projected time of the whole sweep.
-Memory is torch.cuda.max_memory_allocated (tensors only: the CUDA context and cuDNN workspaces
+Memory is max_memory_allocated (tensors only: the CUDA context and cuDNN workspaces
 take a few hundred MiB more), so leave ~10 % headroom.
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from harness.config import resolve_config
-from data_utils import device_name
 from harness.evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
 from harness import multigpu
 from harness.checkpoints import save_checkpoint
-from harness.runs import build_run, sync
+from harness.runs import build_run
+from plumbing import gpu
 from ses_solvers.routes import describe_choice
 from harness.sweep import contained, dataset_for
 from harness.training import train_epoch
@@ -43,33 +43,31 @@ def time_steps(run, steps: int, warmup: int = 10) -> float:
                 clip_grad=run.cfg["clip_grad"], shard=run.shard)
     times = []
     for r in range(reps):
-        sync(run.device)
+        gpu.synchronize(run.device)
         t0 = time.perf_counter()
         done = train_epoch(run.train_model, run.loader, 1 + r, run.opt, run.scaler, run.amp, run.ses, run.mixer,
                            max_steps=group, clip_grad=run.cfg["clip_grad"], shard=run.shard)["steps"]
-        sync(run.device)
+        gpu.synchronize(run.device)
         times.append((time.perf_counter() - t0) / done)
     return statistics.median(times)
 
 
 def time_chunk(fn, device) -> float:
     fn()  # warm-up (cuDNN autotuning)
-    sync(device)
+    gpu.synchronize(device)
     t0 = time.perf_counter()
     fn()
-    sync(device)
+    gpu.synchronize(device)
     return time.perf_counter() - t0
 
 
 def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | None = None, warmup: int = 10) -> dict:
     run = build_run(cfg, data, device, reg, compile_backend)
     try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        gpu.reset_peak(device)
         step_s = time_steps(run, steps, warmup)
-        peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        peak_train = gpu.peak(device)
+        gpu.reset_peak(device)
         d, amp = run.data, run.amp
         with run.paused():
             ebs, abs_ = cfg["eval_batch_size"], cfg["attack_batch_size"]
@@ -84,7 +82,7 @@ def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | Non
             except NonFiniteActivations:  # eval mode after a few steps: BatchNorm statistics not yet trained
                 t_probe, probe_note = 0.0, "probe batch non-finite in eval mode after a few steps (BatchNorm " \
                                            "statistics untrained); not timed"
-        peak_final = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        peak_final = gpu.peak(device)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             save_checkpoint(run, Path(tmp) / "checkpoint.pt", 0, [])
@@ -96,7 +94,7 @@ def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | Non
         final = (math.ceil(n_test / ebs) * (t_eval + len(cfg["noise_sigmas"]) * t_noise)
                  + math.ceil(n_test / abs_) * len(cfg["fgsm_eps"]) * t_fgsm
                  + math.ceil(min(cfg["train_eval_size"], len(d.train_y)) / ebs) * t_eval + t_probe)
-        per_gpu = multigpu.gather_objects((device_name(device), peak_train, peak_final))
+        per_gpu = multigpu.gather_objects((gpu.name(device), peak_train, peak_final))
         peak_train = max(p[1] for p in per_gpu) if peak_train is not None else None
         peak_final = max(p[2] for p in per_gpu) if peak_final is not None else None
         return dict(note=probe_note, step_s=step_s, images_per_s=cfg["batch_size"] / step_s, peak_train=peak_train,
@@ -120,11 +118,9 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     warmup = 1 if args.smoke else 10
     steps = 2 if args.smoke else steps
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.set_device(device)  # an explicit --device cuda:1 never touches GPU 0
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    print(f"preflight of {experiment} on {device_name(device)}"
+    gpu.use(device)  # an explicit --device cuda:1 never touches GPU 0
+    total = gpu.total_memory(device)
+    print(f"preflight of {experiment} on {gpu.name(device)}"
           + (f", {total / GiB:.1f} GiB" if total else "") + ("; synthetic data" if args.synthetic else ""))
     rows, data_cache, base_cache, worst = [], {}, {}, 0
     for config in args.configs:
@@ -142,7 +138,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
             if isinstance(e, torch.OutOfMemoryError):
                 print(f"  {config}: OUT OF MEMORY at batch {cfg['batch_size']} / attack chunk "
                       f"{cfg['attack_batch_size']}: lower --batch-size or --attack-batch-size")
-                torch.cuda.empty_cache()
+                gpu.free_cached(device)
             else:
                 print(f"  {config}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
             worst = 1

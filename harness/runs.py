@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from harness import multigpu
-from data_utils import Data, GpuLoader, device_name, make_mixer, random_crop_flip
+from data_utils import Data, GpuLoader, make_mixer, random_crop_flip
 from harness.evaluation import evaluate, final_metrics, final_stage_check, measure_entropy
 from harness.checkpoints import checkpoint_state, resume
+from plumbing import gpu
 from plumbing.files import atomic_torch_save, write_jsonl
 from harness.models import compile_model, resolve_layers
 from harness.registry import Registry
@@ -72,7 +73,7 @@ def environment(device: torch.device) -> dict:
         pass
     commit = commit or getattr(sys.modules.get("__main__"), "BUNDLE_GIT_COMMIT", None)
     return dict(python=platform.python_version(), torch=torch.__version__, torchvision=_version("torchvision"),
-                cuda=torch.version.cuda, numpy=np.__version__, device=device_name(device), git_commit=commit,
+                cuda=torch.version.cuda, numpy=np.__version__, device=gpu.name(device), git_commit=commit,
                 argv=sys.argv, host=platform.node())
 
 
@@ -93,11 +94,6 @@ def save_code(dest: Path) -> None:
     for rel, f in sorted(files.items()):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest / rel)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- build, check
@@ -130,8 +126,7 @@ class Run:
             self.ses.remove()
         self.model = self.train_model = self.opt = self.sched = self.scaler = self.ses = self.loader = None
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        gpu.free_cached(self.device)
 
 
 def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compile_backend: str | None = None) -> Run:
@@ -186,10 +181,9 @@ def _build(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run:
 def check_final_stage(run: Run) -> int | None:
     """One chunk of each end-of-run stage now, so an OOM there surfaces in the first minute.
     Returns the peak memory of that check (CUDA) and leaves the model's state untouched."""
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
+    gpu.reset_peak(run.device)
     final_stage_check(run.model, run.data, run.cfg, run.amp, run.layers, run.probe_x, run.paused)
-    return torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None
+    return gpu.peak(run.device)
 
 
 # ----------------------------------------------------------------------------- train, resume
@@ -216,24 +210,21 @@ def train_run(run: Run, run_dir: Path, reg: Registry, stage: list, tensorboard: 
     warn = run.ses is not None and start_epoch == 0
     targets = multigpu.agree(layer_targets, run, warn) if warn or tensorboard else {}
     board = TensorBoard(run_dir, targets) if tensorboard and multigpu.current().main else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    gpu.reset_peak(device)
     try:
         train_epochs(run, run_dir, reg, stage, history, start_epoch, board, claim)
     finally:
         if board is not None:
             board.close()
     stage[0] = "final metrics"
-    peak_train = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_train = gpu.peak(device)
+    gpu.reset_peak(device)
     with run.paused():
         result = multigpu.agree(final_metrics, cfg, run.model, run.data, run.amp, run.layers, run.probe_x, history,
                                 run.ses)
     result["peak_mem_bytes"] = peak_train if start_epoch < cfg["epochs"] else None
-    result["peak_mem_final_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    result["device_mem_bytes"] = (torch.cuda.get_device_properties(device).total_memory
-                                  if device.type == "cuda" else None)
+    result["peak_mem_final_bytes"] = gpu.peak(device)
+    result["device_mem_bytes"] = gpu.total_memory(device)
     return result
 
 
@@ -246,11 +237,11 @@ def train_epochs(run: Run, run_dir: Path, reg: Registry, stage: list, history: l
     for epoch in range(start_epoch, cfg["epochs"]):
         stage[0] = f"epoch {epoch + 1}"
         lr = run.opt.param_groups[0]["lr"]
-        sync(device)
+        gpu.synchronize(device)
         t0 = time.perf_counter()
         stats = train_epoch(run.train_model, run.loader, epoch, run.opt, run.scaler, run.amp, run.ses, run.mixer,
                             clip_grad=cfg["clip_grad"], shard=run.shard)
-        sync(device)
+        gpu.synchronize(device)
         seconds = time.perf_counter() - t0
         run.sched.step()
         penalised = run.ses.epoch_entropy() if run.ses else {}  # {} in an epoch without SES steps (k > steps)

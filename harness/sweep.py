@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from data_utils import Data, DataError, device_name, load_data
+from data_utils import Data, DataError, load_data
 from harness import multigpu
 from harness.claims import ClaimLost, acquire, describe
 from harness.config import resolve_config, run_name
@@ -30,6 +30,7 @@ from harness.registry import Registry
 from harness.runs import RunError, build_run, check_final_stage, environment, save_code, train_run
 from harness.summary import add_overhead, format_table, summarize
 from harness.training import NonFiniteLoss
+from plumbing import gpu
 from plumbing.files import read_json, write_json
 
 OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (FGSM chunk) or --eval-batch-size",
@@ -193,7 +194,7 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
         if world.main and not (run_dir / "config.json").is_file():
             save_code(run_dir / "code")
             write_json(run_dir / "config.json", dict(config=cfg, environment=environment(device), amp=run.amp.name))
-        print(f"== {exp_dir.name} / {run_dir.name} on {device_name(device)} ({run.amp.name})")
+        print(f"== {exp_dir.name} / {run_dir.name} on {gpu.name(device)} ({run.amp.name})")
         stage[0] = "final-stage check"
         multigpu.agree(check_final_stage, run)
         result = train_run(run, run_dir, reg, stage, tensorboard=getattr(args, "tensorboard", False), claim=claim)
@@ -264,9 +265,7 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     """Every (config, seed) of the selection; returns the exit code (1 if any run failed)."""
     started = time.time()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.set_device(device)  # every CUDA call of this process (cuSOLVER's too) on this GPU
+    gpu.use(device)  # every CUDA call of this process (cuSOLVER's too) on this GPU
     exp_dir = experiment_dir(args, experiment)
     exp_dir.mkdir(parents=True, exist_ok=True)
     cfgs = selected_runs(experiment, grid, setup, args, overrides)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from plumbing.progress import tqdm
 
 from harness import multigpu
+from plumbing import gpu
 from data_utils import GpuLoader
 from ses_core import SES
 
@@ -56,19 +57,10 @@ class AmpPolicy:
 
 
 def amp_policy(device: torch.device | str, mode: str = "auto") -> AmpPolicy:
-    """mode 'auto': bf16 autocast on CUDA capability >= 8.0, fp16 + GradScaler below (a T4 is 7.5
-    and its is_bf16_supported() counts emulation, so capability decides), fp32 on the CPU.
-    'bf16' / 'fp16' / 'fp32' force that path on any device (fp16 on a CPU exercises the T4 path)."""
+    """The precision of `mode` on `device` (plumbing.gpu.amp_dtype decides: 'auto' = bf16 on compute
+    capability >= 8.0, fp16 + GradScaler below, fp32 on a CPU; fp16 on a CPU exercises the T4 path)."""
     device = torch.device(device)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    if mode in dtypes:
-        return AmpPolicy(device.type, dtypes[mode])
-    if mode != "auto":
-        raise ValueError(f"unknown amp mode {mode!r}; use one of {', '.join(AMP_MODES)}")
-    if device.type != "cuda":
-        return AmpPolicy(device.type, None)
-    major, minor = torch.cuda.get_device_capability(device)
-    return AmpPolicy("cuda", torch.bfloat16 if (major, minor) >= (8, 0) else torch.float16)
+    return AmpPolicy(device.type, gpu.amp_dtype(device, mode))
 
 
 # ----------------------------------------------------------------------------- optimizer, schedule

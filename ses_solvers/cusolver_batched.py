@@ -235,10 +235,12 @@ def _cases(shapes, g) -> list:
     return out
 
 
-def selftest(device: str = "cuda", shapes=()) -> list[dict]:
-    """Raise unless eigh_batched matches float64 LAPACK on `device` (made the current device) for the
-    generic stacks and for a padded-like stack of each (B, k) in `shapes`; per case, the errors found."""
-    dev = torch.device(device)
+def selftest(device: str | None = None, shapes=()) -> list[dict]:
+    """Raise unless eigh_batched matches float64 LAPACK on `device` (default: the current GPU; made
+    the current device) for the generic stacks and for a padded-like stack of each (B, k) in `shapes`;
+    per case, the errors found."""
+    dev = torch.device(device or "cuda")
+    dev = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(dev)
     g = torch.Generator().manual_seed(0)
     report = []
@@ -291,8 +293,9 @@ def available(device: torch.device, shape: tuple[int, int] | None = None) -> str
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--selftest"]:
     _args = sys.argv[2:]  # [cuda:N] [--shape BxK]
-    _dev = _args[0] if _args and not _args[0].startswith("--") else "cuda"
+    _dev = _args[0] if _args and not _args[0].startswith("--") else None
     _shapes = [tuple(map(int, _args[_args.index("--shape") + 1].split("x")))] if "--shape" in _args else []
     selftest(_dev, _shapes)
+    _dev = _dev or f"cuda:{torch.cuda.current_device()}"
     print(f"cusolver_batched selftest passed on {_dev} ({'XsyevBatched' if has_xsyev_batched() else 'syevjBatched'}; "
           f"host workspace {host_workspace_bytes(torch.device(_dev))} bytes)")

@@ -44,7 +44,6 @@ step with each route fixed (its "k=1 <route>" rows) to show it.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -55,6 +54,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from plumbing import gpu
 from ses_solvers import cusolver_batched
 
 SOLVERS = ("auto", "float32", "float64", "host", "padded", "batched32", "batched64")
@@ -199,10 +199,6 @@ class _HostEvent:
         return 1e3 * (end.t - self.t)
 
 
-def _cuda_event():
-    return torch.cuda.Event(enable_timing=True)
-
-
 def time_route(grams: Sequence[torch.Tensor], solver: str, reps: int = REPS, event=None,
                warmup: bool = True) -> tuple[float, list[torch.Tensor]]:
     """(seconds per forward + backward of route `solver` on copies of `grams`, the H of the last rep),
@@ -214,8 +210,8 @@ def time_route(grams: Sequence[torch.Tensor], solver: str, reps: int = REPS, eve
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     device = grams[0].device
-    event = event or (_cuda_event if device.type == "cuda" else _HostEvent)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    event = event or (gpu.timing_event if device.type == "cuda" else _HostEvent)
+    with gpu.guard(device):
         hs = forward_backward(grams, solver) if warmup else []
         start, end = event(), event()
         start.record()

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {
-    "plumbing": 0,      # all-or-nothing writes, downloads, caches, leases, progress bars
+    "plumbing": 0,      # all-or-nothing writes, downloads, caches, leases, progress bars, the GPU calls
     "ses_solvers": 1,   # the exact eigen-solve under the penalty
     "ses_core": 2,      # the method: entropy, penalty, collector, periodic SES
     "data_utils": 2,    # datasets, the GPU-resident loader, Mixup/CutMix
@@ -105,3 +105,32 @@ def test_no_module_is_much_over_350_lines():
     long = [f"{p.relative_to(ROOT)}: {n} lines" for p in project_files()
             if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not long, "split these by job: " + ", ".join(long)
+
+
+CUDA_OWNERS = {"plumbing/gpu.py", "ses_solvers/cusolver_batched.py"}  # the one module, and the binding
+
+
+def cuda_calls(path: Path) -> list[str]:
+    """Each `torch.cuda.<...>` / `torch.backends.<...>` the code of path names (docstrings aside),
+    and each import of torch.cuda or torch.backends, as 'line: text'."""
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch" \
+                and node.attr in ("cuda", "backends"):
+            hits.append(f"{node.lineno}: torch.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("torch.cuda", "torch.backends")):
+            hits.append(f"{node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and \
+                any(a.name in ("cuda", "backends") for a in node.names):
+            hits.append(f"{node.lineno}: from torch import cuda/backends")
+        elif isinstance(node, ast.Import) and any(a.name.startswith(("torch.cuda", "torch.backends")) for a in node.names):
+            hits.append(f"{node.lineno}: import torch.cuda/backends")
+    return hits
+
+
+def test_only_the_gpu_module_and_the_cusolver_binding_call_torch_cuda():
+    outside = [f"{p.relative_to(ROOT)}:{hit}" for p in project_files()
+               if str(p.relative_to(ROOT)) not in CUDA_OWNERS and unit_of(p) not in ("bench", "tools")
+               for hit in cuda_calls(p)]
+    assert not outside, "ask plumbing.gpu instead: " + ", ".join(outside)
+    assert cuda_calls(ROOT / "plumbing" / "gpu.py"), "the scan finds the calls where they are"
