@@ -9,8 +9,13 @@ Run it:
   Lightning L40S (bf16):  python exp11_resnet50_tinyimagenet.py
       The first run downloads tiny-imagenet-200.zip (md5-checked) to data/ and decodes it once to
       data/tinyimagenet_uint8_v1.pt; later runs load that cache in seconds.
-  Kaggle T4 (fp16):       python tools/bundle.py exp11_resnet50_tinyimagenet.py -o dist/exp11_resnet50_tinyimagenet.py,
-      upload it, run !python /kaggle/input/<your-upload>/exp11_resnet50_tinyimagenet.py, attach Tiny-ImageNet as a dataset (found under /kaggle/input automatically)
+  Kaggle 2x T4 (fp16):    python tools/bundle.py exp11_resnet50_tinyimagenet.py -o dist/exp11_resnet50_tinyimagenet.py,
+      upload it, attach Tiny-ImageNet as a dataset (found under /kaggle/input automatically), run
+      !torchrun --standalone --nproc_per_node 2 /kaggle/input/<your-upload>/exp11_resnet50_tinyimagenet.py
+      Batch 256 needs about 13.7 GiB (an estimate, docs/memory.md), more than one T4's 14.7 GiB less
+      headroom: torchrun trains the same run with 128 per GPU. On one T4 only --batch-size 128 fits,
+      another setting (its own folder; SES sees batches of 128). A run on a card it does not fit says
+      so, and what fits, before training starts.
   CPU smoke test:         python exp11_resnet50_tinyimagenet.py --smoke
 Rerunning the same command resumes unfinished runs and skips finished ones.
 """

@@ -279,7 +279,12 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         multigpu.timeout()
     except ValueError as e:
         parser.error(str(e))
-    world, args.device = multigpu.init(args.device)
+    try:
+        world, args.device = multigpu.init(args.device)
+    except (RuntimeError, ValueError) as e:  # e.g. NCCL without a usable GPU: one line, no traceback
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: cannot join torchrun's process group on {args.device}: {why}", file=sys.stderr)
+        return 1
     if not world.main:  # under torchrun, rank 0 alone prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     for note in override_notes(grid, setup, args.configs, overrides):

@@ -5,9 +5,10 @@ steps cover whole SES periods), the same for its plain twin (SES off) in the sam
 overhead, then one chunk of every end-of-run stage (evaluation, noise, FGSM, train accuracy,
 entropy probe) and one checkpoint write to a temporary folder. Printed per config: step time,
 images/s, SES overhead, peak memory of training and of the final stage against the device's
-total memory, and the projected time per run; then the projected time of the whole sweep.
-Memory is max_memory_allocated (tensors only: the CUDA context and cuDNN workspaces
-take a few hundred MiB more), so leave ~10 % headroom.
+total memory, the estimate of the training peak made before measuring (harness.memory; a config
+whose estimate does not fit gets its one line saying what does first), and the projected time per
+run; then the projected time of the whole sweep. Memory is max_memory_allocated (tensors only:
+the CUDA context and cuDNN workspaces take a few hundred MiB more), so leave ~10 % headroom.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from data_utils import DataError
 from harness.config import resolve_config
 from harness.evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
 from harness import multigpu
@@ -27,7 +29,7 @@ from harness.checkpoints import save_checkpoint
 from harness.runs import build_run
 from plumbing import gpu
 from ses_solvers.routes import describe_choice
-from harness.sweep import contained, dataset_for
+from harness.sweep import contained, dataset_for, fit_check
 from harness.training import train_epoch
 
 GiB = 2 ** 30
@@ -125,15 +127,19 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     rows, data_cache, base_cache, worst = [], {}, {}, 0
     for config in args.configs:
         cfg, _ = resolve_config(experiment, setup, grid, config, args.seeds[0], args.smoke, overrides)
-        data = dataset_for(cfg, args, reg, data_cache, device)
         try:
+            estimate = fit_check([cfg], experiment, args, reg, device).get(cfg["variant"])
+            data = dataset_for(cfg, args, reg, data_cache, device)
             m = measure(cfg, data, device, reg, steps, args.compile, warmup)
+            m["estimate"] = estimate.peak() if estimate else None
             if cfg["ses"]:
                 twin = dict(cfg, ses=False)
                 tkey = repr(sorted((k, str(v)) for k, v in twin.items() if k not in ("config", "variant")))
                 if tkey not in base_cache:
                     base_cache[tkey] = measure(twin, data, device, reg, steps, args.compile, warmup)["step_s"]
                 m["overhead"] = m["step_s"] / base_cache[tkey] - 1
+        except DataError:
+            raise  # no config of this dataset can be measured: the preflight ends with the data's one line
         except Exception as e:  # noqa: BLE001 - one config's problem is one line, the others still run
             if isinstance(e, torch.OutOfMemoryError):
                 print(f"  {config}: OUT OF MEMORY at batch {cfg['batch_size']} / attack chunk "
@@ -160,12 +166,13 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
         if total and peak > 0.9 * total:
             worst = 1
     w = max([len(r[0]) for r in rows] + [8]) + 2
-    print(f"{'config':<{w}}{'amp':>5}{'step ms':>9}{'img/s':>8}{'SES +%':>8}{'train GiB':>16}{'final GiB':>16}"
-          f"{'ckpt MB':>9}{'h/run':>7}")
+    print(f"{'config':<{w}}{'amp':>5}{'step ms':>9}{'img/s':>8}{'SES +%':>8}{'train GiB':>16}{'est. GiB':>9}"
+          f"{'final GiB':>16}{'ckpt MB':>9}{'h/run':>7}")
     for config, m, _ in rows:
         over = f"{100 * m['overhead']:+.1f}" if "overhead" in m else "-"
         print(f"{config:<{w}}{m['amp']:>5}{1e3 * m['step_s']:9.1f}{m['images_per_s']:8.0f}{over:>8}"
-              f"{fmt_mem(m['peak_train'], total):>16}{fmt_mem(m['peak_final'], total):>16}{m['ckpt_mb']:9.0f}"
+              f"{fmt_mem(m['peak_train'], total):>16}{fmt_mem(m['estimate'], None):>9}"
+              f"{fmt_mem(m['peak_final'], total):>16}{m['ckpt_mb']:9.0f}"
               f"{m['run_s'] / 3600:7.2f}")
     sweep_h = sum(m["run_s"] * n for _, m, n in rows) / 3600
     print(f"projected sweep: {sweep_h:.1f} h for {sum(n for *_, n in rows)} run(s) on this device"

@@ -26,6 +26,7 @@ from data_utils import Data, DataError, load_data
 from harness import multigpu
 from harness.claims import ClaimLost, acquire, describe
 from harness.config import resolve_config, run_name
+from harness.memory import fit_warnings
 from harness.registry import Registry
 from harness.runs import RunError, build_run, check_final_stage, environment, save_code, train_run
 from harness.summary import add_overhead, format_table, summarize
@@ -132,15 +133,41 @@ def dataset_for(cfg: dict, args, reg: Registry, datasets: dict, device) -> Data:
     folder's lock while the others wait for it outside any collective, then read its cache."""
     if cfg["dataset"] not in datasets:
         datasets.clear()
-        info = dict(reg.datasets[cfg["dataset"]])
-        smoke = cfg.get("smoke_sizes", {})
-        if args.smoke and "image_size" in info:  # the smoke's images: smaller, the code path the same
-            info["image_size"] = smoke["image_size"]
-        generated = ((smoke["n_train"], smoke["n_test"]) if args.smoke
-                     else info.get("sizes") if args.synthetic else None)
+        info = dataset_info(cfg, args, reg)
         datasets[cfg["dataset"]] = multigpu.agree(load_data, cfg["dataset"], info, device, args.data_dir,
-                                                  not args.no_download, generated, reg.datasets)
+                                                  not args.no_download, generated_sizes(cfg, args, info), reg.datasets)
     return datasets[cfg["dataset"]]
+
+
+def dataset_info(cfg: dict, args, reg: Registry) -> dict:
+    """The run's dataset entry; a --smoke run's images are smaller (the code path the same)."""
+    info = dict(reg.datasets[cfg["dataset"]])
+    if args.smoke and "image_size" in info:
+        info["image_size"] = cfg["smoke_sizes"]["image_size"]
+    return info
+
+
+def generated_sizes(cfg: dict, args, info: dict) -> tuple[int, int] | None:
+    """(n_train, n_test) of the data a run generates (--smoke, --synthetic), None for the real files."""
+    if args.smoke:
+        return cfg["smoke_sizes"]["n_train"], cfg["smoke_sizes"]["n_test"]
+    return info.get("sizes") if args.synthetic else None
+
+
+def fit_check(cfgs: list[dict], experiment: str, args, reg: Registry, device) -> dict:
+    """Before any data is on the GPU: one line for each selected config that will not fit it, with
+    what does; returns {variant: harness.memory.Estimate} ({} on a CPU, and on ranks other than 0
+    under torchrun, where the estimate is for one process's share of the batch)."""
+    if not multigpu.current().main or not gpu.is_cuda(device):
+        return {}
+
+    def sizes(cfg):
+        info = dataset_info(cfg, args, reg)
+        return generated_sizes(cfg, args, info) or info.get("sizes", (0, 0))
+    estimates, lines = fit_warnings(cfgs, f"{experiment}.py", reg, device, sizes, multigpu.current().size)
+    for line in lines:
+        print(line)
+    return estimates
 
 
 def contained(err: BaseException) -> bool:
@@ -272,6 +299,7 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     if args.force:
         multigpu.agree(force_restart, exp_dir, [run_name(cfg) for cfg in cfgs])
     cfgs = retried_last(exp_dir, cfgs)
+    fit_check(cfgs, experiment, args, reg, device)
     datasets: dict = {}
     failed = []
     try:

@@ -23,7 +23,9 @@ to the end of the launch, so a second thread never re-points the shared per-devi
 Host syncs: none in this module; `info` stays on the device, and a matrix whose solve failed gets NaN
 eigenvalues in ses_solvers (the NaN reaches the loss, whose non-finite check then stops the run).
 cuSOLVER itself may work on the host: when XsyevBatched_bufferSize asks for host workspace
-(workspaceInBytesOnHost > 0) the call can do host work and return only when it is done.
+(workspaceInBytesOnHost > 0) the call can do host work, and its docs do not say whether that work is
+over when the call returns; a host workspace is therefore freed only after an event recorded behind
+every call that used it has completed (_HostWorkspace).
 `host_workspace_bytes(device)` says what the last call on a device asked for.
 
 Limit: cuSOLVER's batched solvers take n * lda * batch <= INT32_MAX (here n = lda = k); a larger stack
@@ -70,7 +72,7 @@ _SIGNATURES = {  # cusolverDn.h, CUDA 13.0
 }
 _lock = threading.RLock()  # one lock for the library, the handles and every SetStream..launch section
 _lib = None
-_handles: dict = {}       # device index -> (handle, params, syevj_info, [host workspace])
+_handles: dict = {}       # device index -> (handle, params, syevj_info, _HostWorkspace)
 _host_bytes: dict = {}    # device index -> workspaceInBytesOnHost of the last XsyevBatched call there
 _probed: dict = {}        # (device index, (B, k) or None) -> "" (usable) or why not
 
@@ -157,8 +159,38 @@ def _handle(index) -> tuple:
                 _check(lib.cusolverDnCreate(ctypes.byref(handle)), "cusolverDnCreate")
                 _check(lib.cusolverDnCreateParams(ctypes.byref(params)), "cusolverDnCreateParams")
                 _check(lib.cusolverDnCreateSyevjInfo(ctypes.byref(info)), "cusolverDnCreateSyevjInfo")
-            _handles[index] = (handle, params, info, [ctypes.create_string_buffer(1)])
+            _handles[index] = (handle, params, info, _HostWorkspace())
         return _handles[index]
+
+
+class _HostWorkspace:
+    """One device's host workspace for XsyevBatched, grown as calls ask for more. cuSOLVER's docs do not
+    say that the host work of a call is over when the call returns (it may run later, in stream order),
+    so a buffer that is outgrown is kept, not freed, until an event recorded after the last call that used
+    it, on each stream that call ran on, has completed; retired buffers are checked (event.query(), no
+    wait) at every call and dropped once done."""
+
+    def __init__(self):
+        self.buffer = ctypes.create_string_buffer(1)
+        self.uses: dict = {}     # stream -> event recorded after the last call that used self.buffer there
+        self.retired: list = []  # (events, buffer) of outgrown buffers whose work may still run
+
+    def get(self, nbytes: int):
+        self.retired = [(events, buf) for events, buf in self.retired if not all(e.query() for e in events)]
+        if nbytes > len(self.buffer):
+            self.retired.append((list(self.uses.values()), self.buffer))
+            self.buffer, self.uses = ctypes.create_string_buffer(nbytes), {}
+        return self.buffer
+
+    def used(self, stream: int) -> None:
+        """Record, on the current stream, the end of the call just launched with self.buffer."""
+        self.uses[stream] = _event_after_launch()
+
+
+def _event_after_launch():
+    event = torch.cuda.Event()
+    event.record()  # the current stream: the one the call was launched on
+    return event
 
 
 def eigh_batched(a: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,13 +216,13 @@ def eigh_batched(a: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[tor
             stream = torch.cuda.current_stream(a.device).cuda_stream
             _check(lib.cusolverDnSetStream(handle, _P(stream)), "cusolverDnSetStream")
             if hasattr(lib, "cusolverDnXsyevBatched"):
-                _xsyev(lib, handle, params, host_ws, index, dtype, A, W, INFO, k, batch, a.device)
+                _xsyev(lib, handle, params, host_ws, index, dtype, A, W, INFO, k, batch, a.device, stream)
             else:
                 _syevj(lib, handle, syevj, dtype, A, W, INFO, k, batch, a.device)
     return w, vt.transpose(-2, -1), info
 
 
-def _xsyev(lib, handle, params, host_ws, index, dtype, A, W, INFO, k, batch, device) -> None:
+def _xsyev(lib, handle, params, host_ws, index, dtype, A, W, INFO, k, batch, device, stream) -> None:
     dt = _CUDA_R_32F if dtype == torch.float32 else _CUDA_R_64F
     dev_bytes, host_bytes = _SZ(), _SZ()
     _check(lib.cusolverDnXsyevBatched_bufferSize(handle, params, _EIG_MODE_VECTOR, _FILL_LOWER, k, dt, A, k, dt, W,
@@ -198,11 +230,12 @@ def _xsyev(lib, handle, params, host_ws, index, dtype, A, W, INFO, k, batch, dev
            "cusolverDnXsyevBatched_bufferSize")
     _host_bytes[index] = host_bytes.value
     work = torch.empty(max(dev_bytes.value, 1), dtype=torch.uint8, device=device)
-    if host_bytes.value > len(host_ws[0]):  # one host workspace per device, grown as needed, kept for the handle's life
-        host_ws[0] = ctypes.create_string_buffer(host_bytes.value)
+    host = host_ws.get(host_bytes.value)
     _check(lib.cusolverDnXsyevBatched(handle, params, _EIG_MODE_VECTOR, _FILL_LOWER, k, dt, A, k, dt, W, dt,
-                                      _P(work.data_ptr()), dev_bytes.value, ctypes.cast(host_ws[0], _P),
+                                      _P(work.data_ptr()), dev_bytes.value, ctypes.cast(host, _P),
                                       host_bytes.value, INFO, batch), "cusolverDnXsyevBatched")
+    if host_bytes.value:
+        host_ws.used(stream)
 
 
 def _syevj(lib, handle, syevj, dtype, A, W, INFO, k, batch, device) -> None:

@@ -1,12 +1,61 @@
-"""CPU stand-ins for what cusolver_batched calls on a GPU: the current-device and stream functions of
-torch.cuda, a lock that reports what is held, and libcusolver's batched eigen-solvers by their
-documented contract on host memory. Used by test_cusolver_batched."""
+"""CPU stand-ins for CUDA: a pretend machine's bookkeeping (PretendGPUs: an L40S or a T4), and for
+what cusolver_batched calls on a GPU: the current-device and stream functions of torch.cuda, a lock
+that reports what is held, and libcusolver's batched eigen-solvers by their documented contract on
+host memory. Used by test_pretend_gpu and test_cusolver_batched."""
 import contextlib
 import ctypes
+import os
 import threading
 import types
 
 import numpy as np
+import torch
+
+# what torch reports for each card: name, compute capability, get_device_properties().total_memory
+CARDS = {
+    "l40s": dict(name="NVIDIA L40S", major=8, minor=9, total_memory=46_068 * 2 ** 20, multi_processor_count=142),
+    "t4": dict(name="Tesla T4", major=7, minor=5, total_memory=15_102 * 2 ** 20, multi_processor_count=40),
+}
+NO_DRIVER = "Found no NVIDIA driver on your system"  # torch's own error at the first real CUDA work here
+PRETEND_ENV = "SES_TEST_PRETEND_GPU"  # "<card>:<count>": tests/pretend_gpu/sitecustomize.py installs it
+
+
+class PretendGPUs:
+    """CUDA's bookkeeping for `count` cards of one kind, on a machine without a GPU: is_available,
+    device_count (CUDA_VISIBLE_DEVICES is honoured as a driver would), current_device and
+    is_initialized, get_device_properties (so capability and name), mem_get_info, is_bf16_supported
+    (True, as a T4 says, counting emulation) and the driver call behind set_device. torch's own
+    argument checks stay (set_device refuses a device without an index; get_device_properties an index
+    out of range), and the first real CUDA work (a tensor, a kernel, NCCL) meets torch's own driver
+    check, which fails here with NO_DRIVER."""
+
+    def __init__(self, card: str, count: int = 1):
+        self.props = types.SimpleNamespace(**CARDS[card])
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.count = len([v for v in visible.split(",") if v.strip()]) if visible is not None else count
+        self.current, self.initialized, self.set_calls = 0, False, []
+
+    def properties(self, device=None):
+        index = torch.cuda._utils._get_device_index(device, optional=True)
+        if not 0 <= index < self.count:
+            raise AssertionError("Invalid device id")  # torch's own message
+        return self.props
+
+    def set_device(self, index: int) -> None:
+        self.set_calls.append(index)
+        self.current, self.initialized = index, True  # the driver call initialises CUDA
+
+    def install(self, setattr_=setattr) -> "PretendGPUs":
+        """Put the stand-in in place with setattr_ (monkeypatch.setattr in a test; setattr in a child)."""
+        for name, value in dict(is_available=lambda: self.count > 0, device_count=lambda: self.count,
+                                current_device=lambda: self.current, is_initialized=lambda: self.initialized,
+                                get_device_properties=self.properties,
+                                mem_get_info=lambda device=None: (self.props.total_memory - 2 ** 29, self.props.total_memory),
+                                is_bf16_supported=lambda including_emulation=True: True).items():
+            setattr_(torch.cuda, name, value)
+        setattr_(torch._C, "_cuda_setDevice", self.set_device)
+        setattr_(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after a test
+        return self
 
 
 class FakeDevices:

@@ -5,10 +5,12 @@ tensor's device and stream under one lock, the batched route reads nothing on th
 and every failure come back as a reason, never an escaping exception. The `test_cuda_*` tests run the
 real call and need a GPU (bench/gpu_check.sh runs them)."""
 import ctypes
+import gc
 import re
 import subprocess
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -145,6 +147,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(cusolver_batched, "_lock", lock)
     for name in ("device", "current_device", "current_stream"):
         monkeypatch.setattr(torch.cuda, name, getattr(devices, name))
+    monkeypatch.setattr(cusolver_batched, "_event_after_launch", lambda: types.SimpleNamespace(query=lambda: True))
 
     def make(xsyev=True):
         fake = (FakeCusolver if xsyev else OldFakeCusolver)(devices, lock)
@@ -232,6 +235,39 @@ class HostReads(TorchDispatchMode):
         if name in self.READS or (name == "_to_copy" and (str(kwargs.get("device")) == "cpu" or kwargs.get("non_blocking"))):
             self.seen.append(name)
         return func(*args, **kwargs)
+
+
+class PendingEvent:
+    """A CUDA event stand-in whose work is done only when the test says so."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_an_outgrown_host_workspace_lives_until_the_work_queued_with_it_is_done(fake_cuda, monkeypatch):
+    """XsyevBatched's host workspace grows with the stack (the stand-in asks for 16 + B bytes): the
+    outgrown buffer is not freed while an event recorded after its last call is pending, and is freed
+    at the first call after that event completes."""
+    fake_cuda[2](True)
+    events = []
+    monkeypatch.setattr(cusolver_batched, "_event_after_launch", lambda: events.append(PendingEvent()) or events[-1])
+    cusolver_batched.eigh_batched(_sym(2, 8))
+    (workspace,) = [h[3] for h in cusolver_batched._handles.values()]
+    old = weakref.ref(workspace.buffer)
+    assert len(old()) == 16 + 2 and len(events) == 1
+    cusolver_batched.eigh_batched(_sym(5, 8))  # needs 21 bytes: a new buffer; the old one's call may still run
+    gc.collect()
+    assert len(workspace.buffer) == 16 + 5 and old() is not None
+    cusolver_batched.eigh_batched(_sym(5, 8))  # still pending: kept
+    gc.collect()
+    assert old() is not None
+    events[0].done = True
+    cusolver_batched.eigh_batched(_sym(5, 8))
+    gc.collect()
+    assert old() is None and workspace.retired == []
 
 
 def test_the_batched_route_reads_nothing_on_the_host(fake_cuda, monkeypatch):

@@ -1,0 +1,142 @@
+"""Every script's GPU path, taken on a CPU: under fake_cuda.PretendGPUs (CUDA's bookkeeping for an
+L40S or a T4, torch's own argument checks kept) each command a user runs on a GPU -- the plain
+command, --device cuda and cuda:1, --preflight, --synthetic, --devices all, a torchrun rank -- gets
+as far as the first real CUDA work, and torch's own error for a machine without a driver is the
+first thing that stops it. Not a GPU test: the guard for every line that only a GPU takes before it
+does any work. Per card, the precision, exp11's fit check and the solver route's availability."""
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fake_cuda import NO_DRIVER, PRETEND_ENV, PretendGPUs
+from helpers import ROOT
+from layouts import write_cifar10, write_cifar100, write_tiny_folder
+
+SCRIPTS = ["exp10_periodic_ses", "exp11_resnet50_tinyimagenet", "exp12_mixup_cutmix_cifar100", "exp13_perceiver"]
+CARDS = ["l40s", "t4"]
+NCCL_NEEDS_A_GPU = "ProcessGroupNCCL is only supported with GPUs"  # torch's own, at NCCL's first GPU work
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """CIFAR-10, CIFAR-100 and Tiny-ImageNet in their published layouts, a few images each."""
+    root = tmp_path_factory.mktemp("data")
+    write_cifar100(root)
+    write_cifar10(root)
+    write_tiny_folder(root)
+    return root
+
+
+def first_error(text: str) -> str:
+    """The first line that reports an error (what stopped the command first)."""
+    return next((line for line in text.splitlines() if re.search(r"error", line, re.IGNORECASE)), "")
+
+
+def run_in_process(script: str, argv: list, capsys) -> tuple[int, str]:
+    code = importlib.import_module(script).main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+@pytest.mark.parametrize("card", CARDS)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_plain_command_and_the_preflight_reach_the_gpu(script, card, data_dir, tmp_path, monkeypatch, capsys):
+    gpus = PretendGPUs(card).install(monkeypatch.setattr)
+    for extra in ([], ["--preflight"]):
+        code, text = run_in_process(script, ["--data-dir", data_dir, "--out-dir", tmp_path, *extra], capsys)
+        assert code == 1 and NO_DRIVER in first_error(text), text[-3000:]
+        assert gpus.set_calls and set(gpus.set_calls) == {0}  # "cuda" became the current device, cuda:0
+        fits = "does not fit" not in text
+        assert fits == (script != "exp11_resnet50_tinyimagenet" or card == "l40s"), text[-2000:]
+        if not fits:  # exp11 at batch 256 on a T4: said before anything is on the GPU, with what fits
+            said = text.split(NO_DRIVER)[0]
+            assert "torchrun --standalone --nproc_per_node 2 exp11_resnet50_tinyimagenet.py" in said
+            assert "--batch-size 128" in said
+        gpus.set_calls.clear()
+    assert not (tmp_path / "exp11_resnet50_tinyimagenet" / "baseline_seed0" / "config.json").exists()
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_device_flags_and_synthetic_data_reach_the_gpu_they_name(card, data_dir, tmp_path, monkeypatch, capsys):
+    gpus = PretendGPUs(card, count=2).install(monkeypatch.setattr)
+    base = ["--data-dir", data_dir, "--out-dir", tmp_path, "--configs", "baseline"]
+    for extra, index in ((["--device", "cuda"], 0), (["--device", "cuda:1"], 1), (["--synthetic"], 0),
+                         (["--device", "cuda:1", "--synthetic", "--preflight"], 1)):
+        gpus.set_calls.clear()
+        gpus.current, gpus.initialized = 0, False  # a fresh process
+        code, text = run_in_process("exp12_mixup_cutmix_cifar100", base + extra, capsys)
+        assert code == 1 and NO_DRIVER in first_error(text), (extra, text[-2000:])
+        assert set(gpus.set_calls) == {index}, extra
+    with pytest.raises(SystemExit) as stop:  # a GPU this machine does not have: one line, exit 2
+        run_in_process("exp12_mixup_cutmix_cifar100", base + ["--device", "cuda:2"], capsys)
+    assert stop.value.code == 2 and "this machine has 2 GPU(s)" in capsys.readouterr().err
+
+
+def child_env(card: str, count: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "pretend_gpu"), str(ROOT)])
+    env[PRETEND_ENV] = f"{card}:{count}"
+    return env
+
+
+@pytest.mark.parametrize("card", CARDS)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_devices_all_starts_one_worker_per_pretend_gpu_and_each_reaches_its_gpu(script, card, data_dir, tmp_path):
+    """One SES config per script (the whole grid's plain command is the in-process test above)."""
+    ses_config = {"exp12_mixup_cutmix_cifar100": "mixup_ses", "exp13_perceiver": "cifar10_fourier_ses"}.get(script, "ses_k1")
+    p = subprocess.run([sys.executable, ROOT / f"{script}.py", "--devices", "all", "--configs", ses_config,
+                        "--data-dir", data_dir, "--out-dir", tmp_path], cwd=tmp_path, env=child_env(card, 2),
+                       capture_output=True, text=True, timeout=300)
+    assert "2 workers on cuda:0, cuda:1" in p.stdout, p.stderr[-3000:]
+    assert p.returncode == 1 and NO_DRIVER in first_error(p.stderr), p.stderr[-3000:]
+    assert p.stderr.count(NO_DRIVER) >= 2  # each worker reached its own GPU
+    assert "exited with code 1" in p.stderr and "Expected a torch.device" not in p.stderr
+    if script == "exp11_resnet50_tinyimagenet" and card == "t4":  # each worker trains a whole run on its T4
+        assert p.stdout.count("it does not fit") == 2
+
+
+def test_a_torchrun_rank_takes_its_local_gpu_and_stops_at_nccl(data_dir, tmp_path):
+    """Two ranks as torchrun starts them: each sets cuda:LOCAL_RANK and the first real GPU work is
+    the NCCL process group, which needs a GPU (one line each, no traceback)."""
+    port = 29_400 + os.getpid() % 500
+    procs = []
+    for rank in (0, 1):
+        env = dict(child_env("t4", 2), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SES_DIST_TIMEOUT_S="60")
+        procs.append(subprocess.Popen([sys.executable, ROOT / "exp11_resnet50_tinyimagenet.py", "--data-dir", data_dir,
+                                       "--out-dir", tmp_path], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1 and NCCL_NEEDS_A_GPU in first_error(err), err[-3000:]
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_precision_follows_the_compute_capability_not_is_bf16_supported(card, monkeypatch):
+    from harness.training import amp_policy
+    PretendGPUs(card).install(monkeypatch.setattr)
+    assert torch.cuda.is_bf16_supported()  # a T4 says so too (it counts emulation)
+    amp = amp_policy(torch.device("cuda:0"))
+    assert (amp.name, amp.use_scaler) == (("bf16", False) if card == "l40s" else ("fp16", True))
+    assert amp_policy(torch.device("cuda:0"), "fp16").use_scaler  # --amp fp16: the T4's path on any card
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_the_batched_solver_routes_are_checked_on_the_device_itself(card, monkeypatch):
+    """On a pretend card the batched cuSOLVER routes cannot be used: the availability check tries the
+    real library on the device (and meets the missing driver) instead of trusting the bookkeeping;
+    torch's own routes need no check."""
+    from ses_solvers import cusolver_batched, routes
+    PretendGPUs(card).install(monkeypatch.setattr)
+    monkeypatch.setattr(cusolver_batched, "_probed", {})
+    monkeypatch.setattr(cusolver_batched, "_lib", None)
+    monkeypatch.setattr(cusolver_batched, "_mapped", lambda: None)
+    assert NO_DRIVER in routes.unavailable("batched32", torch.device("cuda:0"), (9, 256))
+    assert routes.unavailable("float32", torch.device("cuda:0")) == ""
