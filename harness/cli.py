@@ -131,7 +131,8 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
                    "capability >= 8, fp16 + GradScaler below, fp32 on a CPU; or force one (default auto)")
     p.add_argument("--data-dir", default=default_data_dir(), help="datasets and caches (default %(default)s)")
     p.add_argument("--out-dir", default=default_out_dir(), help="results root (default %(default)s)")
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available, else cpu; cpu for --smoke)")
+    p.add_argument("--device", help="cuda (the current GPU, cuda:0), cuda:1, cpu (default: the current GPU if there is "
+                                    "one, else cpu; cpu for --smoke)")
     p.add_argument("--devices", metavar="LIST",
                    help="one worker per device sharing the out-dir (each run claimed once): cuda:0,cuda:1 or all")
     p.add_argument("--no-download", action="store_true", help="never download; fail with instructions instead")
