@@ -140,3 +140,20 @@ def test_the_batched_solver_routes_are_checked_on_the_device_itself(card, monkey
     monkeypatch.setattr(cusolver_batched, "_mapped", lambda: None)
     assert NO_DRIVER in routes.unavailable("batched32", torch.device("cuda:0"), (9, 256))
     assert routes.unavailable("float32", torch.device("cuda:0")) == ""
+
+
+def test_every_cuda_device_a_process_uses_has_an_index(monkeypatch):
+    from plumbing import gpu
+    if not torch.cuda.is_available():  # this machine: no CUDA
+        assert gpu.pick(None) == torch.device("cpu")
+        with pytest.raises(gpu.DeviceError, match="CUDA is not available"):
+            gpu.pick("cuda")
+    gpus = PretendGPUs("l40s", count=2).install(monkeypatch.setattr)
+    assert [gpu.pick(s) for s in (None, "cuda", "cuda:1", "cpu")] == \
+        [torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")]
+    assert gpu.pick(None, default_cpu=True) == torch.device("cpu")  # --smoke
+    for bad, why in (("cuda:2", "has 2 GPU"), ("gpu", "is not a device"), ("meta", "only cuda and cpu")):
+        with pytest.raises(gpu.DeviceError, match=why):
+            gpu.pick(bad)
+    gpu.use(torch.device("cuda", 1))
+    assert gpus.set_calls == [1] and gpu.pick("cuda") == torch.device("cuda", 1)  # "cuda" = the current one
