@@ -74,8 +74,11 @@ def summary(entry: dict) -> str:
     route, where = entry["route"], " ".join(str(entry[k]) for k in ("experiment", "config") if entry.get(k))
     where += f", batch {entry['batch']}" if entry.get("batch") else ""
     others = sorted((t, r) for r, t in timings.items() if r != "float32" and isinstance(t, (int, float)))
+    rejected = entry.get("rejected") if isinstance(entry.get("rejected"), dict) else {}
     if route != "float32":
-        result = f"{_ms(timings, route)} vs {_ms(timings, 'float32')} per solve"
+        vs = f"vs {_ms(timings, 'float32')}" if "float32" in timings else \
+            f"(float32 left out: {rejected.get('float32', 'not timed')})"
+        result = f"{_ms(timings, route)} {vs} per solve"
     elif others:
         result = f"{_ms(timings, 'float32')} kept (fastest other: {_ms(timings, others[0][1])}) per solve"
     else:

@@ -197,6 +197,7 @@ def _tiny(route: Route):
 
 
 def test_the_checkpoint_keeps_the_route_and_a_resume_onto_another_records_the_change(tmp_path):
+    """Also read: the route of a checkpoint that held it with the timings that chose it, and none."""
     first = _tiny(Route("float64", "named by --ses-solver"))
     checkpoints.save_checkpoint(first, tmp_path / "checkpoint.pt", 2, [dict(epoch=1), dict(epoch=2)])
     first.close()
@@ -208,6 +209,9 @@ def test_the_checkpoint_keeps_the_route_and_a_resume_onto_another_records_the_ch
     again = _tiny(Route("float32", decision.DEFAULT))
     checkpoints.resume(again, tmp_path)  # the same route: nothing new, the earlier change kept
     assert again.ses.solver_changes == resumed.ses.solver_changes
+    older = {"step": 6, "applied_steps": 6, "solver": {"route": "batched32", "timings": {}, "changes": ["step 3: x"]}}
+    assert again.ses.load_state_dict(older) == "batched32" and again.ses.solver_changes == ["step 3: x"]
+    assert again.ses.load_state_dict({"step": 3, "applied_steps": 3}) is None  # a checkpoint naming no route
     for r in (resumed, again):
         r.close()
 
