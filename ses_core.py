@@ -18,14 +18,12 @@ spectrum gives H = 0 with finite gradients. A matrix with a NaN/inf entry (overf
 is replaced by zeros before the solver (H = 0; the non-finite CE then stops the run), so the solver
 never sees one.
 
-Solver routes (all exact; `solver=` of SES / spectral_entropies): see ses_solvers/routes.py. "auto" (the
-default) keeps float32 on a CPU; on CUDA, on the first SES step's real matrices, it times the solve
-(forward + backward, alone: not what a host sync costs the rest of the step) of every route that
-agrees with float64 LAPACK and keeps float32 unless another takes at most 90 % of float32's time.
-The chosen route is checkpointed (state_dict) and kept on resume where it can run (else auto
-chooses again and `solver_changes` says so); an explicit route that cannot run here (a batched one
-whose selftest fails) is refused in one line at its first use. Under torchrun every rank takes the
-route the rule gives on each route's slowest rank.
+Solver routes (all exact; `solver=` of SES / spectral_entropies): see ses_solvers/routes.py. SES solves
+by the one route it is given (default "float32", plain torch.linalg.eigvalsh); which route a sweep
+uses is decided once per process before any run starts (ses_solvers/decision.py; harness/solver_route.py
+under torchrun), so a training step times nothing and starts no process. The route is checkpointed
+(state_dict); a resumed run solves by the route it is given, and the caller records a change in
+`solver_changes`.
 Host synchronisation: torch's eigvalsh routes wait once per solver call (it reads its convergence
 flags on the host: there is no eigvalsh_ex), "host" copies the Grams to the CPU, the batched cuSOLVER
 routes make no host read of their own (cuSOLVER may work on the host when it asks for host
@@ -45,11 +43,10 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ses_solvers.routes import (SOLVERS, Choice, common_route, entropies_of_grams, entropy_of_gram, padded_shape,
-                                pick_solver, unavailable)
+from ses_solvers.routes import ROUTES, entropies_of_grams, entropy_of_gram
 
-__all__ = ["entropy_ceiling", "entropy_target", "spectral_entropy", "spectral_entropies", "ses_penalty", "pool_activation",
-           "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
+__all__ = ["entropy_ceiling", "entropy_target", "spectral_entropy", "spectral_entropies", "centred_grams", "ses_penalty",
+           "pool_activation", "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
 
 
 def check_beta(beta: float) -> float:
@@ -76,6 +73,15 @@ def spectral_entropy(a: torch.Tensor) -> torch.Tensor:
         return entropy_of_gram(_centred_gram(a).unsqueeze(0))[0]
 
 
+def centred_grams(activations: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The float32 Gram (or covariance, whichever is smaller) of each distinct (n, d) tensor in
+    `activations`, in order of first appearance, autocast off: the matrices spectral_entropies solves
+    (the same tensor object given twice, an aliased hook, counts once)."""
+    unique = list({id(a): a for a in activations}.values())
+    with torch.autocast(device_type=unique[0].device.type, enabled=False):
+        return [_centred_gram(a) for a in unique]
+
+
 def spectral_entropies(activations: Sequence[torch.Tensor], solver: str = "float32") -> list[torch.Tensor]:
     """H of every (n, d) tensor in `activations`, in order.
 
@@ -86,10 +92,9 @@ def spectral_entropies(activations: Sequence[torch.Tensor], solver: str = "float
     """
     if not activations:
         return []
-    unique = {id(a): a for a in activations}  # first occurrence of each tensor object, in order
-    index = {key: i for i, key in enumerate(unique)}
+    index = {key: i for i, key in enumerate(dict.fromkeys(id(a) for a in activations))}
     with torch.autocast(device_type=activations[0].device.type, enabled=False):
-        hs = entropies_of_grams([_centred_gram(a) for a in unique.values()], solver)
+        hs = entropies_of_grams(centred_grams(activations), solver)
     return [hs[index[id(a)]] for a in activations]  # type: ignore[misc]
 
 
@@ -234,33 +239,29 @@ class SES:
     Other steps cost what a plain CE step costs. `applied_steps` counts the steps where the
     penalty was applied; `last_entropy` holds the last per-layer H (detached, on the device), and
     `epoch_entropy()` the per-layer mean of the penalised H since its last call (summed on the
-    device; its one host sync happens there, once per epoch).
+    device; its one host sync happens there, once per epoch). `solver` is the route every SES step
+    solves by, as given: a step never times a route or starts a process.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = 0.01,
-                 beta: float = 0.7, every: int = 1, solver: str = "auto", target: str = "logd"):
+                 beta: float = 0.7, every: int = 1, solver: str = "float32", target: str = "logd"):
         if not (lam >= 0 and math.isfinite(lam)):
             raise ValueError(f"lam (the SES weight) must be a finite number >= 0, got {lam}")
         if int(every) != every or every < 1:
             raise ValueError(f"every (the SES period k) must be an integer >= 1, got {every}")
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown SES solver {solver!r}; use one of {', '.join(SOLVERS)}")
+        if solver not in ROUTES:
+            raise ValueError(f"unknown SES solver route {solver!r}; use one of {', '.join(ROUTES)} (a sweep "
+                             f"turns 'auto' into one of them before it starts: ses_solvers.decision.decide)")
         if target not in TARGETS:
             raise ValueError(f"unknown ses_target {target!r}; use logd or rank")
         self.lam, self.beta, self.every, self.solver = float(lam), check_beta(beta), int(every), solver
-        self.target, self.requested = target, solver  # requested: "auto" or an explicit route
-        self.solver_timings: dict[str, float] = {}  # "auto" on CUDA: seconds per route, measured once
-        self.solver_rejected: dict[str, str] = {}   # "auto" on CUDA: routes left out, and why
-        self.solver_margin: float | None = None     # "auto" on CUDA: 1 - t(fastest other) / t(float32)
-        self.solver_ranks = 1                       # processes whose (slowest) times the rule used
-        self.solver_changes: list[str] = []         # a resumed run whose route could not run here
-        self._route_checked = False                 # the route is settled (chosen or checked) in this process
+        self.target = target
+        self.solver_changes: list[str] = []  # "epoch N: <old> -> <new> (<why>)", one per resume onto another route
         self.collector = ActivationCollector(model, layers, enabled=False)
         self.step = 0            # training steps seen so far
         self.applied_steps = 0   # steps on which the penalty was added
         self.last_entropy: dict[str, torch.Tensor] = {}
         self.gather = None  # (n_local, d) -> (n_global, d), differentiable; set for multi-process runs
-        self.agree = None   # value -> [value of each rank]; set for multi-process runs (one route for all)
         self._entropy_names: list[str] = []
         self._entropy_sum: torch.Tensor | None = None  # (L,) sum of the penalised H since epoch_entropy()
         self._entropy_steps = 0
@@ -286,8 +287,6 @@ class SES:
                 if id(a) not in pooled:
                     pooled[id(a)] = self.gather(a)
             acts = {n: pooled[id(a)] for n, a in acts.items()}
-        if not self._route_checked:
-            self._settle_route(list({id(a): a for a in acts.values()}.values()))
         r, hs = _penalty_terms(list(acts.values()), self.beta, self.solver, self.target)
         hs = hs.detach()
         self.last_entropy = dict(zip(acts, hs.unbind(0)))
@@ -304,46 +303,22 @@ class SES:
         self._entropy_sum, self._entropy_steps = None, 0
         return dict(zip(self._entropy_names, means))
 
-    def _settle_route(self, unique: list[torch.Tensor]) -> None:
-        """Once per process, on the first SES step's matrices: check that an explicit or resumed route can
-        run here (an explicit one that cannot is refused in one line; for a resumed one auto chooses
-        again), or choose by auto (under torchrun every rank by the same rule: self.agree gathers)."""
-        with torch.no_grad(), torch.autocast(device_type=unique[0].device.type, enabled=False):
-            grams = [_centred_gram(a) for a in unique]
-            why, before = "", self.solver
-            if self.solver != "auto":
-                whys = (self.agree or (lambda w: [w]))(unavailable(self.solver, grams[0].device, padded_shape(grams)))
-                why = "; ".join(f"rank {i}: {w}" if len(whys) > 1 else w for i, w in enumerate(whys) if w)
-                if why and self.requested != "auto":
-                    raise RuntimeError(f"SES solver {self.solver!r} cannot run here: {why}; use solver='auto', "
-                                       f"which picks a route that can")
-                self.solver = "auto" if why else self.solver
-            if self.solver == "auto":
-                choice = Choice(*pick_solver(grams))
-                if self.agree is not None:  # every rank solves by the same route, by the same rule
-                    choice = common_route(self.agree((choice.timings, choice.rejected))) or choice
-                self.solver, self.solver_timings, self.solver_rejected, self.solver_margin, self.solver_ranks = choice
-            if why:
-                self.solver_changes.append(f"step {self.step - 1}: {before} (chosen before the resume) cannot run "
-                                           f"here ({why}); auto chose {self.solver}")
-        self._route_checked = True
-
-    def solver_choice(self) -> Choice:
-        """The route in use and what auto measured to choose it (under torchrun: each route's slowest rank)."""
-        return Choice(self.solver, self.solver_timings, self.solver_rejected, self.solver_margin, self.solver_ranks)
-
     def state_dict(self) -> dict:
-        """The step counters and the solver choice (a resumed run keeps auto's route where it can run)."""
-        return {"step": self.step, "applied_steps": self.applied_steps,
-                "solver": dict(self.solver_choice()._asdict(), requested=self.requested, changes=list(self.solver_changes))}
+        """The step counters, the route and its changes on earlier resumes."""
+        return {"step": self.step, "applied_steps": self.applied_steps, "solver": self.solver,
+                "solver_changes": list(self.solver_changes)}
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def load_state_dict(self, state: Mapping) -> str | None:
+        """Restore the step counters and the route changes; return the route `state` was saved with (None
+        if it names none). This SES keeps solving by its own route: a caller resuming onto another one
+        appends the change to solver_changes."""
         self.step, self.applied_steps = int(state["step"]), int(state["applied_steps"])
-        saved = state.get("solver")  # absent in checkpoints written before the route was saved
-        if saved and saved["requested"] == self.requested == "auto" and saved["route"] in SOLVERS[1:]:
-            self.solver, self.solver_timings, self.solver_rejected = saved["route"], dict(saved["timings"]), dict(saved["rejected"])
-            self.solver_margin, self.solver_ranks = saved["margin"], int(saved["ranks"])
-            self.solver_changes, self._route_checked = list(saved["changes"]), False  # checked on first use here
+        saved = state.get("solver")
+        if isinstance(saved, Mapping):  # a checkpoint that also held the timings of the route choice
+            self.solver_changes, saved = list(saved.get("changes", [])), saved.get("route")
+        else:
+            self.solver_changes = list(state.get("solver_changes", []))
+        return saved if saved in ROUTES else None
 
     def remove(self) -> None:
         self.collector.remove()

@@ -6,18 +6,19 @@
 
 1. Solver (for the --setups asked for): ms per SES step's eigen-solve (forward + backward) for each
    exact route of ses_solvers (float32 / float64 eigvalsh per size, float64 eigh on the host, padded
-   float64 eigvalsh in one call, the direct batched cuSOLVER call in float32 / float64; a route this
-   device cannot run is listed with why), timed as auto times it: --repeats back-to-back reps between
-   two CUDA events, no sync inside. On the matrices SES really solves at batch n = 256: ResNet-18 `all`
+   float64 eigvalsh in one call, the direct batched cuSOLVER call in float32 / float64), compared as
+   --preflight compares them (routes.compare_routes): each route's H checked against float64 LAPACK (a
+   route that is off, fails or cannot run on this device is listed with why), then --repeats
+   back-to-back reps between two CUDA events, no sync inside, the median of 3 interleaved rounds. On the matrices SES really solves at batch n = 256: ResNet-18 `all`
    8 matrices of sizes 64, 64, 128, 128, 256, 256, 256, 256 (9 hooks; avgpool = layer4.1, solved once)
    and ResNet-50 `layer4+avgpool` 3 of size 256 (4 hooks; avgpool = layer4.2). What torch's eigvalsh
    does there depends on its version (torch >= 2.12: one cusolverDnXsyevBatched call per batched input;
    <= 2.11: a loop of single-matrix calls for sizes 33-512); env.torch_batches_eigh says which.
 2. Steps, per setup and per --amp: the CIFAR-stem ResNet-18 on CIFAR-100 shapes and ResNet-50 on
-   Tiny-ImageNet shapes at batch 256, baseline and SES k in --ks (default 1, 3, 5, 10) with solver
-   "auto" (the route it chose, every route's time and the margin are in each row), and SES k = 1 with
-   each exact route fixed ("k=1 <route>": the step as training runs it, host syncs included, which
-   auto's timing of the solve alone cannot see); with --compile also torch.compile'd baseline and the
+   Tiny-ImageNet shapes at batch 256, baseline and SES k in --ks (default 1, 3, 5, 10) on --ses-solver
+   (default float32, the route a sweep takes on a GPU without a --preflight record; each row names its
+   route), and SES k = 1 with each exact route fixed ("k=1 <route>": the step as training runs it, host
+   syncs included, which the timing of the solve alone cannot see); with --compile also torch.compile'd baseline and the
    smallest and largest k (default 1 and 10; --compiled-only: those alone, no solver table). Timed interleaved in one process
    (round-robin over the variants, one group of steps each, median over rounds) on one constant
    on-device batch, plus the baseline fed by the suite's GPU loader (random crop + flip) over 50k
@@ -47,14 +48,13 @@ from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset 
 from plumbing.files import write_json  # noqa: E402
 from harness.models import build_resnet, compile_model, resolve_layers  # noqa: E402
 from ses_core import SES, _centred_gram  # noqa: E402
-from ses_solvers.routes import SOLVERS, padded_shape, time_route, unavailable  # noqa: E402
+from ses_solvers.routes import ROUTES, compare_routes, unavailable  # noqa: E402
 from harness.training import AMP_MODES, amp_policy  # noqa: E402
 
 SETUPS = {"resnet18": dict(model="resnet18", layers="all", dataset="cifar100", size=32, label="resnet18 all",
                            dims=[64, 64, 128, 128, 256, 256, 512, 512]),        # avgpool = layer4.1: solved once
           "resnet50": dict(model="resnet50", layers="layer4+avgpool", dataset="tinyimagenet", size=64,
                            label="resnet50 layer4+avgpool", dims=[2048, 2048, 2048])}  # avgpool = layer4.2
-ROUTES = SOLVERS[1:]
 
 
 def sync(device):
@@ -63,27 +63,27 @@ def sync(device):
 
 
 def bench_solvers(device, n, repeats, setups):
-    """ms per forward + backward of every exact route (`repeats` back-to-back reps between two events)
-    on the matrices SES solves for each setup, at batch n."""
+    """ms per forward + backward of every exact route (compare_routes: checked against float64 LAPACK,
+    `repeats` back-to-back reps between two events, median of its rounds) on the matrices SES solves for
+    each setup, at batch n."""
     rows = []
     for name in setups:
         label, dims = SETUPS[name]["label"], SETUPS[name]["dims"]
         g = torch.Generator().manual_seed(0)
         grams = [_centred_gram(torch.randn(n, d, generator=g).to(device)) for d in dims]
         sizes = [gm.shape[-1] for gm in grams]
+        timings, rejected = compare_routes(grams, ROUTES, repeats)
         for solver in ROUTES:
-            why = unavailable(solver, device, padded_shape(grams))
-            if why:
-                rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=None, skipped=why))
-                print(f"solver  {label:<26} {solver:<9} skipped: {why}")
+            if solver in rejected:
+                rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=None, skipped=rejected[solver]))
+                print(f"solver  {label:<26} {solver:<9} skipped: {rejected[solver]}")
                 continue
-            seconds, _ = time_route(grams, solver, repeats)
-            rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=1e3 * seconds, reps=repeats))
+            rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=1e3 * timings[solver], reps=repeats))
             print(f"solver  {label:<26} {solver:<9} {rows[-1]['ms']:8.2f} ms  (sizes {sizes})")
     return rows
 
 
-def make_variant(setup, k, device, amp, compile_backend=None, solver="auto"):
+def make_variant(setup, k, device, amp, compile_backend=None, solver="float32"):
     torch.manual_seed(0)
     cfg = dict(DEFAULTS, model=setup["model"], layers=setup["layers"])
     model = build_resnet(cfg, DATASETS[setup["dataset"]]).to(device, memory_format=torch.channels_last)
@@ -109,11 +109,12 @@ def step(v, x, y, amp):
     v["scaler"].update()
 
 
-def variants_for(name, device, amp, batch, ks, compile_backend, compiled_only):
+def variants_for(name, device, amp, batch, ks, compile_backend, compiled_only, solver="float32"):
     """{label: variant} in timing order, and {label: why} for the k=1 <route> variants this device cannot run."""
     setup, variants, skipped = SETUPS[name], {}, {}
     if not compiled_only:
-        variants.update({f"k={k}" if k else "baseline": make_variant(setup, k, device, amp) for k in (0, *ks)})
+        variants.update({f"k={k}" if k else "baseline": make_variant(setup, k, device, amp, solver=solver)
+                         for k in (0, *ks)})
         shape = (len(setup["dims"]), min(batch, max(setup["dims"])))  # the padded stack of the real step
         for route in ROUTES:
             why = unavailable(route, device, shape)
@@ -122,19 +123,20 @@ def variants_for(name, device, amp, batch, ks, compile_backend, compiled_only):
             else:
                 variants[f"k=1 {route}"] = make_variant(setup, 1, device, amp, solver=route)
     if compile_backend:  # compiled twins, interleaved with the rest (round 0 also pays the compilation)
-        variants.update({(f"k={k}" if k else "baseline") + " compiled": make_variant(setup, k, device, amp, compile_backend)
+        variants.update({(f"k={k}" if k else "baseline") + " compiled": make_variant(setup, k, device, amp, compile_backend,
+                                                                                      solver)
                          for k in sorted({0, min(ks), max(ks)})})
     return variants, skipped
 
 
 def bench_steps(name, device, amp, rounds, batch, data, compile_backend=None, group=10, ks=(1, 3, 5, 10),
-                compiled_only=False):
+                compiled_only=False, solver="float32"):
     """Rows of one setup in one precision; `data` = (images, labels) for the loader-fed baseline."""
     setup = SETUPS[name]
     info = DATASETS[setup["dataset"]]
     x = torch.rand(batch, 3, setup["size"], setup["size"], device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, info["num_classes"], (batch,), device=device)
-    variants, skipped = variants_for(name, device, amp, batch, ks, compile_backend, compiled_only)
+    variants, skipped = variants_for(name, device, amp, batch, ks, compile_backend, compiled_only, solver)
     base_label = "baseline compiled" if compiled_only else "baseline"
     loader = GpuLoader(*data, batch, device, train=True, augment=lambda xb, gen: random_crop_flip(xb, gen, 4))
     batches = loader.epoch(0)
@@ -158,7 +160,7 @@ def bench_steps(name, device, amp, rounds, batch, data, compile_backend=None, gr
                 else:
                     step(v, x, y, amp)
             sync(device)
-            if rnd:  # round 0 warms up (cuDNN autotuning, solver choice, compilation)
+            if rnd:  # round 0 warms up (cuDNN autotuning, compilation)
                 times[label].append((time.perf_counter() - t0) / sizes[label])
                 ses_steps[label].append((v["ses"].applied_steps if v["ses"] else 0) - applied)
     base = statistics.median(times[base_label])
@@ -170,10 +172,7 @@ def bench_steps(name, device, amp, rounds, batch, data, compile_backend=None, gr
         solver = ses.solver if ses else "-"
         rows.append(dict(setup=name, amp=amp.name, variant=label, ms=ms, images_per_s=batch / (ms / 1e3),
                          vs_baseline=ms / (1e3 * base) - 1, solver=solver, steps_per_group=sizes[label],
-                         ses_steps_per_group=ses_steps[label], matrices_per_ses_step=v["matrices"] if v else None,
-                         solver_timings_ms={k: 1e3 * t for k, t in (ses.solver_timings if ses else {}).items()},
-                         solver_rejected=ses.solver_rejected if ses else {},
-                         solver_margin=ses.solver_margin if ses else None))
+                         ses_steps_per_group=ses_steps[label], matrices_per_ses_step=v["matrices"] if v else None))
         print(f"step    {name:<9} {amp.name} batch {batch} {label:<18} {ms:8.2f} ms {batch / (ms / 1e3):9.0f} img/s "
               f"{100 * rows[-1]['vs_baseline']:+7.1f} %  solver {solver}")
     for label, why in skipped.items():
@@ -229,6 +228,8 @@ def main(argv=None):
                    help="back-to-back reps per solver route between the two events (default 5)")
     p.add_argument("--batch", type=int, help="training batch (default 256; 16 on a CPU)")
     p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS), help="models to time")
+    p.add_argument("--ses-solver", choices=ROUTES, default="float32",
+                   help="the route of the baseline-to-k rows (default float32; the k=1 <route> rows time every route)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--profile", action="store_true",
                    help="also print a torch.profiler breakdown of 5 SES k=1 steps per setup")
@@ -247,6 +248,9 @@ def main(argv=None):
         p.exit(2, f"bench_ses.py: error: --device {args.device!r} is not a device (use cuda, cuda:0 or cpu)\n")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench_ses.py: error: --device cuda, but CUDA is not available on this machine; use --device cpu\n")
+    why = unavailable(args.ses_solver, device)
+    if why:
+        p.exit(2, f"bench_ses.py: error: --ses-solver {args.ses_solver} cannot run on this device: {why}\n")
     amps = [amp_policy(device, a) for a in dict.fromkeys(args.amp)]
     batch = args.batch or (256 if device.type == "cuda" else 16)
     cuda = device.type == "cuda"
@@ -271,7 +275,7 @@ def main(argv=None):
                                  n_train=50_000 if cuda else batch * 12)[:2]  # one loader set for every precision
         for amp in amps:
             out["steps"] += bench_steps(name, device, amp, args.steps, batch, data, args.compile, args.group,
-                                        tuple(args.ks), args.compiled_only)
+                                        tuple(args.ks), args.compiled_only, args.ses_solver)
     if args.profile:
         out["profile"] = {s: profile_step(s, device, amps[0], batch) for s in args.setups}
     if args.json:

@@ -10,8 +10,8 @@ one line, exits 1 and changes no file). Standard library only (no torch needed t
 1. SES cost: one row per measurement (GPU, torch / CUDA, commit and date of the code measured), setup
    and precision: the batch, the baseline step, SES k = 1, 3, 5, 10 as step time / baseline step time - 1
    (one process, interleaved: see bench_ses.py), k = 1 compiled against the compiled baseline where
-   measured (marked where it solves another number of matrices than eager k = 1), and the route auto
-   chose with its time per SES solve. The eager and the compiled variants of one measurement come from
+   measured (marked where it solves another number of matrices than eager k = 1), and the route the
+   SES rows solve by (bench_ses.py --ses-solver, default float32) with its time per SES solve. The eager and the compiled variants of one measurement come from
    different JSONs (bash bench/gpu_check.sh times them in separate parts) and are merged into one row.
 2. Routes: per measurement, setup and precision, each exact route's time per SES solve (forward +
    backward, timed alone) and SES k = 1's step overhead with that route fixed (host syncs included).
@@ -73,11 +73,10 @@ def _compiled(steps: dict) -> str:
     return _pct(c1 / cb - 1) + note
 
 
-def _route(row: dict) -> str:
-    route, ms = row.get("solver") or "–", (row.get("solver_timings_ms") or {}).get(row.get("solver"))
-    text = f"{route} {ms:.2f} ms" if ms is not None else route
-    margin = row.get("solver_margin")
-    return text + (f" (fastest other: {100 * (1 - margin):.0f} % of float32's time)" if margin is not None else "")
+def _route(row: dict, solvers: dict) -> str:
+    route = row.get("solver") or "–"
+    ms = solvers.get(route, {}).get("ms")
+    return f"{route} {ms:.2f} ms" if ms is not None else route
 
 
 def _row_head(key: tuple, m: dict) -> list[str]:
@@ -92,7 +91,7 @@ def cost_rows(merged: dict) -> list[list[str]]:
         base = v.get("baseline", {}).get("ms")
         rows.append(_row_head(key, m) + [str(m["batch"] or "–"), f"{base:.1f} ms" if base else "–",
                                          *(_pct(v.get(f"k={k}", {}).get("vs_baseline")) for k in (1, 3, 5, 10)),
-                                         _compiled(v), _route(v["k=1"]) if "k=1" in v else "–"])
+                                         _compiled(v), _route(v["k=1"], m["solvers"]) if "k=1" in v else "–"])
     return rows
 
 
@@ -132,7 +131,7 @@ def table(results: list[dict], include_cpu: bool = False) -> tuple[str, int]:
     if not rows:
         return NONE_YET, 0
     head = ["GPU", "torch / CUDA", "measured (code)", "model, hooks, data", "amp", "batch", "baseline step", "SES k=1",
-            "k=3", "k=5", "k=10", "k=1 compiled", "auto's solver route (per SES solve)"]
+            "k=3", "k=5", "k=10", "k=1 compiled", "SES route (per SES solve)"]
     lines = _markdown(head, rows)
     per_route = route_rows(merged)
     if per_route:

@@ -1,10 +1,11 @@
 """A run's checkpoint: what it holds, how it is written, and how a run resumes from it.
 
 checkpoint.pt (<run-dir>/, written after every epoch, atomically: temp file + os.replace) holds
-model, optimizer, scheduler, GradScaler, SES counters, the Mixup/CutMix generator, the RNG states
-(torch CPU, numpy, python, this rank's GPU) of every rank (`rng` = rank 0's, `rng_ranks` = all of
-them under torchrun), epoch, the metric history, the settings and the precision mode.
-A checkpoint resumes across precision modes (a GradScaler state is used only where both sides
+model, optimizer, scheduler, GradScaler, SES counters and solver route, the Mixup/CutMix generator,
+the RNG states (torch CPU, numpy, python, this rank's GPU) of every rank (`rng` = rank 0's,
+`rng_ranks` = all of them under torchrun), epoch, the metric history, the settings and the precision
+mode. A resumed run solves by the route of the sweep resuming it; where the checkpoint's differs,
+ses_solver_changes says so ("epoch N: <old> -> <new> (<why>)"). A checkpoint resumes across precision modes (a GradScaler state is used only where both sides
 have one) and process counts (each rank restores its own RNG state when the count is the same;
 otherwise rank 0 goes on with the first and the other ranks start new streams). Under torchrun
 rank 0 reads the file first, so an unreadable one is moved aside once, and tells the others.
@@ -75,7 +76,10 @@ def apply_checkpoint(run, run_dir: Path, ckpt: dict | None) -> tuple[list, int]:
         print(f"note: {run_dir.name} resumes under fp16 from a checkpoint without a GradScaler state; "
               f"the loss scale starts afresh")
     if run.ses is not None:
-        run.ses.load_state_dict(ckpt["ses"])
+        saved = run.ses.load_state_dict(ckpt["ses"])
+        if saved is not None and saved != run.ses.solver:  # the run goes on by the sweep's route
+            run.ses.solver_changes.append(f"epoch {ckpt['epoch']}: {saved} -> {run.ses.solver} (this sweep's route: "
+                                          f"{run.route.source})")
     if run.mixer is not None and ckpt.get("mixer"):
         run.mixer.load_state_dict(ckpt["mixer"])
     per_rank = ckpt.get("rng_ranks") or [ckpt["rng"]]

@@ -29,6 +29,7 @@ from harness.runs import RunError
 from harness.summary import format_table, summarize
 from harness.sweep import Interrupted, experiment_dir, force_restart, rerun, run_sweep, selected_runs
 from harness.training import AMP_MODES
+from ses_solvers.routes import SOLVERS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -141,6 +142,10 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
                         "default: the first steps compile for minutes, and no GPU measurement has shown a win yet "
                         "(bench/bench_ses.py --compile measures it); not part of the run's name, so a run resumes "
                         "with or without it")
+    p.add_argument("--ses-solver", choices=SOLVERS, default="auto",
+                   help="SES eigen-solver route of every run of this command (docs/solver.md); auto = the route "
+                        "--preflight measured fastest on this GPU (<out-dir>/ses_solver_routes.json), else float32 "
+                        "(torch.linalg.eigvalsh); not part of the run's name")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log every epoch to <run-dir>/tensorboard/ (tensorboard --logdir <out-dir>)")
     p.add_argument("--force", action="store_true",

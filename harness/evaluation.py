@@ -151,9 +151,7 @@ def final_metrics(cfg, model, data, amp, layers, probe_x, history, ses) -> dict:
                                          for n, d in dims.items()},
         entropy_max={n: entropy_ceiling(d, len(probe_x)) for n, d in dims.items()}, ses_target=cfg["ses_target"],
         ses_steps=ses.applied_steps if ses else 0, total_steps=sum(h["steps"] for h in history),
-        ses_solver=ses.solver if ses else None, ses_solver_timings_s=ses.solver_timings if ses else None,
-        ses_solver_rejected=ses.solver_rejected if ses else None, ses_solver_margin=ses.solver_margin if ses else None,
-        ses_solver_ranks=ses.solver_ranks if ses else None, ses_solver_changes=ses.solver_changes if ses else None,
+        ses_solver=ses.solver if ses else None, ses_solver_changes=ses.solver_changes if ses else None,
         epochs=len(history), epoch_time_s=statistics.median(h["epoch_time_s"] for h in history),
         images_per_s=statistics.median(h["images_per_s"] for h in history),
         amp=amp.name, device=gpu.name(data.train_x.device))

@@ -9,6 +9,10 @@ total memory, the estimate of the training peak made before measuring (harness.m
 whose estimate does not fit gets its one line saying what does first), and the projected time per
 run; then the projected time of the whole sweep. Memory is max_memory_allocated (tensors only:
 the CUDA context and cuDNN workspaces take a few hundred MiB more), so leave ~10 % headroom.
+SES solver route: on CUDA, before the first SES config is timed, the routes are compared on that
+config's real Gram matrices and the result is recorded for this GPU in <out-dir>/ses_solver_routes.json
+(harness/solver_route.py), the one file it writes; every config's steps are then timed with the
+route a sweep on this GPU will use.
 """
 from __future__ import annotations
 
@@ -23,12 +27,13 @@ import torch
 
 from data_utils import DataError
 from harness.config import resolve_config
+from harness.memory import FIT
 from harness.evaluation import NonFiniteActivations, evaluate, fgsm, gaussian_noise, measure_entropy
 from harness import multigpu
 from harness.checkpoints import save_checkpoint
 from harness.runs import build_run
 from plumbing import gpu
-from ses_solvers.routes import describe_choice
+from harness import solver_route
 from harness.sweep import contained, dataset_for, fit_check
 from harness.training import train_epoch
 
@@ -63,8 +68,9 @@ def time_chunk(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | None = None, warmup: int = 10) -> dict:
-    run = build_run(cfg, data, device, reg, compile_backend)
+def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | None = None, warmup: int = 10,
+            route=None) -> dict:
+    run = build_run(cfg, data, device, reg, compile_backend, route)
     try:
         gpu.reset_peak(device)
         step_s = time_steps(run, steps, warmup)
@@ -101,9 +107,7 @@ def measure(cfg: dict, data, device, reg, steps: int, compile_backend: str | Non
         peak_final = max(p[2] for p in per_gpu) if peak_final is not None else None
         return dict(note=probe_note, step_s=step_s, images_per_s=cfg["batch_size"] / step_s, peak_train=peak_train,
                     peak_final=peak_final, per_gpu=per_gpu if len(per_gpu) > 1 else None, ckpt_mb=ckpt_mb, run_s=cfg["epochs"] * per_epoch + final,
-                    amp=amp.name, steps_per_epoch=len(run.loader),
-                    solver=run.ses.solver_choice()
-                    if run.ses else None)
+                    amp=amp.name, steps_per_epoch=len(run.loader))
     finally:
         run.close()
 
@@ -124,13 +128,16 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     total = gpu.total_memory(device)
     print(f"preflight of {experiment} on {gpu.name(device)}"
           + (f", {total / GiB:.1f} GiB" if total else "") + ("; synthetic data" if args.synthetic else ""))
+    route, measured = solver_route.settle(args, device), False  # the sweep's route; on CUDA measured below
     rows, data_cache, base_cache, worst = [], {}, {}, 0
     for config in args.configs:
         cfg, _ = resolve_config(experiment, setup, grid, config, args.seeds[0], args.smoke, overrides)
         try:
             estimate = fit_check([cfg], experiment, args, reg, device).get(cfg["variant"])
             data = dataset_for(cfg, args, reg, data_cache, device)
-            m = measure(cfg, data, device, reg, steps, args.compile, warmup)
+            if cfg["ses"] and not measured and solver_route.measured_on(device):  # the first SES config
+                route, measured = solver_route.measure(cfg, data, device, reg, args), True
+            m = measure(cfg, data, device, reg, steps, args.compile, warmup, route)
             m["estimate"] = estimate.peak() if estimate else None
             if cfg["ses"]:
                 twin = dict(cfg, ses=False)
@@ -156,14 +163,12 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
             continue
         if m.get("note"):
             print(f"  {config}: {m['note']}")
-        if m.get("solver") and (m["solver"][1] or m["solver"][2]):  # CUDA: what "auto" measured and chose
-            print(f"  {config}: SES solver {describe_choice(*m['solver'])}")
         if m.get("per_gpu"):  # torchrun: every process's peaks (the table shows the largest)
             print(f"  {config}: per GPU (train / final GiB): " + ", ".join(
                 f"rank {r} {name} {fmt_mem(t, None)} / {fmt_mem(f, None)}" for r, (name, t, f) in enumerate(m["per_gpu"])))
         rows.append((config, m, len(args.seeds)))
         peak = max(m["peak_train"] or 0, m["peak_final"] or 0)
-        if total and peak > 0.9 * total:
+        if total and peak > FIT * total:
             worst = 1
     w = max([len(r[0]) for r in rows] + [8]) + 2
     print(f"{'config':<{w}}{'amp':>5}{'step ms':>9}{'img/s':>8}{'SES +%':>8}{'train GiB':>16}{'est. GiB':>9}"

@@ -40,6 +40,7 @@ from plumbing.files import atomic_torch_save, write_jsonl
 from harness.models import compile_model, resolve_layers
 from harness.registry import Registry
 from ses_core import SES, entropy_ceiling, entropy_target
+from ses_solvers.decision import Route, decide
 from harness.tensorboard_log import TensorBoard
 from harness.training import AmpPolicy, amp_policy, build_optimizer, build_scheduler, train_epoch
 
@@ -116,6 +117,7 @@ class Run:
     eval_split: str
     train_model: torch.nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
     shard: slice | None           # this process's rows of each global batch (torchrun), else None
+    route: Route                  # the SES solver route (decided before the sweep) and where it comes from
 
     def paused(self):
         """Context in which the SES hooks store nothing (evaluation must never collect)."""
@@ -129,14 +131,16 @@ class Run:
         gpu.free_cached(self.device)
 
 
-def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compile_backend: str | None = None) -> Run:
+def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compile_backend: str | None = None,
+              route: Route | None = None) -> Run:
     """Model, hooks, optimizer, loader, probe batch; raises RunError/ValueError on bad settings.
+    route: the SES solver route the sweep decided (default: decide(device), float32 without a record).
     Under torchrun every rank builds and checks its run before the first collective (agreed: a
     failure on one rank fails the run on all), then DistributedDataParallel wraps the model.
     compile_backend (--compile): torch.compile the training forward, hooks included (no graph
     break in one process; under torchrun on GPUs SyncBatchNorm breaks the graph at every BN layer);
     evaluation, the probe and checkpoints use the plain model."""
-    run = multigpu.agree(_build, cfg, data, device, reg)
+    run = multigpu.agree(_build, cfg, data, device, reg, route or decide(device))
     run.train_model = multigpu.wrap(run.model, device)
     if compile_backend:
         if multigpu.uses_sync_batchnorm(device):
@@ -145,7 +149,7 @@ def build_run(cfg: dict, data: Data, device: torch.device, reg: Registry, compil
     return run
 
 
-def _build(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run:
+def _build(cfg: dict, data: Data, device: torch.device, reg: Registry, route: Route) -> Run:
     amp = amp_policy(device, cfg["amp"])
     data = data.with_validation(cfg["val_size"])
     if cfg["batch_size"] > len(data.train_y):
@@ -161,7 +165,8 @@ def _build(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run:
     layers = resolve_layers(cfg, model, reg.presets)
     opt = build_optimizer(cfg, model, reg.optimizers)
     sched = build_scheduler(cfg, opt)
-    ses = SES(model, layers, cfg["lam"], cfg["beta"], cfg["every"], target=cfg["ses_target"]) if cfg["ses"] else None
+    ses = SES(model, layers, cfg["lam"], cfg["beta"], cfg["every"], solver=route.name,
+              target=cfg["ses_target"]) if cfg["ses"] else None
     mixer = make_mixer(cfg["mix"], data.info["num_classes"], cfg["mix_alpha"], seed=cfg["seed"])
     augment = data.info.get("augment") or partial(random_crop_flip, pad=data.info["pad"])
     loader = GpuLoader(data.train_x, data.train_y, cfg["batch_size"], device, train=True,
@@ -171,11 +176,10 @@ def _build(cfg: dict, data: Data, device: torch.device, reg: Registry) -> Run:
                              train=False).epoch())[0]  # fixed batch for the per-epoch entropy
     if ses is not None and world.size > 1:
         ses.gather = multigpu.gather_rows  # SES on the global batch
-        ses.agree = multigpu.gather_objects  # and one solver route on every rank
     multigpu.seed_rank(cfg["seed"])  # dropout: one stream per rank
     return Run(cfg, data, device, amp, model, layers, opt, sched, amp.scaler(), ses, mixer, loader, probe_x,
                "val" if data.val_x is not None else "test", model,
-               multigpu.shard(world, cfg["batch_size"]) if world.size > 1 else None)
+               multigpu.shard(world, cfg["batch_size"]) if world.size > 1 else None, route)
 
 
 def check_final_stage(run: Run) -> int | None:
@@ -222,6 +226,7 @@ def train_run(run: Run, run_dir: Path, reg: Registry, stage: list, tensorboard: 
     with run.paused():
         result = multigpu.agree(final_metrics, cfg, run.model, run.data, run.amp, run.layers, run.probe_x, history,
                                 run.ses)
+    result["ses_solver_source"] = run.route.source if run.ses is not None else None
     result["peak_mem_bytes"] = peak_train if start_epoch < cfg["epochs"] else None
     result["peak_mem_final_bytes"] = gpu.peak(device)
     result["device_mem_bytes"] = gpu.total_memory(device)

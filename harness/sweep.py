@@ -29,6 +29,7 @@ from harness.config import resolve_config, run_name
 from harness.memory import fit_warnings
 from harness.registry import Registry
 from harness.runs import RunError, build_run, check_final_stage, environment, save_code, train_run
+from harness.solver_route import settle
 from harness.summary import add_overhead, format_table, summarize
 from harness.training import NonFiniteLoss
 from plumbing import gpu
@@ -183,9 +184,11 @@ def end_job(world, what: str, args) -> None:
     raise SystemExit(1)
 
 
-def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device, since: float = 0.0) -> str:
+def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device, since: float = 0.0,
+            route=None) -> str:
     """Train one run to its result; returns 'done', 'skipped' or 'failed'. Under torchrun every
-    decision about the run folder is rank 0's, broadcast, so all ranks take the same path."""
+    decision about the run folder is rank 0's, broadcast, so all ranks take the same path.
+    route: the SES solver route of the sweep (solver_route.settle)."""
     run_dir = exp_dir / run_name(cfg)
     world = multigpu.current()
     verdict, line = multigpu.broadcast(decide(run_dir, cfg) if world.main else None)
@@ -199,7 +202,7 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
     stage = ["build"]
     try:
         run = build_run(cfg, dataset_for(cfg, args, reg, datasets, device), device, reg,
-                        getattr(args, "compile", None))
+                        getattr(args, "compile", None), route)
     except DataError:
         raise  # no run of this dataset can start: the sweep ends with the data's one line
     except Exception as e:  # noqa: BLE001 - bad settings, or out of memory while building: nothing was written
@@ -293,6 +296,7 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     started = time.time()
     device = torch.device(args.device)
     gpu.use(device)  # every CUDA call of this process (cuSOLVER's too) on this GPU
+    route = settle(args, device)  # one SES solver route for every run, decided before any is built
     exp_dir = experiment_dir(args, experiment)
     exp_dir.mkdir(parents=True, exist_ok=True)
     cfgs = selected_runs(experiment, grid, setup, args, overrides)
@@ -304,7 +308,7 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     failed = []
     try:
         for cfg in cfgs:
-            if run_one(cfg, exp_dir, args, reg, datasets, device, started) == "failed":
+            if run_one(cfg, exp_dir, args, reg, datasets, device, started, route) == "failed":
                 failed.append(run_name(cfg))
     finally:
         summary = summarize(exp_dir, list(grid))

@@ -38,8 +38,9 @@ column, which read row-major is V^T.
 
 Not yet run on a GPU: use it only through `available(device, shape)`, which runs `selftest()` once per
 device and stack shape in a child process on that device (a wrong binding could crash the process
-rather than raise) and says why not if it fails. ses_solvers' "auto" then checks its eigenvalues
-against float64 LAPACK on the real matrices before timing it.
+rather than raise) and says why not if it fails: before a sweep's first run (ses_solvers.decision) or
+in --preflight and the benchmark, never inside a training run. --preflight's comparison of the routes
+(routes.compare_routes) also checks its eigenvalues against float64 LAPACK on the real matrices.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The exact eigen-solve under the SES penalty: routes, the entropy of a stack of Grams, the auto choice.
+"""The exact eigen-solve under the SES penalty: routes, the entropy of a stack of Grams, and the
+measurement that compares the routes (decision.py decides which one a process trains with).
 
 Given m symmetric PSD float32 matrices G_l (k_l x k_l, one per hooked layer, see ses_core), every
 route returns H_l = -sum_i p_i log p_i with p = lam(G_l) / tr, differentiable: only eigenvalues
@@ -11,7 +12,8 @@ are differentiated, dL/dG = V diag(dL/dlam) V^T. The routes differ in how the so
     "padded"    every G_l zero-padded to k = max k_l and solved in ONE float64 eigvalsh call
     "batched32" / "batched64"   the padded stack in ONE direct cuSOLVER batched call
                 (cusolver_batched: XsyevBatched / syevjBatched), float32 / float64
-    "auto"      float32 on a CPU (nothing timed); on CUDA see pick_solver.
+SOLVERS adds "auto" (what a user may ask for: decision.decide turns it into one of ROUTES before any
+training step).
 
 What torch's eigvalsh does on CUDA depends on its version. torch >= 2.12 sends every batched input to
 one cusolverDnXsyevBatched call (PR 175403): "float32" is then one batched call per size group,
@@ -28,13 +30,13 @@ Host syncs: torch's eigvalsh on CUDA reads its convergence flags on the host onc
 group; once for "padded"); "host" copies the Grams to the CPU; "batched*" make no host read of their
 own (cuSOLVER may still work on the host when it asks for host workspace: see cusolver_batched).
 
-auto (pick_solver, on CUDA, once, on the first SES step's real matrices): every route is checked
-against float64 LAPACK (off by more than AUTO_TOLERANCE nats, failing or unavailable: left out, with
-why), then its solve is timed: REPS back-to-back forward + backward repetitions between two CUDA
-events, no sync inside (one wait on the end event to read it), ROUNDS rounds interleaved over the
-routes, the median kept. "float32" (plain torch) is kept unless another route takes at most
-1 - KEEP_MARGIN = 90 % of its time; the margin recorded is 1 - t(fastest other) / t(float32). Under
-torchrun (common_route) the same rule is applied to each route's time on its slowest rank.
+Comparing the routes (compare_routes; --preflight runs it on a config's real matrices, bench/bench_ses.py
+times with time_route; never inside training): every route is checked against float64 LAPACK (off by
+more than EXACT_TOLERANCE nats, failing or unavailable: left out, with why), then its solve is timed:
+REPS back-to-back forward + backward repetitions between two CUDA events, no sync inside (one wait on
+the end event to read it), ROUNDS rounds interleaved over the routes, the median kept. choose_route
+keeps "float32" (plain torch) unless another route takes at most 1 - KEEP_MARGIN = 90 % of its time;
+the margin recorded is 1 - t(fastest other) / t(float32).
 What this timing cannot see: what a route's host sync costs the rest of the training step. Timed
 alone, a route pays only for the GPU idling inside its own repetitions; in training the sync also
 costs the CPU its lead over the backward pass and the optimizer, whose launches are then exposed.
@@ -49,7 +51,6 @@ import statistics
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,12 @@ import torch.nn.functional as F
 from plumbing import gpu
 from ses_solvers import cusolver_batched
 
-SOLVERS = ("auto", "float32", "float64", "host", "padded", "batched32", "batched64")
+ROUTES = ("float32", "float64", "host", "padded", "batched32", "batched64")
+SOLVERS = ("auto",) + ROUTES  # what a user may name: a route, or auto (decision.decide)
 PADDED = ("padded", "batched32", "batched64")
-AUTO_TOLERANCE = 1e-3  # nats: a route whose H differs more from float64 LAPACK's is not used
-KEEP_MARGIN = 0.10     # auto leaves "float32" only for a route that saves at least this fraction of its time
-REPS, ROUNDS = 5, 3    # auto: back-to-back repetitions per timing, timings per route (median kept)
+EXACT_TOLERANCE = 1e-3  # nats: a route whose H differs more from float64 LAPACK's is not used
+KEEP_MARGIN = 0.10     # choose_route leaves "float32" only for a route that saves at least this fraction of its time
+REPS, ROUNDS = 5, 3    # compare_routes: back-to-back repetitions per timing, timings per route (median kept)
 _HOST_POOL: ThreadPoolExecutor | None = None
 
 
@@ -109,7 +111,7 @@ def eigvals_psd(gram: torch.Tensor, solver: str = "float32") -> torch.Tensor:
         return _EigvalshBy.apply(gram, _host_eigh)
     if solver in ("batched32", "batched64"):
         return _EigvalshBy.apply(gram, _cusolver_eigh(torch.float32 if solver == "batched32" else torch.float64))
-    raise ValueError(f"unknown SES solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    raise ValueError(f"unknown SES solver route {solver!r}; use one of {', '.join(ROUTES)}")
 
 
 _PAD_MASKS: dict[tuple, torch.Tensor] = {}
@@ -177,7 +179,7 @@ def forward_backward(grams: Sequence[torch.Tensor], solver: str) -> list[torch.T
     """One SES solve, forward and backward, as the penalty runs it: H of fresh leaf copies of `grams` by
     route `solver`, then the backward pass through them; the H, detached. No sync beyond the route's own."""
     leaves = [g.detach().clone().requires_grad_(True) for g in grams]
-    with torch.enable_grad():  # SES picks its route inside no_grad()
+    with torch.enable_grad():  # also when called inside no_grad()
         hs = entropies_of_grams(leaves, solver)
         torch.stack(hs).sum().backward()
     return [h.detach() for h in hs]
@@ -222,10 +224,10 @@ def time_route(grams: Sequence[torch.Tensor], solver: str, reps: int = REPS, eve
         return start.elapsed_time(end) / 1e3 / reps, hs
 
 
-def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = SOLVERS[1:], reps: int = REPS,
+def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = ROUTES, reps: int = REPS,
                    rounds: int = ROUNDS, event=None) -> tuple[dict[str, float], dict[str, str]]:
     """Seconds per forward + backward (median of `rounds` time_route timings, interleaved over the
-    routes) of each route whose H agrees with float64 LAPACK's within AUTO_TOLERANCE nats in every
+    routes) of each route whose H agrees with float64 LAPACK's within EXACT_TOLERANCE nats in every
     round, and why each other route was left out (unavailable, failed, or off). A route's fault is
     recorded, never raised."""
     with torch.no_grad():
@@ -240,7 +242,7 @@ def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = SOLVER
                     seconds, hs = time_route(grams, solver, reps, event, warmup=rnd == 0)
                     err = (torch.stack(hs).double() - reference).abs().max().item()
                     samples.setdefault(solver, []).append(seconds)
-                    why = "" if err <= AUTO_TOLERANCE else f"H differs from float64 LAPACK by {err:.2g} nats"
+                    why = "" if err <= EXACT_TOLERANCE else f"H differs from float64 LAPACK by {err:.2g} nats"
             except (RuntimeError, ValueError, OSError) as e:  # a CusolverError is a RuntimeError
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if why:
@@ -250,10 +252,10 @@ def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = SOLVER
 
 
 def choose_route(timings: dict[str, float]) -> tuple[str, float | None]:
-    """(route, margin) by auto's rule, from seconds per route: "float32" unless the fastest other route
+    """(route, margin) by the preflight's rule, from seconds per route: "float32" unless the fastest other route
     takes at most (1 - KEEP_MARGIN) of float32's time; margin = 1 - t(fastest other) / t(float32), None
     without both. Without a float32 time: the fastest route; with no time at all: "host" (the float64
-    LAPACK reference auto checks against: exact wherever it runs). Ties go to the first name in sorted
+    LAPACK reference compare_routes checks against: exact wherever it runs). Ties go to the first name in sorted
     order, so equal timings give the same route everywhere."""
     others = sorted((t, r) for r, t in timings.items() if r != "float32")
     t32 = timings.get("float32")
@@ -266,62 +268,14 @@ def choose_route(timings: dict[str, float]) -> tuple[str, float | None]:
     return (best if t_best <= (1 - KEEP_MARGIN) * t32 else "float32"), margin
 
 
-class Choice(NamedTuple):
-    route: str                  # the route "auto" uses
-    timings: dict[str, float]   # seconds per forward + backward of each route kept (torchrun: its slowest rank's)
-    rejected: dict[str, str]    # route -> why it was left out (torchrun: "rank i: why" of each rank that did)
-    margin: float | None        # 1 - t(fastest other route) / t(float32); None when not both timed
-    ranks: int = 1              # how many processes' timings the rule was applied to
-
-
-def timed_here(device: torch.device) -> bool:
-    """Whether auto times the routes on `device` (CUDA only: on a CPU it keeps float32)."""
-    return device.type == "cuda"
-
-
-def pick_solver(grams: Sequence[torch.Tensor], reps: int = REPS, rounds: int = ROUNDS) -> Choice:
-    """auto on these (the real) matrices: Choice("float32", {}, {}, None) on a CPU, where nothing is
-    timed; on CUDA compare_routes, then choose_route's rule. Never raises for a route's fault."""
-    if not grams or not timed_here(grams[0].device):
-        return Choice("float32", {}, {}, None)
-    timings, rejected = compare_routes(grams, SOLVERS[1:], reps, rounds)
-    route, margin = choose_route(timings)
-    return Choice(route, timings, rejected, margin)
-
-
-def common_route(per_rank: Sequence[tuple[dict[str, float], dict[str, str]]]) -> Choice | None:
-    """Several processes (torchrun): per_rank[i] = (timings, rejected) of rank i, in rank order (SES.agree
-    gathers them), so every rank gets the same Choice. choose_route's rule applied to each route's time
-    on its slowest rank, over the routes every rank timed; those times are the Choice's timings, and
-    every other route's reason names the ranks that left it out ("rank 1: why" / "ranks 0, 2: why").
-    No route timed on every rank: "host" (exact everywhere). None if no rank timed anything (a CPU:
-    every rank keeps float32)."""
-    if not any(t for t, _ in per_rank):
-        return None
-    shared = set.intersection(*(set(t) for t, _ in per_rank))
-    timings = {r: max(t[r] for t, _ in per_rank) for r in SOLVERS if r in shared}
-    rejected = {}
-    for route in (r for r in SOLVERS[1:] if r not in shared):
-        by_why: dict[str, list[str]] = {}
-        for i, (t, why) in enumerate(per_rank):
-            if route not in t:
-                by_why.setdefault(why.get(route, "not timed"), []).append(str(i))
-        rejected[route] = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(r)}: {w}" for w, r in by_why.items())
-    route, margin = choose_route(timings)
-    return Choice(route, timings, rejected, margin, len(per_rank))
-
-
-def describe_choice(route: str, timings: dict[str, float], rejected: dict[str, str], margin: float | None,
-                    ranks: int = 1) -> str:
-    """One line: the route, each route's ms per forward + backward (under torchrun: on its slowest rank),
-    the margin against float32, what was left out and why."""
+def describe_choice(route: str, timings: dict[str, float], rejected: dict[str, str], margin: float | None) -> str:
+    """One line: the route, each route's ms per forward + backward, the margin against float32, what was
+    left out and why."""
     parts = [", ".join(f"{r} {1e3 * t:.1f} ms" for r, t in timings.items())] if timings else []
-    if timings and ranks > 1:
-        parts[0] += f" (each on its slowest of {ranks} ranks)"
     if margin is not None:
         parts.append(f"fastest other route takes {100 * (1 - margin):.0f} % of float32's time "
-                     f"(auto leaves float32 at <= {100 * (1 - KEEP_MARGIN):.0f} %)")
+                     f"(float32 is left at <= {100 * (1 - KEEP_MARGIN):.0f} %)")
     if not timings and rejected:
-        parts.append(f"no route could be timed{' on every rank' if ranks > 1 else ''}: {route}, exact wherever it runs")
+        parts.append(f"no route could be timed: {route}, exact wherever it runs")
     parts += [f"{r} left out: {why}" for r, why in rejected.items()]
     return f"{route} ({'; '.join(parts)})"

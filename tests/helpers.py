@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP10 = ROOT / "exp10_periodic_ses.py"
-TIMING = {"epoch_time_s", "images_per_s", "overhead", "peak_mem_bytes", "solver_timings", "ses_solver_timings_s"}
+TIMING = {"epoch_time_s", "images_per_s", "overhead", "peak_mem_bytes"}
 SMOKE_EXP10 = ("smoke", "exp10_periodic_ses")
 
 

@@ -41,11 +41,16 @@ def test_zero_steps_is_one_line(capsys):
     assert code == 2 and "Traceback" not in err and err.strip().count("\n") == 0
 
 
+def test_a_route_this_device_cannot_run_is_one_line(capsys):
+    code, err = bench_in_process(capsys, "--device", "cpu", "--ses-solver", "batched32")
+    assert code == 2 and "Traceback" not in err and err.strip().count("\n") == 0 and "not a CUDA device" in err
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     p = bench("--device", "cpu", "--steps", "1", "--group", "1", "--repeats", "1", "--setups", "resnet18",
-              "--batch", "2", "--ks", "1", "3", "--compile", "eager", "--profile", "--json", out)
+              "--batch", "2", "--ks", "1", "3", "--compile", "eager", "--profile", "--ses-solver", "float64", "--json", out)
     return p, out
 
 
@@ -74,8 +79,8 @@ def test_tiny_cpu_run_fills_the_table_and_the_json(tiny_run):
     for route in ("float32", "float64", "host", "padded"):  # SES k = 1 with the route fixed, timed as training runs it
         assert steps[f"k=1 {route}"]["solver"] == route and steps[f"k=1 {route}"]["ms"] > 0
     assert steps["k=1 batched32"]["ms"] is None and steps["k=1 batched32"]["skipped"] == "not a CUDA device"
-    k1 = steps["k=1"]
-    assert k1["solver"] == "float32" and k1["solver_timings_ms"] == {} and k1["solver_margin"] is None  # auto on a CPU
+    for label in ("k=1", "k=3", "k=1 compiled", "k=3 compiled"):  # --ses-solver: the route of the SES rows
+        assert steps[label]["solver"] == "float64"
     assert r["profile"]["resnet18"] and "convolution" in " ".join(e["op"] for e in r["profile"]["resnet18"])
     env = r["env"]
     assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and env["date"][:2] == "20"
@@ -118,6 +123,7 @@ def test_cost_table_from_a_real_bench_json_between_the_markers(tiny_run, tmp_pat
     solve = {x["solver"]: x["ms"] for x in r["solvers"]}
     assert routes[5] == f"{solve['float32']:.2f} ms; k=1 {100 * steps['k=1 float32']['vs_baseline']:+.1f} %"
     assert routes[9:] == ["–", "– |"]  # batched32 / batched64 do not run on a CPU, and the lines below say why
+    assert row[12] == f"float64 {solve['float64']:.2f} ms |"  # the route of the SES rows, its solve
     assert f"- {r['env']['device']}, torch {r['env']['torch']} / {r['env']['cuda']}: batched32 not run (not a CUDA device)" in text
     assert cost_table.main(["--results", str(results), "--include-cpu", str(doc)]) == 0 and doc.read_text() == text
     capsys.readouterr()

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
 import gpu_check_parts  # noqa: E402
 from gpu_check_parts import Part, probe_result  # noqa: E402
+from ses_solvers import decision  # noqa: E402
 
 SOLVER_HALF = ("nvidia_smi", "selftest", "hostsync", "cuda_tests", "bench_resnet18", "bench_resnet50", "bench_resnet18_compile")
 SCRIPT_HALF = ("torchrun_smoke", "collectives", "exp11_preflight", "exp12_preflight")
@@ -61,13 +62,14 @@ def test_the_cpu_rehearsal_runs_the_solver_parts(tmp_path):
     assert tests["status"] == "ok" and tests["figures"]["skipped"] >= 3 and "failed" not in tests["figures"]
     bench = parts["bench_resnet18"]["figures"]
     assert bench["device_type"] == "cpu" and {"bf16 baseline", "bf16 k=1", "bf16 k=3", "bf16 k=1 host"} <= set(bench["steps"])
-    assert (out / bench["json"]).is_file() and bench["auto"]["bf16"]["route"] == "float32"
+    assert (out / bench["json"]).is_file() and bench["steps"]["bf16 k=1"]["solver"] == "float32"
 
 
 def test_the_cpu_rehearsal_runs_the_script_parts(tmp_path):
     parts, _ = rehearse(tmp_path, SCRIPT_HALF)
     (run,) = parts["torchrun_smoke"]["figures"].values()
     assert run["config"] == "ses_k1" and run["ses_solver"] == "float32" and run["epochs"] == 1
+    assert run["ses_solver_source"] == decision.ON_CPU
     assert parts["collectives"]["figures"]["backend"] == "gloo" and parts["collectives"]["figures"]["all_gather"] is True
     assert [r["config"] for r in parts["exp12_preflight"]["figures"]["rows"]] == ["mixup"]
     assert parts["exp12_preflight"]["figures"]["projected"].startswith("projected sweep")

@@ -156,18 +156,6 @@ def test_preflight_prints_the_table_and_writes_no_run_folder(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.rglob("*.json"))
 
 
-def test_preflight_names_the_solver_route_auto_chose_and_the_routes_it_left_out(tmp_path, monkeypatch, capsys):
-    import ses_core
-    monkeypatch.setattr(ses_core, "pick_solver", lambda grams: (  # as on CUDA: route, timings, rejected, margin
-        "host", {"float32": 0.004, "float64": 0.002, "host": 0.001}, {"batched32": "selftest exited 1: no GPU"}, 0.75))
-    code = cli.run_experiment(EXP10, dict(dataset="cifar10", layers="last3"), {"ses_k1": dict(ses=True, every=1)},
-                              "doc", ["--smoke", "--preflight", "--out-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert ("ses_k1: SES solver host (float32 4.0 ms, float64 2.0 ms, host 1.0 ms; fastest other route takes 25 % of "
-            "float32's time (auto leaves float32 at <= 90 %); batched32 left out: selftest exited 1: no GPU)") in out
-
-
 def test_synthetic_data_has_the_real_shapes_and_its_runs_stay_apart(tmp_path):
     small = dict(DATASETS["cifar10"], sizes=(48, 16))  # the real sizes would take hours on a CPU
     code = cli.run_experiment(EXP10, dict(dataset="cifar10", layers="last3"), {"baseline": dict(ses=False)}, "doc",
