@@ -52,6 +52,7 @@ def test_the_plain_command_and_the_preflight_reach_the_gpu(script, card, data_di
         code, text = run_in_process(script, ["--data-dir", data_dir, "--out-dir", tmp_path, *extra], capsys)
         assert code == 1 and NO_DRIVER in first_error(text), text[-3000:]
         assert gpus.set_calls and set(gpus.set_calls) == {0}  # "cuda" became the current device, cuda:0
+        assert "SES solver route: float32 (" in text.split(NO_DRIVER)[0]  # decided before any run, no record here
         fits = "does not fit" not in text
         assert fits == (script != "exp11_resnet50_tinyimagenet" or card == "l40s"), text[-2000:]
         if not fits:  # exp11 at batch 256 on a T4: said before anything is on the GPU, with what fits
