@@ -1,4 +1,5 @@
-"""Spectral Entropy Shaping (SES): the penalty, the activation collector, periodic SES.
+"""Spectral Entropy Shaping (SES), top to bottom: the entropy of a spectrum, the entropy of a layer's
+activations, the targets, the penalty, periodic SES.
 
 For a hooked layer l with pooled activations a of shape (n, d_l):
 
@@ -6,7 +7,9 @@ For a hooked layer l with pooled activations a of shape (n, d_l):
     Sigma = X^T X / (n - 1)               covariance, (d, d); eigenvalues lam_i >= 0
     p_i = lam_i / sum_j lam_j             normalised spectrum (scale-free: the 1/(n-1) cancels)
     H_l = -sum_i p_i log p_i              spectral entropy in nats, 0 <= H_l <= log(min(n - 1, d))
-    R = sum_l (H_l - beta * log d_l)^2    the SES penalty; training loss = CE + lam * R
+    t_l = beta * log d_l                  the target ("logd", the paper's; "rank": beta * log min(d_l, n - 1))
+    R = sum_l (H_l - t_l)^2               the SES penalty; training loss = CE + lam * R
+    periodic SES                          the penalty only on steps with step % every == 0
 
 Gram identity: the non-zero eigenvalues of X^T X (d x d) and X X^T (n x n) coincide, so the
 entropy is computed on whichever matrix is smaller (ResNet-50 layer4: n = 256 << d = 2048).
@@ -18,12 +21,16 @@ spectrum gives H = 0 with finite gradients. A matrix with a NaN/inf entry (overf
 is replaced by zeros before the solver (H = 0; the non-finite CE then stops the run), so the solver
 never sees one.
 
-Solver routes (all exact; `solver=` of SES / spectral_entropies): see ses_solvers/routes.py. SES solves
-by the one route it is given (default "float32", plain torch.linalg.eigvalsh); which route a sweep
-uses is decided once per process before any run starts (ses_solvers/decision.py; harness/solver_route.py
-under torchrun), so a training step times nothing and starts no process. The route is checkpointed
-(state_dict); a resumed run solves by the route it is given, and the caller records a change in
-`solver_changes`.
+Where the pieces live: the activations come from the collector (ses_hooks/collector.py: forward
+hooks that pool each hooked module's output in the hook; ActivationCollector is re-exported here);
+the eigenvalues of the stack of Grams from ses_solvers/routes.py, by the route `solver=` names (all
+exact). SES solves by the one route it is given (default "float32", plain torch.linalg.eigvalsh);
+which route a sweep uses is decided once per process before any run starts (ses_solvers/decision.py;
+harness/solver_route.py under torchrun), so a training step times nothing and starts no process. The
+route is checkpointed (state_dict); a resumed run solves by the route it is given, and the caller
+records a change in `solver_changes`. Every other argument of SES is a run setting of the harness's
+table (harness/settings.py, entries with to="SES"), passed by keyword: a new SES option is one entry
+there and its use here (docs/architecture.md, "Change the method").
 Host synchronisation: torch's eigvalsh routes wait once per solver call (it reads its convergence
 flags on the host: there is no eigvalsh_ex), "host" copies the Grams to the CPU, the batched cuSOLVER
 routes make no host read of their own (cuSOLVER may work on the host when it asks for host
@@ -33,44 +40,47 @@ id()/weakref in a graph): ResNet `all` then solves 9 matrices per SES step, not 
 """
 from __future__ import annotations
 
-import contextlib
-import difflib
 import math
-import weakref
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from ses_solvers.routes import ROUTES, entropies_of_grams, entropy_of_gram
+from ses_hooks.collector import ActivationCollector, named_modules_checked, pool_activation
+from ses_solvers.routes import ROUTES, eigenvalues
 
-__all__ = ["entropy_ceiling", "entropy_target", "spectral_entropy", "spectral_entropies", "centred_grams", "ses_penalty",
-           "pool_activation", "named_modules_checked", "ActivationCollector", "SES", "check_beta"]
-
-
-def check_beta(beta: float) -> float:
-    """Return beta as a float, or raise ValueError unless 0 < beta < 1."""
-    beta = float(beta)
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"beta must be in the open interval (0, 1), got {beta}")
-    return beta
+__all__ = ["entropy_of_spectrum", "spectral_entropy", "spectral_entropies", "centred_grams", "TARGETS",
+           "entropy_ceiling", "entropy_target", "ses_penalty", "check_beta", "check_lam", "check_every",
+           "check_target", "SES", "ActivationCollector", "pool_activation", "named_modules_checked"]
 
 
+# ----------------------------------------------------------------------------- 1. the entropy of a spectrum
+def entropy_of_spectrum(lam: torch.Tensor) -> torch.Tensor:
+    """H = -sum_i p_i log p_i (nats) of each row of eigenvalues lam (..., k) -> (...), differentiable.
+
+    Round-off negatives are clamped to 0 and p = lam / sum(lam). 0 log 0 = 0, so zeros anywhere in a
+    row (a rank-deficient layer, the solver's zero padding) change nothing; an all-zero row gives H = 0
+    with finite gradients (the sum is clamped to float32's smallest normal number before dividing). A
+    NaN eigenvalue (a failed solve) counts as positive: it reaches the loss and stops the run, it is
+    never read as 0.
+    """
+    lam = lam.clamp_min(0.0)
+    p = lam / lam.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    positive = ~(p <= 0)
+    # where() keeps the gradient finite at p = 0 (d/dp p log p diverges there).
+    plogp = torch.where(positive, p * torch.log(torch.where(positive, p, torch.ones_like(p))), torch.zeros_like(p))
+    return -plogp.sum(-1)
+
+
+# ----------------------------------------------------------------------------- 2. the entropy of activations
 def _centred_gram(a: torch.Tensor) -> torch.Tensor:
-    """(n, d) activations -> float32 Gram (n x n) or covariance (d x d), whichever is smaller."""
+    """(n, d) activations -> float32 Gram (n x n) or covariance (d x d), whichever is smaller; zeros if
+    any entry is NaN/inf (the solver never sees one)."""
     x = a.float()
     x = x - x.mean(0, keepdim=True)
     n, d = x.shape
-    return x @ x.T if n < d else x.T @ x
-
-
-def spectral_entropy(a: torch.Tensor) -> torch.Tensor:
-    """Spectral entropy H (nats, 0-d float32, differentiable) of activations `a` of shape (n, d)."""
-    if a.dim() != 2:
-        raise ValueError(f"spectral_entropy expects an (n, d) tensor, got shape {tuple(a.shape)}")
-    with torch.autocast(device_type=a.device.type, enabled=False):
-        return entropy_of_gram(_centred_gram(a).unsqueeze(0))[0]
+    gram = x @ x.T if n < d else x.T @ x
+    return torch.where(torch.isfinite(gram).all(), gram, torch.zeros_like(gram))
 
 
 def centred_grams(activations: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -83,22 +93,37 @@ def centred_grams(activations: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def spectral_entropies(activations: Sequence[torch.Tensor], solver: str = "float32") -> list[torch.Tensor]:
-    """H of every (n, d) tensor in `activations`, in order.
+    """H (0-d float32, differentiable) of every (n, d) tensor in `activations`, in order.
 
-    The same tensor object given twice (an aliased hook, see ActivationCollector) is solved once.
-    Matrices of equal size are stacked and decomposed in one batched call per size (ResNet-18's
-    `all` hooks: sizes 64, 128, 256 -> three calls; ResNet-50's: one); the padded routes make one
-    call for all sizes.
+    The same tensor object given twice (an aliased hook, see ActivationCollector) is solved once and
+    gets the same H object. The eigenvalues come from ses_solvers.routes.eigenvalues: one batched
+    call per matrix size (ResNet-18's `all` hooks: sizes 64, 128, 256 -> three calls; ResNet-50's:
+    one), or one call for all sizes on the padded routes.
     """
     if not activations:
         return []
     index = {key: i for i, key in enumerate(dict.fromkeys(id(a) for a in activations))}
     with torch.autocast(device_type=activations[0].device.type, enabled=False):
-        hs = entropies_of_grams(centred_grams(activations), solver)
-    return [hs[index[id(a)]] for a in activations]  # type: ignore[misc]
+        hs = entropy_of_spectrum(eigenvalues(centred_grams(activations), solver)).unbind(0)
+    return [hs[index[id(a)]] for a in activations]
 
 
+def spectral_entropy(a: torch.Tensor) -> torch.Tensor:
+    """Spectral entropy H (nats, 0-d float32, differentiable) of activations `a` of shape (n, d)."""
+    if a.dim() != 2:
+        raise ValueError(f"spectral_entropy expects an (n, d) tensor, got shape {tuple(a.shape)}")
+    return spectral_entropies([a])[0]
+
+
+# ----------------------------------------------------------------------------- 3. the targets
 TARGETS = ("logd", "rank")
+
+
+def check_target(target: str) -> str:
+    """Return target, or raise ValueError unless it is one of TARGETS."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown ses_target {target!r}; use {' or '.join(TARGETS)}")
+    return target
 
 
 def entropy_ceiling(d: int, n: int) -> float:
@@ -108,9 +133,30 @@ def entropy_ceiling(d: int, n: int) -> float:
 
 def entropy_target(d: int, n: int, beta: float, mode: str = "logd") -> float:
     """beta * log d (the paper's target, 'logd'), or beta * log min(d, n - 1) ('rank': reachable)."""
-    if mode not in TARGETS:
-        raise ValueError(f"unknown ses_target {mode!r}; use logd or rank")
-    return beta * (math.log(d) if mode == "logd" else entropy_ceiling(d, n))
+    return beta * (math.log(d) if check_target(mode) == "logd" else entropy_ceiling(d, n))
+
+
+# ----------------------------------------------------------------------------- 4. the penalty
+def check_beta(beta: float) -> float:
+    """Return beta as a float, or raise ValueError unless 0 < beta < 1."""
+    beta = float(beta)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in the open interval (0, 1), got {beta}")
+    return beta
+
+
+def check_lam(lam: float) -> float:
+    """Return lam as a float, or raise ValueError unless it is a finite number >= 0."""
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise ValueError(f"lam (the SES weight) must be a finite number >= 0, got {lam}")
+    return float(lam)
+
+
+def check_every(every: int) -> int:
+    """Return every as an int, or raise ValueError unless it is an integer >= 1."""
+    if int(every) != every or every < 1:
+        raise ValueError(f"every (the SES period k) must be an integer >= 1, got {every}")
+    return int(every)
 
 
 _TARGETS: dict[tuple, torch.Tensor] = {}
@@ -126,109 +172,18 @@ def _penalty_terms(acts: Sequence[torch.Tensor], beta: float, solver: str = "flo
     if key not in _TARGETS:
         _TARGETS[key] = torch.tensor([entropy_target(a.shape[1], a.shape[0], beta, target) for a in acts],
                                      device=hs.device)
-    return ((hs - _TARGETS[key]) ** 2).sum(), hs
+    gap = hs - _TARGETS[key]  # H_l - t_l
+    return (gap ** 2).sum(), hs
 
 
 def ses_penalty(activations: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
-                beta: float, solver: str = "float32") -> torch.Tensor:
-    """R = sum_l (H_l - beta * log d_l)^2 over (n, d_l) tensors (a mapping name -> tensor, or a list)."""
+                beta: float, solver: str = "float32", target: str = "logd") -> torch.Tensor:
+    """R = sum_l (H_l - t_l)^2 over (n, d_l) tensors (a mapping name -> tensor, or a list)."""
     acts = list(activations.values()) if isinstance(activations, Mapping) else list(activations)
-    return _penalty_terms(acts, check_beta(beta), solver)[0]
+    return _penalty_terms(acts, check_beta(beta), solver, check_target(target))[0]
 
 
-def pool_activation(out: torch.Tensor) -> torch.Tensor:
-    """In-hook pooling: (n, C, H, W) -> mean over H, W; (n, T, D) -> mean over T; (n, d) kept."""
-    if out.dim() == 4:
-        return out.mean(dim=(2, 3))
-    if out.dim() == 3:
-        return out.mean(dim=1)
-    if out.dim() == 2:
-        return out
-    raise ValueError(f"cannot pool an activation of shape {tuple(out.shape)} to (n, d)")
-
-
-def _is_global_pool(module: nn.Module) -> bool:
-    return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
-
-
-def named_modules_checked(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn.Module]:
-    """model.named_modules() as a dict; an unknown name raises ValueError naming it and the nearest names."""
-    modules = dict(model.named_modules())
-    for name in layer_names:
-        if name not in modules:
-            near = difflib.get_close_matches(name, [k for k in modules if k], n=5, cutoff=0.5)
-            hint = f"; nearest: {', '.join(near)}" if near else ""
-            raise ValueError(f"unknown layer name {name!r}{hint}")
-    return modules
-
-
-class ActivationCollector:
-    """Forward hooks on named modules that store each module's pooled (n, d) output, graph kept.
-
-    Disabled collectors store nothing (evaluation must always run disabled: storing activations
-    in an eval pass was an OOM bug). `.activations` is an OrderedDict in hook order; `clear()`
-    empties it, `remove()` detaches every hook. If a module runs twice in one forward, the later
-    output wins (tap distinct modules instead). A global average pool (AdaptiveAvgPool2d to 1x1)
-    whose input is the output of another hooked module has, pooled, exactly that module's pooled
-    activation (the mean over H, W either way): it stores the same tensor object, which
-    spectral_entropies solves once (ResNet `all`: layer4.1 and avgpool).
-    """
-
-    def __init__(self, model: nn.Module, layer_names: Sequence[str], enabled: bool = True):
-        modules = named_modules_checked(model, layer_names)
-        self.layer_names = list(layer_names)
-        self.enabled = enabled
-        self.activations: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._by_output: dict[int, tuple] = {}
-        self._handles = [modules[n].register_forward_hook(self._hook(n, _is_global_pool(modules[n])))
-                         for n in self.layer_names]
-
-    def _hook(self, name: str, global_pool: bool):
-        def hook(module, inputs, output):
-            if not self.enabled:
-                return
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            if torch.compiler.is_compiling():  # torch.compile: no id()/weakref aliasing (they break the graph)
-                self.activations[name] = pool_activation(out)
-                return
-            src = inputs[0] if inputs else None
-            seen = self._by_output.get(id(src)) if global_pool and torch.is_tensor(src) else None
-            if seen is not None and seen[0]() is src:
-                self.activations[name] = seen[1]
-                return
-            pooled = pool_activation(out)
-            self.activations[name] = pooled
-            self._by_output[id(out)] = (weakref.ref(out), pooled)
-        return hook
-
-    def enable(self) -> None:
-        self.enabled = True
-
-    def disable(self) -> None:
-        self.enabled = False
-        self.clear()
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Disable (and empty) the collector inside the block; restore the previous state after."""
-        was = self.enabled
-        self.disable()
-        try:
-            yield self
-        finally:
-            self.enabled = was
-
-    def clear(self) -> None:
-        self.activations.clear()
-        self._by_output.clear()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.disable()
-
-
+# ----------------------------------------------------------------------------- 5. periodic SES
 class SES:
     """Periodic SES: on steps with step % every == 0 the hooks collect and lam * R is returned.
 
@@ -245,17 +200,11 @@ class SES:
 
     def __init__(self, model: nn.Module, layers: Sequence[str], lam: float = 0.01,
                  beta: float = 0.7, every: int = 1, solver: str = "float32", target: str = "logd"):
-        if not (lam >= 0 and math.isfinite(lam)):
-            raise ValueError(f"lam (the SES weight) must be a finite number >= 0, got {lam}")
-        if int(every) != every or every < 1:
-            raise ValueError(f"every (the SES period k) must be an integer >= 1, got {every}")
         if solver not in ROUTES:
             raise ValueError(f"unknown SES solver route {solver!r}; use one of {', '.join(ROUTES)} (a sweep "
                              f"turns 'auto' into one of them before it starts: ses_solvers.decision.decide)")
-        if target not in TARGETS:
-            raise ValueError(f"unknown ses_target {target!r}; use logd or rank")
-        self.lam, self.beta, self.every, self.solver = float(lam), check_beta(beta), int(every), solver
-        self.target = target
+        self.lam, self.beta, self.every, self.solver = check_lam(lam), check_beta(beta), check_every(every), solver
+        self.target = check_target(target)
         self.solver_changes: list[str] = []  # "epoch N: <old> -> <new> (<why>)", one per resume onto another route
         self.collector = ActivationCollector(model, layers, enabled=False)
         self.step = 0            # training steps seen so far

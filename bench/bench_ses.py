@@ -47,7 +47,7 @@ from harness.config import DEFAULTS  # noqa: E402
 from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
 from plumbing.files import write_json  # noqa: E402
 from harness.models import build_resnet, compile_model, resolve_layers  # noqa: E402
-from ses_core import SES, _centred_gram  # noqa: E402
+from ses_core import SES, _centred_gram, entropy_of_spectrum  # noqa: E402
 from ses_solvers.routes import ROUTES, compare_routes, unavailable  # noqa: E402
 from harness.training import AMP_MODES, amp_policy  # noqa: E402
 
@@ -72,7 +72,7 @@ def bench_solvers(device, n, repeats, setups):
         g = torch.Generator().manual_seed(0)
         grams = [_centred_gram(torch.randn(n, d, generator=g).to(device)) for d in dims]
         sizes = [gm.shape[-1] for gm in grams]
-        timings, rejected = compare_routes(grams, ROUTES, repeats)
+        timings, rejected = compare_routes(grams, entropy_of_spectrum, ROUTES, repeats)
         for solver in ROUTES:
             if solver in rejected:
                 rows.append(dict(layers=label, solver=solver, sizes=sizes, ms=None, skipped=rejected[solver]))

@@ -32,7 +32,7 @@ import torch
 import records  # bench/records.py, beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ses_solvers import cusolver_batched  # noqa: E402
-from ses_core import _centred_gram  # noqa: E402
+from ses_core import _centred_gram, entropy_of_spectrum  # noqa: E402
 from ses_solvers.routes import SOLVERS, forward_backward, padded_shape, unavailable  # noqa: E402
 
 RESULT = "GPU_CHECK_RESULT "
@@ -95,11 +95,11 @@ def hostsync(args) -> dict:
         if why:
             routes[route] = dict(skipped=why)
             continue
-        forward_backward(grams, route)  # warm-up: handles, workspaces, the host thread pool
+        forward_backward(grams, route, entropy_of_spectrum)  # warm-up: handles, workspaces, the host thread pool
         torch.cuda.synchronize(dev)
         torch.cuda._sleep(cycles)
         t0 = time.perf_counter()
-        forward_backward(grams, route)
+        forward_backward(grams, route, entropy_of_spectrum)
         returned = time.perf_counter() - t0
         torch.cuda.synchronize(dev)
         done = time.perf_counter() - t0

@@ -17,7 +17,7 @@ import torch
 from harness import multigpu
 from harness.runs import build_run
 from plumbing import gpu
-from ses_core import ActivationCollector, centred_grams
+from ses_core import ActivationCollector, centred_grams, entropy_of_spectrum
 from ses_solvers.decision import RECORDS, Route, RouteError, decide, measure as measure_grams
 from ses_solvers.routes import unavailable
 
@@ -78,7 +78,8 @@ def real_grams(run) -> list[torch.Tensor]:
 
 def _record(grams: list[torch.Tensor], path: Path, cfg: dict) -> None:
     if multigpu.current().main:
-        line = measure_grams(grams, path, experiment=cfg["experiment"], config=cfg["config"], batch=cfg["batch_size"])
+        line = measure_grams(grams, path, entropy_of_spectrum, experiment=cfg["experiment"], config=cfg["config"],
+                             batch=cfg["batch_size"])
         print(f"  {cfg['config']}: SES solver routes on its real Gram matrices: {line}; recorded in {path}")
 
 

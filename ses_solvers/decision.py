@@ -12,7 +12,8 @@ decide(device, requested="auto", records=None) -> Route(name, source); it times 
 `source` says in one line where the route comes from (result.json's ses_solver_source). The same
 inputs give the same route, so every run of a sweep on one machine solves by one route.
 
-measure(grams, records, **context) is --preflight's measurement on a config's real Gram matrices:
+measure(grams, records, of_spectrum, **context) is --preflight's measurement on a config's real Gram
+matrices (of_spectrum: what SES computes from the eigenvalues, its H; see routes.compare_routes):
 routes.compare_routes (each route checked against float64 LAPACK, left out with why if it is off,
 fails or cannot run; the rest timed), routes.choose_route (float32 unless another route takes at most
 90 % of its time), written into `records` under this machine's key. The file is read, the entry set,
@@ -111,11 +112,12 @@ def decide(device, requested: str = "auto", records=None) -> Route:
     return Route(entry["route"], summary(entry))
 
 
-def measure(grams, records, **context) -> str:
-    """--preflight: compare the routes on `grams` (the real Grams of one SES step), choose by the 90 %
-    rule, record it for this machine in the file `records` (atomically); returns the describe_choice line."""
+def measure(grams, records, of_spectrum, **context) -> str:
+    """--preflight: compare the routes on `grams` (the real Grams of one SES step; `of_spectrum` checked
+    and differentiated, SES's H), choose by the 90 % rule, record it for this machine in the file
+    `records` (atomically); returns the describe_choice line."""
     device = grams[0].device
-    timings, rejected = compare_routes(grams)
+    timings, rejected = compare_routes(grams, of_spectrum)
     route, margin = choose_route(timings)
     table = read_json(records)
     table = table if isinstance(table, dict) else {}

@@ -1,9 +1,12 @@
-"""The exact eigen-solve under the SES penalty: routes, the entropy of a stack of Grams, and the
-measurement that compares the routes (decision.py decides which one a process trains with).
+"""The exact eigen-solve under the SES penalty: the eigenvalues of a stack of Gram matrices by one of
+several routes, and the measurement that compares the routes (decision.py decides which one a process
+trains with). What is computed from the eigenvalues (the spectral entropy) is the method's, in ses_core.
 
-Given m symmetric PSD float32 matrices G_l (k_l x k_l, one per hooked layer, see ses_core), every
-route returns H_l = -sum_i p_i log p_i with p = lam(G_l) / tr, differentiable: only eigenvalues
-are differentiated, dL/dG = V diag(dL/dlam) V^T. The routes differ in how the solver is called:
+Given m symmetric PSD float32 matrices G_l (k_l x k_l, one per hooked layer, see ses_core),
+eigenvalues(grams, solver) returns one (m, k) float32 tensor, k = max k_l: row l holds the k_l
+eigenvalues of G_l and k - k_l exact zeros (where in the row depends on the route). They are
+differentiable: only eigenvalues are differentiated, dL/dG = V diag(dL/dlam) V^T. The routes differ
+in how the solver is called:
 
     "float32"   torch.linalg.eigvalsh in float32, one call per size group (same-size matrices stacked)
     "float64"   the same in float64
@@ -22,17 +25,20 @@ torch <= 2.11 loops single-matrix syevj (float32) / syevd (float64) over the bat
 (only k <= 32 is batched), so "float32" costs one solver call per matrix and "batched*" replace B
 calls by one.
 
-Padding is exact: [[G, 0], [0, 0]] has the eigenvalues of G plus k - k_l zeros, and 0 log 0 = 0.
-Because G is PSD those zeros are the k - k_l smallest eigenvalues, so the solver's round-off there
-is set to exactly 0 (the gradient passes through unchanged, so every zero eigenvalue, padded or
-G's own, gets the same gradient and dL/dG is the same as unpadded).
+Padding is exact: [[G, 0], [0, 0]] has the eigenvalues of G plus k - k_l zeros. Because G is PSD
+those zeros are the k - k_l smallest eigenvalues, so the solver's round-off there is set to exactly
+0 (the gradient passes through unchanged, so every zero eigenvalue, padded or G's own, gets the same
+gradient and dL/dG is the same as unpadded). The per-size routes pad their rows with zeros too, so
+every route returns the same (m, k) layout.
 Host syncs: torch's eigvalsh on CUDA reads its convergence flags on the host once per call (per size
 group; once for "padded"); "host" copies the Grams to the CPU; "batched*" make no host read of their
 own (cuSOLVER may still work on the host when it asks for host workspace: see cusolver_batched).
 
 Comparing the routes (compare_routes; --preflight runs it on a config's real matrices, bench/bench_ses.py
-times with time_route; never inside training): every route is checked against float64 LAPACK (off by
-more than EXACT_TOLERANCE nats, failing or unavailable: left out, with why), then its solve is timed:
+times with time_route; never inside training). The caller passes `of_spectrum`, what it computes from
+the eigenvalues, (m, k) -> (m,): SES passes its spectral entropy H (ses_core.entropy_of_spectrum), so
+the check is in nats and the messages name H. Every route is checked against float64 LAPACK (off by
+more than EXACT_TOLERANCE, failing or unavailable: left out, with why), then its solve is timed:
 REPS back-to-back forward + backward repetitions between two CUDA events, no sync inside (one wait on
 the end event to read it), ROUNDS rounds interleaved over the routes, the median kept. choose_route
 keeps "float32" (plain torch) unless another route takes at most 1 - KEEP_MARGIN = 90 % of its time;
@@ -61,7 +67,7 @@ from ses_solvers import cusolver_batched
 ROUTES = ("float32", "float64", "host", "padded", "batched32", "batched64")
 SOLVERS = ("auto",) + ROUTES  # what a user may name: a route, or auto (decision.decide)
 PADDED = ("padded", "batched32", "batched64")
-EXACT_TOLERANCE = 1e-3  # nats: a route whose H differs more from float64 LAPACK's is not used
+EXACT_TOLERANCE = 1e-3  # nats of H: a route whose H differs more from float64 LAPACK's is not used
 KEEP_MARGIN = 0.10     # choose_route leaves "float32" only for a route that saves at least this fraction of its time
 REPS, ROUNDS = 5, 3    # compare_routes: back-to-back repetitions per timing, timings per route (median kept)
 _HOST_POOL: ThreadPoolExecutor | None = None
@@ -126,20 +132,13 @@ def _pad_mask(sizes: tuple[int, ...], k: int, device: torch.device) -> torch.Ten
     return _PAD_MASKS[key]
 
 
-def entropy_of_gram(gram: torch.Tensor, solver: str = "float32", sizes: Sequence[int] | None = None) -> torch.Tensor:
-    """Spectral entropy (B,) of PSD (B, k, k) float32; `sizes`: each matrix's size before zero-padding."""
-    finite = torch.isfinite(gram).all(-1, keepdim=True).all(-2, keepdim=True)
-    gram = torch.where(finite, gram, torch.zeros_like(gram))  # the solver never sees NaN/inf
-    lam = eigvals_psd(gram, solver).clamp_min(0.0)
-    if sizes is not None:  # the k - k_l smallest eigenvalues are the padding's exact zeros
+def _solve(gram: torch.Tensor, solver: str, sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Eigenvalues (B, k) of a stack (B, k, k); `sizes`: each matrix's size before zero-padding, whose
+    k - k_l smallest eigenvalues are the padding's exact zeros."""
+    lam = eigvals_psd(gram, solver)
+    if sizes is not None:
         lam = lam - (lam * _pad_mask(tuple(sizes), gram.shape[-1], gram.device)).detach()
-    total = lam.sum(-1, keepdim=True)
-    p = lam / total.clamp_min(torch.finfo(torch.float32).tiny)
-    positive = ~(p <= 0)  # NaN (a failed solve) counts as positive: it must reach the loss, not read as 0
-    # where() keeps the gradient finite at p = 0 (d/dp p log p diverges there).
-    plogp = torch.where(positive, p * torch.log(torch.where(positive, p, torch.ones_like(p))),
-                        torch.zeros_like(p))
-    return -plogp.sum(-1)
+    return lam
 
 
 def _groups(grams: Sequence[torch.Tensor]) -> dict[int, list[int]]:
@@ -149,19 +148,21 @@ def _groups(grams: Sequence[torch.Tensor]) -> dict[int, list[int]]:
     return groups
 
 
-def entropies_of_grams(grams: Sequence[torch.Tensor], solver: str = "float32") -> list[torch.Tensor]:
-    """H (0-d float32 each) of (k_l, k_l) PSD matrices: one solver call per size, or one in all (PADDED)."""
+def eigenvalues(grams: Sequence[torch.Tensor], solver: str = "float32") -> torch.Tensor:
+    """(m, k) float32, k = max k_l: row l holds the k_l eigenvalues of the PSD (k_l, k_l) float32 matrix
+    grams[l] and k - k_l exact zeros (after them on the per-size routes, before them on the PADDED ones).
+    One solver call per size, or one in all (PADDED)."""
+    sizes = [g.shape[-1] for g in grams]
+    k = max(sizes)
     if solver in PADDED:
-        sizes = [g.shape[-1] for g in grams]
-        k = max(sizes)
         stack = torch.stack([F.pad(g, (0, k - s, 0, k - s)) for g, s in zip(grams, sizes)])
-        return list(entropy_of_gram(stack, solver, sizes if min(sizes) < k else None).unbind(0))
-    hs: list[torch.Tensor | None] = [None] * len(grams)
-    for idx in _groups(grams).values():
-        h = entropy_of_gram(torch.stack([grams[i] for i in idx]), solver)
+        return _solve(stack, solver, sizes if min(sizes) < k else None)
+    rows: list[torch.Tensor | None] = [None] * len(grams)
+    for size, idx in _groups(grams).items():
+        lam = F.pad(_solve(torch.stack([grams[i] for i in idx]), solver), (0, k - size))
         for j, i in enumerate(idx):
-            hs[i] = h[j]
-    return hs  # type: ignore[return-value]
+            rows[i] = lam[j]
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # type: ignore[arg-type]
 
 
 def unavailable(solver: str, device: torch.device, shape: tuple[int, int] | None = None) -> str:
@@ -175,14 +176,15 @@ def padded_shape(grams: Sequence[torch.Tensor]) -> tuple[int, int]:
     return len(grams), max(g.shape[-1] for g in grams)
 
 
-def forward_backward(grams: Sequence[torch.Tensor], solver: str) -> list[torch.Tensor]:
-    """One SES solve, forward and backward, as the penalty runs it: H of fresh leaf copies of `grams` by
-    route `solver`, then the backward pass through them; the H, detached. No sync beyond the route's own."""
+def forward_backward(grams: Sequence[torch.Tensor], solver: str, of_spectrum) -> torch.Tensor:
+    """One SES solve, forward and backward, as the penalty runs it: of_spectrum of the eigenvalues of
+    fresh leaf copies of `grams` by route `solver`, then the backward pass through them; the (m,)
+    values, detached. No sync beyond the route's own."""
     leaves = [g.detach().clone().requires_grad_(True) for g in grams]
     with torch.enable_grad():  # also when called inside no_grad()
-        hs = entropies_of_grams(leaves, solver)
-        torch.stack(hs).sum().backward()
-    return [h.detach() for h in hs]
+        values = of_spectrum(eigenvalues(leaves, solver))
+        values.sum().backward()
+    return values.detach()
 
 
 class _HostEvent:
@@ -201,9 +203,10 @@ class _HostEvent:
         return 1e3 * (end.t - self.t)
 
 
-def time_route(grams: Sequence[torch.Tensor], solver: str, reps: int = REPS, event=None,
-               warmup: bool = True) -> tuple[float, list[torch.Tensor]]:
-    """(seconds per forward + backward of route `solver` on copies of `grams`, the H of the last rep),
+def time_route(grams: Sequence[torch.Tensor], solver: str, of_spectrum, reps: int = REPS, event=None,
+               warmup: bool = True) -> tuple[float, torch.Tensor]:
+    """(seconds per forward + backward of route `solver` on copies of `grams`, the (m,) values of the
+    last rep: forward_backward),
     timed alone (not what its host sync costs the rest of a training step): an untimed warm-up rep (if
     `warmup`), then `reps` back-to-back reps between two events recorded on the device's current stream,
     no sync inside, one wait on the end event to read them. `event()` makes a torch.cuda.Event-like
@@ -214,24 +217,24 @@ def time_route(grams: Sequence[torch.Tensor], solver: str, reps: int = REPS, eve
     device = grams[0].device
     event = event or (gpu.timing_event if device.type == "cuda" else _HostEvent)
     with gpu.guard(device):
-        hs = forward_backward(grams, solver) if warmup else []
+        values = forward_backward(grams, solver, of_spectrum) if warmup else None
         start, end = event(), event()
         start.record()
         for _ in range(reps):
-            hs = forward_backward(grams, solver)
+            values = forward_backward(grams, solver, of_spectrum)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps, hs
+        return start.elapsed_time(end) / 1e3 / reps, values
 
 
-def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = ROUTES, reps: int = REPS,
+def compare_routes(grams: Sequence[torch.Tensor], of_spectrum, routes: Sequence[str] = ROUTES, reps: int = REPS,
                    rounds: int = ROUNDS, event=None) -> tuple[dict[str, float], dict[str, str]]:
     """Seconds per forward + backward (median of `rounds` time_route timings, interleaved over the
-    routes) of each route whose H agrees with float64 LAPACK's within EXACT_TOLERANCE nats in every
-    round, and why each other route was left out (unavailable, failed, or off). A route's fault is
-    recorded, never raised."""
+    routes) of each route whose of_spectrum values (SES: H) agree with float64 LAPACK's within
+    EXACT_TOLERANCE in every round, and why each other route was left out (unavailable, failed, or
+    off). A route's fault is recorded, never raised."""
     with torch.no_grad():
-        reference = torch.stack(entropies_of_grams([g.detach() for g in grams], "host")).double()
+        reference = of_spectrum(eigenvalues([g.detach() for g in grams], "host")).double()
     samples: dict[str, list[float]] = {}
     rejected: dict[str, str] = {}
     for rnd in range(rounds):
@@ -239,8 +242,8 @@ def compare_routes(grams: Sequence[torch.Tensor], routes: Sequence[str] = ROUTES
             try:
                 why = unavailable(solver, grams[0].device, padded_shape(grams)) if rnd == 0 else ""
                 if not why:
-                    seconds, hs = time_route(grams, solver, reps, event, warmup=rnd == 0)
-                    err = (torch.stack(hs).double() - reference).abs().max().item()
+                    seconds, values = time_route(grams, solver, of_spectrum, reps, event, warmup=rnd == 0)
+                    err = (values.double() - reference).abs().max().item()
                     samples.setdefault(solver, []).append(seconds)
                     why = "" if err <= EXACT_TOLERANCE else f"H differs from float64 LAPACK by {err:.2g} nats"
             except (RuntimeError, ValueError, OSError) as e:  # a CusolverError is a RuntimeError

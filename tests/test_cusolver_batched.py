@@ -274,14 +274,14 @@ def test_the_batched_route_reads_nothing_on_the_host(fake_cuda, monkeypatch):
     """forward + backward of "batched32" through the real binding (cuSOLVER stood in for): no host read, no
     copy to the CPU. The detector itself catches the "host" route and a route that reads `info` with .item()."""
     from ses_solvers import routes
-    from ses_core import _centred_gram
+    from ses_core import _centred_gram, entropy_of_spectrum
     fake_cuda[2](True)
     grams = [_centred_gram(torch.randn(32, d)) for d in (8, 16, 16, 24)]
     with HostReads() as mode:
-        hs = routes.forward_backward(grams, "batched32")
+        hs = routes.forward_backward(grams, "batched32", entropy_of_spectrum)
     assert mode.seen == [] and all(torch.isfinite(h) for h in hs)
     with HostReads() as mode:
-        routes.forward_backward(grams, "host")
+        routes.forward_backward(grams, "host", entropy_of_spectrum)
     assert "_to_copy" in mode.seen
     real = cusolver_batched.eigh_batched
 
@@ -291,7 +291,7 @@ def test_the_batched_route_reads_nothing_on_the_host(fake_cuda, monkeypatch):
         return w, v, info
     monkeypatch.setattr(cusolver_batched, "eigh_batched", reads_info)
     with HostReads() as mode:
-        routes.forward_backward(grams, "batched32")
+        routes.forward_backward(grams, "batched32", entropy_of_spectrum)
     assert "_local_scalar_dense" in mode.seen
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ses_solvers import cusolver_batched
 from ses_solvers import routes as ses_solvers
-from ses_core import _centred_gram, spectral_entropies
+from ses_core import _centred_gram, entropy_of_spectrum, spectral_entropies
 from test_ses_core import random_acts, reference_entropy
 
 R18_DIMS = [64, 64, 128, 128, 256, 256, 512, 512]  # ResNet-18 `all` at n = 256, avgpool = layer4.1
@@ -72,7 +72,7 @@ def test_compare_routes_keeps_agreeing_routes_and_says_why_it_left_the_others_ou
     monkeypatch.setattr(ses_solvers, "eigvals_psd", eigvals_psd)
     monkeypatch.setattr(cusolver_batched, "available", lambda device, shape=None: "")
     with torch.no_grad():  # as SES calls it
-        timings, rejected = ses_solvers.compare_routes(grams, ses_solvers.ROUTES, reps=1, rounds=2)
+        timings, rejected = ses_solvers.compare_routes(grams, entropy_of_spectrum, ses_solvers.ROUTES, reps=1, rounds=2)
     assert set(timings) == {"float64", "host", "padded", "batched32"} and all(t > 0 for t in timings.values())
     assert rejected["float32"].startswith("H differs from float64 LAPACK by")
     assert rejected["batched64"] == "CusolverError: cusolverDnXsyevBatched returned cusolverStatus 7"
@@ -82,7 +82,7 @@ def test_unavailable_batched_routes_are_left_out_with_the_reason(monkeypatch):
     grams = [_centred_gram(torch.randn(32, 8))]
     asked = []
     monkeypatch.setattr(cusolver_batched, "available", lambda device, shape=None: asked.append(shape) or "selftest exited 1: boom")
-    timings, rejected = ses_solvers.compare_routes(grams, ["float64", "batched32"], reps=1, rounds=1)
+    timings, rejected = ses_solvers.compare_routes(grams, entropy_of_spectrum, ["float64", "batched32"], reps=1, rounds=1)
     assert set(timings) == {"float64"} and rejected == {"batched32": "selftest exited 1: boom"}
     assert asked == [(1, 8)]  # the probe is asked about the real padded stack (B, k)
 
@@ -129,25 +129,27 @@ class FakeEvent:
 
 
 def test_time_route_times_back_to_back_reps_between_two_events_with_one_wait(monkeypatch):
-    log, real, names = [], ses_solvers.entropies_of_grams, iter(["start", "end"] * 2)
+    log, real, names = [], ses_solvers.eigenvalues, iter(["start", "end"] * 2)
 
-    def entropies(grams, solver):
+    def eigenvalues(grams, solver):
         log.append("forward")
-        hs = real(grams, solver)
-        hs[0].register_hook(lambda g: log.append("backward"))
-        return hs
-    monkeypatch.setattr(ses_solvers, "entropies_of_grams", entropies)
+        lam = real(grams, solver)
+        lam.register_hook(lambda g: log.append("backward"))
+        return lam
+    monkeypatch.setattr(ses_solvers, "eigenvalues", eigenvalues)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: log.append("sync"))
     grams = [_centred_gram(torch.randn(16, d)) for d in (4, 8)]
-    seconds, hs = ses_solvers.time_route(grams, "float64", reps=4, event=lambda: FakeEvent(log, next(names)))
+    seconds, hs = ses_solvers.time_route(grams, "float64", entropy_of_spectrum, reps=4,
+                                         event=lambda: FakeEvent(log, next(names)))
     assert log == ["forward", "backward", "new start", "new end", "record start"] + ["forward", "backward"] * 4 \
         + ["record end", "wait end", "elapsed"]  # a warm-up rep, then no sync between the two records
     assert seconds == pytest.approx(0.040 / 4) and len(hs) == 2 and not hs[0].requires_grad
     log.clear()
-    ses_solvers.time_route(grams, "float64", reps=1, event=lambda: FakeEvent(log, next(names)), warmup=False)
+    ses_solvers.time_route(grams, "float64", entropy_of_spectrum, reps=1, event=lambda: FakeEvent(log, next(names)),
+                           warmup=False)
     assert log[:3] == ["new start", "new end", "record start"]
     with pytest.raises(ValueError, match="reps"):
-        ses_solvers.time_route(grams, "float64", reps=0)
+        ses_solvers.time_route(grams, "float64", entropy_of_spectrum, reps=0)
 
 
 def test_compare_routes_times_every_route_and_never_raises_when_the_batched_probe_fails(monkeypatch, cpu_cusolver):
@@ -157,7 +159,7 @@ def test_compare_routes_times_every_route_and_never_raises_when_the_batched_prob
     monkeypatch.setattr(cusolver_batched, "available", broken)
     grams = [_centred_gram(torch.randn(32, d)) for d in (8, 16, 16)]
     with torch.no_grad():
-        timings, rejected = ses_solvers.compare_routes(grams, reps=1, rounds=1)
+        timings, rejected = ses_solvers.compare_routes(grams, entropy_of_spectrum, reps=1, rounds=1)
     assert set(timings) == {"float32", "float64", "host", "padded"} and all(t > 0 for t in timings.values())
     assert rejected == {r: "RuntimeError: CUDA error: an illegal memory access was encountered"
                         for r in ("batched32", "batched64")}
@@ -170,10 +172,10 @@ def test_compare_routes_times_every_route_and_never_raises_when_the_batched_prob
 def test_cuda_every_route_agrees_with_lapack_and_the_rule_chooses_among_them():
     grams = [_centred_gram(torch.randn(256, d, device="cuda")) for d in R18_DIMS]  # padded stack (8, 256)
     with torch.no_grad():
-        timings, rejected = ses_solvers.compare_routes(grams)
+        timings, rejected = ses_solvers.compare_routes(grams, entropy_of_spectrum)
     route, _ = ses_solvers.choose_route(timings)
     assert "float32" in timings and set(timings) | set(rejected) == set(ses_solvers.ROUTES)
     assert route == "float32" or timings[route] <= 0.9 * timings["float32"]
-    hs = {r: torch.stack(ses_solvers.forward_backward(grams, r)).cpu() for r in timings}
+    hs = {r: ses_solvers.forward_backward(grams, r, entropy_of_spectrum).cpu() for r in timings}
     for r, h in hs.items():
         assert torch.allclose(h, hs["host"], atol=1e-3), r

@@ -21,6 +21,7 @@ from helpers import EXP10
 from plumbing import gpu
 from ses_solvers import cusolver_batched, decision, routes
 from ses_solvers.decision import Route, RouteError, decide
+from ses_core import entropy_of_spectrum
 
 CUDA = torch.device("cuda", 0)
 SETUP = dict(dataset="cifar10", layers="last3", smoke=dict(epochs=1, batch_size=4, n_train=8, n_test=4, image_size=8))
@@ -38,7 +39,7 @@ def l40s(monkeypatch):
 
 def _timed(monkeypatch, timings):
     """compare_routes answers these timings (seconds) and no rejection."""
-    monkeypatch.setattr(decision, "compare_routes", lambda grams: (dict(timings), {}))
+    monkeypatch.setattr(decision, "compare_routes", lambda grams, of_spectrum: (dict(timings), {}))
 
 
 def _grams(sizes=(8, 16, 16)):
@@ -57,7 +58,7 @@ def test_auto_on_cuda_takes_the_preflights_record_for_this_gpu_and_versions_else
     records = tmp_path / decision.RECORDS
     assert decide(CUDA, "auto", records) == ("float32", decision.DEFAULT)  # no record yet
     _timed(monkeypatch, {"float32": 0.030, "batched32": 0.012, "padded": 0.020})
-    decision.measure(_grams(), records, experiment="exp11", config="ses_k1", batch=256)
+    decision.measure(_grams(), records, entropy_of_spectrum, experiment="exp11", config="ses_k1", batch=256)
     monkeypatch.setattr(routes, "time_route", lambda *a, **k: pytest.fail("decide timed a route"))
     route, source = decide(CUDA, "auto", records)
     assert route == "batched32" and asked[-1] == (3, 16)  # checked at the recorded stack's shape
@@ -75,7 +76,7 @@ def test_auto_on_cuda_takes_the_preflights_record_for_this_gpu_and_versions_else
 def test_a_record_that_keeps_float32_or_cannot_be_read_gives_float32(tmp_path, monkeypatch, l40s):
     records = tmp_path / decision.RECORDS
     _timed(monkeypatch, {"float32": 0.010, "padded": 0.0095})  # 5 % faster: not enough to leave float32
-    decision.measure(_grams(), records)
+    decision.measure(_grams(), records, entropy_of_spectrum)
     route, source = decide(CUDA, "auto", records)
     assert route == "float32" and source.startswith("measured by --preflight") and "kept" in source
     records.write_text('{"NVIDIA L40S | torch')  # a copy cut short
@@ -96,7 +97,7 @@ def test_the_record_is_written_to_a_temp_file_that_replaces_the_old_one_and_keep
         return real_replace(src, dst)
     monkeypatch.setattr(os, "replace", replace)
     _timed(monkeypatch, {"float32": 0.030, "batched32": 0.012})
-    line = decision.measure(_grams(), records, config="ses_k1")
+    line = decision.measure(_grams(), records, entropy_of_spectrum, config="ses_k1")
     (old, new), = seen
     assert set(old) == {"Tesla T4 | torch 2.14.1 | CUDA 12.8"} and json.loads(records.read_text()) == new
     entry = new[decision.machine_key(CUDA)]
@@ -164,9 +165,9 @@ def test_the_preflight_measures_the_first_ses_config_records_it_and_times_steps_
     compared, built = [], []
     real_compare, real_build = decision.compare_routes, preflight.build_run
 
-    def compare(grams):
+    def compare(grams, of_spectrum):
         compared.append([tuple(g.shape) for g in grams])
-        timings, rejected = real_compare(grams, reps=1, rounds=1)
+        timings, rejected = real_compare(grams, of_spectrum, reps=1, rounds=1)
         return dict(timings, float64=min(timings.values()) / 2), rejected  # float64 the clear winner
     monkeypatch.setattr(decision, "compare_routes", compare)
 
