@@ -286,6 +286,9 @@ class SeededMixer:
         self.state = state["rng"]
 
 
+MIXES = ("none", "mixup", "cutmix")
+
+
 def make_mixer(kind: str, num_classes: int, alpha: float = 1.0, seed: int = 0):
     """None, or a callable (x, y) -> (x_mixed, soft_targets (B, num_classes)) on the device batch.
 
@@ -299,7 +302,7 @@ def make_mixer(kind: str, num_classes: int, alpha: float = 1.0, seed: int = 0):
         return SeededMixer(v2.MixUp(alpha=alpha, num_classes=num_classes), seed)
     if kind == "cutmix":
         return SeededMixer(v2.CutMix(alpha=alpha, num_classes=num_classes), seed)
-    raise ValueError(f"unknown mix {kind!r}; use none, mixup or cutmix")
+    raise ValueError(f"unknown mix {kind!r}; use {', '.join(MIXES)}")
 
 
 # ----------------------------------------------------------------------------- a dataset on the device

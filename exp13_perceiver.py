@@ -25,18 +25,17 @@ Run it:
                         then !python /kaggle/input/<your-upload>/exp13_perceiver.py
   CPU smoke test:       python exp13_perceiver.py --smoke
 """
-import argparse
 import sys
 
 from harness.cli import run_experiment
+from harness.table import BOOLEAN, Setting, choice, integer, number
 from perceiver.lamb import make_lamb
-from perceiver.model import build_perceiver, latent_taps, save_attention_maps
+from perceiver.model import (PERMUTE_ORDERS, POOLINGS, WEIGHT_SHARING, build_perceiver, latent_taps,
+                             save_attention_maps)
 from perceiver.modelnet40 import MODELNET40
 
 SETUP = dict(model="perceiver", layers="latents", optimizer="lamb", weight_decay=0.1, clip_grad=10.0, epochs=120,
              scheduler="multistep", milestones=[84, 102, 114], schedule_epochs=120, eval_batch_size=256,
-             attention_every=10, weight_sharing="paper", pooling="mean", use_learned_pe=False,
-             permute_pixels=False, permute_seed=42, permute_order="after_pe",
              # --smoke: the same model code at small widths (the real ones cost seconds per CPU step)
              smoke=dict(batch_size=2, eval_batch_size=4, n_train=8, n_test=4, val_size=4, num_latents=16, latent_dim=48,
                         num_transformer_blocks=2))
@@ -52,29 +51,36 @@ EXPERIMENTS = {
 }
 GRID = {f"{name}{suffix}": dict(cfg, ses=ses, baseline_config=name)
         for name, cfg in EXPERIMENTS.items() for suffix, ses in (("", False), ("_ses", True))}
-FLAGS = {
-    "--attention-every": dict(dest="attention_every", type=int, metavar="E",
-                              help="save cross-attention maps every E epochs (default 10; 0 = never)"),
-    "--weight-sharing": dict(dest="weight_sharing", choices=["paper", "port", "none"],
-                             help="paper (default): first cross-attend unshared, one latent transformer shared by "
-                                  "all repeats; port: first latent transformer unshared too; none: nothing shared"),
-    "--learned-pe": dict(dest="use_learned_pe", action=argparse.BooleanOptionalAction,
-                         help="learned position encodings instead of Fourier features, images (default: per config)"),
-    "--permute-pixels": dict(dest="permute_pixels", action=argparse.BooleanOptionalAction,
-                             help="a fixed pixel permutation of train and test images (default: per config)"),
-    "--permute-order": dict(dest="permute_order", choices=["after_pe", "before_pe"],
-                            help="after_pe (the paper's, default): pixels move with their position features; "
-                                 "before_pe: pixel values move over fixed positions"),
-    "--permute-seed": dict(dest="permute_seed", type=int, help="seed of that permutation (default 42)"),
-    "--pooling": dict(dest="pooling", choices=["mean", "cls"], help="output pooling (default mean)"),
-    "--optimizer": dict(dest="optimizer", choices=["lamb", "adamw", "sgd"], help="optimizer (default lamb)"),
-    "--scheduler": dict(dest="scheduler", choices=["multistep", "cosine", "step"],
-                        help="LR schedule (default multistep at epochs 84, 102, 114 of 120)"),
-}
+# Exp 13's own run settings, beside the harness's (harness/settings.py); the sizes are set per experiment.
+SETTINGS = [
+    Setting("attention_every", 10, integer(0), "save cross-attention maps every this many epochs (0 = never)",
+            flag=True, identity=False, to="callback"),
+    Setting("weight_sharing", "paper", choice(WEIGHT_SHARING), "paper: first cross-attend unshared, one latent "
+            "transformer shared by all repeats; port: first latent transformer unshared too; none: nothing shared",
+            flag=True, label="sharing", to="model"),
+    Setting("use_learned_pe", False, BOOLEAN, "learned position encodings instead of Fourier features, images",
+            flag="--learned-pe", label="learned PE", to="model"),
+    Setting("permute_pixels", False, BOOLEAN, "a fixed pixel permutation of train and test images", flag=True,
+            label="permuted", to="model"),
+    Setting("permute_order", "after_pe", choice(PERMUTE_ORDERS), "after_pe (the paper's): pixels move with their "
+            "position features; before_pe: pixel values move over fixed positions", flag=True, to="model"),
+    Setting("permute_seed", 42, integer(), "seed of the pixel permutation", flag=True, to="model"),
+    Setting("pooling", "mean", choice(POOLINGS), "output pooling: mean over latents, or a learned CLS latent",
+            flag=True, to="model"),
+    Setting("num_bands", None, integer(1), "Fourier frequency bands per axis", to="model"),
+    Setting("max_freq", None, number(above=0), "Fourier frequencies run from 1 to max_freq / 2",
+            to="model"),
+    Setting("num_latents", None, integer(1), "latents M", label="M", to="model"),
+    Setting("latent_dim", None, integer(1), "latent width D (SES's d)", label="D", to="model"),
+    Setting("num_cross_attend_stages", None, integer(1), "(cross-attend, latent transformer) repeats", to="model"),
+    Setting("num_transformer_blocks", None, integer(1), "self-attention blocks per latent transformer", to="model"),
+    Setting("num_heads", None, integer(1), "heads of the latent self-attention", to="model"),
+    Setting("dropout", None, number(low=0, below=1), "dropout of the attention and MLP outputs", to="model"),
+]
 
 
 def main(argv=None) -> int:
-    return run_experiment(__file__, SETUP, GRID, __doc__, argv, extra_flags=FLAGS,
+    return run_experiment(__file__, SETUP, GRID, __doc__, argv, settings=SETTINGS,
                           models={"perceiver": build_perceiver}, presets={"perceiver": {"latents": latent_taps}},
                           datasets={"modelnet40": MODELNET40}, optimizers={"lamb": make_lamb},
                           epoch_callbacks=[save_attention_maps])

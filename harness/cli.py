@@ -1,15 +1,17 @@
 """The command line every experiment script shares: flags, one-line errors, and run_experiment.
 
 An experiment script is a docstring, a grid and main():
-    run_experiment(__file__, SETUP, GRID, __doc__, argv)   (+ a script's own flags and registry entries)
-Bad flags end with one line naming the flag and exit code 2; missing data with one line and exit 1;
-failed runs with exit 1 after the sweep; Ctrl-C with one line and exit 130.
+    run_experiment(__file__, SETUP, GRID, __doc__, argv)   (+ a script's own settings and registry entries)
+The setting flags (--lam, --every, ...) come from the table of run settings (harness/settings.py and a
+script's own entries); the flags written here are the command's options, which are no run settings.
+Bad flags, and a bad value or unknown key in a config's resolved settings, end with one line and exit
+code 2; missing data with one line and exit 1; failed runs with exit 1 after the sweep; Ctrl-C with one
+line and exit 130.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,16 +21,15 @@ import torch
 
 from harness import multigpu
 from plumbing import gpu
-from harness.config import DEFAULTS, resolve_config, run_name
+from harness.config import RUN_FACTS, resolve_config, run_name
 from data_utils import DataError
 from harness.models import LayerError, resolve_layers
-from harness.registry import make_registry
+from harness.registry import Registry, make_registry
 from harness.preflight import preflight
 from plumbing.files import write_json
 from harness.runs import RunError
 from harness.summary import format_table, summarize
 from harness.sweep import Interrupted, experiment_dir, force_restart, rerun, run_sweep, selected_runs
-from harness.training import AMP_MODES
 from ses_solvers.routes import SOLVERS
 
 
@@ -59,40 +60,46 @@ def default_data_dir() -> str:
     return "/kaggle/working/data" if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "data"
 
 
-def per_config(key: str, setup: dict, grid: dict):
+def per_config(key: str, setup: dict, grid: dict, defaults: dict):
     """The default of a setting as --help should show it: one value, or 'a (x) / b (y)' per config."""
-    own = {name: cfg.get(key, setup.get(key, DEFAULTS[key])) for name, cfg in grid.items()}
+    own = {name: cfg.get(key, setup.get(key, defaults[key])) for name, cfg in grid.items()}
     values = list(dict.fromkeys(json.dumps(v) for v in own.values()))
+    shown = {v: "none" if json.loads(v) is None else json.loads(v) for v in values}
     if len(values) == 1:
-        return own[next(iter(own))]
-    return " / ".join(f"{json.loads(v)} ({', '.join(n for n in own if json.dumps(own[n]) == v)})" for v in values)
+        return shown[values[0]]
+    return " / ".join(f"{shown[v]} ({', '.join(n for n in own if json.dumps(own[n]) == v)})" for v in values)
 
 
-def override_notes(grid: dict, setup: dict, configs: list, overrides: dict) -> list[str]:
+def override_notes(grid: dict, setup: dict, configs: list, overrides: dict, table) -> list[str]:
     """One line per command-line setting that replaces different per-config values."""
     notes = []
     for key, value in overrides.items():
-        own = {c: grid[c].get(key, setup.get(key, DEFAULTS.get(key))) for c in configs}
+        own = {c: grid[c].get(key, setup.get(key, table[key].default)) for c in configs}
         if len({json.dumps(v) for v in own.values()}) > 1:
-            notes.append(f"note: --{key.replace('_', '-')} {value} replaces the per-config values "
+            notes.append(f"note: {table[key].option} {value} replaces the per-config values "
                          + ", ".join(f"{c}: {v}" for c, v in own.items()) + " (runs named accordingly)")
     return notes
 
 
-def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags=None) -> argparse.ArgumentParser:
+def build_parser(experiment: str, doc: str, grid: dict, setup: dict,
+                 reg: Registry | None = None) -> argparse.ArgumentParser:
+    """The command's options and the setting flags of reg.settings (default: the harness's table)."""
+    reg = reg or make_registry()
     width = max(len(n) for n in grid) + 2
     grid_text = "\n".join(f"  {name:<{width}}{json.dumps(v)}" for name, v in grid.items())
-    base = {k: per_config(k, setup, grid) for k in ("dataset", "model", "layers", "epochs", "batch_size",
-                                                     "lr", "lam", "beta", "every", "attack_batch_size")}
+    base = {k: v for k, v in setup.items() if k != "smoke"}
+    same = [s.option for s in reg.settings.flags() if not s.identity]
+    same_run = (f", except {', '.join(same)}, which change how a result is computed, not the result (the same "
+                f"run resumes with them)") if same else ""
     p = OneLineParser(prog=f"{experiment}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                       allow_abbrev=False,  # --forc is an error, never a --force the --devices workers miss
-                      epilog=f"configs (settings over the defaults {json.dumps(base)}):\n{grid_text}\n\n"
+                      epilog=f"configs (settings over the script's setup {json.dumps(base)} and the harness "
+                             f"defaults; each setting flag's help gives its default per config):\n{grid_text}\n\n"
                              f"outputs: <out-dir>/{experiment}/<config>_seed<N>/ config.json metrics.jsonl "
                              f"checkpoint.pt result.json; <out-dir>/{experiment}/summary.json. A setting given "
                              f"on the command line that changes a config is part of the run's folder name "
-                             f"(<config>+<key>=<value>_seed<N>). Rerunning the same command resumes "
-                             f"unfinished runs, retries failed ones and skips finished ones.")
-    pos_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+                             f"(<config>+<key>=<value>_seed<N>){same_run}. Rerunning the same command "
+                             f"resumes unfinished runs, retries failed ones and skips finished ones.")
     p.add_argument("--smoke", action="store_true",
                    help="run the whole grid on tiny generated data (CPU unless --device) in seconds; "
                         "results go to <out-dir>/smoke/")
@@ -107,29 +114,8 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
                    help=f"configs to run (default: all: {' '.join(grid)})")
     p.add_argument("--seeds", nargs="+", type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
                    default=[0], metavar="N", help="seeds (default: 0)")
-    p.add_argument("--epochs", type=pos_int, help=f"epochs (default {base['epochs']}; LR milestones scale with it)")
-    p.add_argument("--batch-size", type=pos_int, help=f"training batch size (default {base['batch_size']})")
-    p.add_argument("--attack-batch-size", type=pos_int,
-                   help=f"FGSM chunk size in the final metrics (default {base['attack_batch_size']}; lower it "
-                        f"if the final stage runs out of memory)")
-    p.add_argument("--lr", type=_checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0"),
-                   help=f"peak learning rate (default {base['lr']})")
-    p.add_argument("--clip-grad", type=_checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0"),
-                   metavar="NORM", help=f"clip the global gradient norm to NORM (default {setup.get('clip_grad')}; "
-                                        f"off for the paper's ResNets)")
-    p.add_argument("--lam", type=_checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
-                   help=f"SES weight lambda (default {base['lam']})")
-    p.add_argument("--beta", type=_checked(float, lambda v: 0 < v < 1, "in the open interval (0, 1)"),
-                   help=f"SES target fraction beta of log d (default {base['beta']})")
-    p.add_argument("--every", type=pos_int, help="SES period k: penalty on steps with step %% k == 0, "
-                                                 "for every SES config (default: per config)")
-    p.add_argument("--ses-target", choices=["logd", "rank"],
-                   help="SES target per layer: logd = beta * log d (the paper's, default), rank = beta * log "
-                        "min(d, n - 1), which a batch of n can reach")
-    p.add_argument("--layers", help=f"hooked layers: a preset of the model or comma-separated module names "
-                                    f"(default {base['layers']})")
-    p.add_argument("--amp", choices=AMP_MODES, help="precision: auto = bf16 autocast on GPUs of compute "
-                   "capability >= 8, fp16 + GradScaler below, fp32 on a CPU; or force one (default auto)")
+    defaults = reg.settings.defaults()
+    reg.settings.add_flags(p, reg, lambda key: per_config(key, setup, grid, defaults))
     p.add_argument("--data-dir", default=default_data_dir(), help="datasets and caches (default %(default)s)")
     p.add_argument("--out-dir", default=default_out_dir(), help="results root (default %(default)s)")
     p.add_argument("--device", help="cuda (the current GPU, cuda:0), cuda:1, cpu (default: the current GPU if there is "
@@ -150,8 +136,6 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict, extra_flags
                    help="also log every epoch to <run-dir>/tensorboard/ (tensorboard --logdir <out-dir>)")
     p.add_argument("--force", action="store_true",
                    help="delete and rerun the selected runs (only those named by --configs/--seeds), even finished ones")
-    for flag, kwargs in (extra_flags or {}).items():  # a script's own settings; None = keep the config's
-        p.add_argument(flag, default=None, **kwargs)
     return p
 
 
@@ -233,29 +217,40 @@ def run_workers(parser, experiment: str, grid: dict, args, argv, cfgs: list[dict
     return 0 if not bad else max(1, max(c for _, c in bad))
 
 
-def check_layers_flag(parser, experiment, grid, setup, args, overrides, reg) -> None:
-    """--layers names modules of every selected config's model (built on the meta device: no memory)."""
+def check_configs(parser, experiment, grid, setup, args, overrides, reg) -> None:
+    """Every selected config's resolved settings: each key a setting of the table, each value one its
+    setting accepts (a bad value in a grid is one line, like a bad flag); with --layers, that it names
+    modules of every selected config's model."""
     for config in args.configs:
-        cfg, _ = resolve_config(experiment, setup, grid, config, 0, args.smoke, overrides)
-        try:
-            with torch.device("meta"):
-                model = reg.models[cfg["model"]](cfg, dict(reg.datasets[cfg["dataset"]]))
-        except Exception:  # noqa: BLE001 - a builder that cannot run on meta: checked when the run starts
-            continue
-        try:
-            resolve_layers(cfg, model, reg.presets)
-        except LayerError as e:
-            parser.error(f"argument --layers: {e}")
+        cfg, _ = resolve_config(experiment, setup, grid, config, 0, args.smoke, overrides, reg.settings)
+        problems = reg.settings.problems(cfg, reg, RUN_FACTS)
+        if problems:
+            parser.error(f"config {config!r}: {problems[0]}")
+        if args.layers:
+            check_layers_flag(parser, cfg, reg)
 
 
-def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, extra_flags=None,
-                   **registry) -> int:
-    """Parse the shared flags (plus a script's extra_flags: flag -> argparse kwargs with a `dest`
-    naming the config key) for one experiment script and run its sweep; returns the exit code.
-    `registry` keywords (models, presets, datasets, optimizers, epoch_callbacks) add a script's own."""
+def check_layers_flag(parser, cfg: dict, reg) -> None:
+    """--layers names modules of the config's model (built on the meta device: no memory)."""
+    try:
+        with torch.device("meta"):
+            model = reg.models[cfg["model"]](cfg, dict(reg.datasets[cfg["dataset"]]))
+    except Exception:  # noqa: BLE001 - a builder that cannot run on meta: checked when the run starts
+        return
+    try:
+        resolve_layers(cfg, model, reg.presets)
+    except LayerError as e:
+        parser.error(f"argument --layers: {e}")
+
+
+def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, **registry) -> int:
+    """Parse the shared flags and the setting flags for one experiment script and run its sweep;
+    returns the exit code. `registry` keywords (models, presets, datasets, optimizers, epoch_callbacks,
+    settings: harness.table.Setting entries of its own) add a script's own."""
     # a bundle (tools/bundle.py) records its experiment name, so a renamed upload keeps its folder
     experiment = getattr(sys.modules["__main__"], "BUNDLE_EXPERIMENT", None) or Path(script).stem
-    parser = build_parser(experiment, doc, grid, setup, extra_flags)
+    reg = make_registry(**registry)
+    parser = build_parser(experiment, doc, grid, setup, reg)
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs if c not in grid]
     if unknown:
@@ -271,16 +266,12 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         parser.exit(2, f"{experiment}.py: no GPU on this machine: a real run of the full grid on the CPU would take "
                        f"days{'' if args.synthetic else ' (after downloading the data)'}. Use --smoke for the "
                        f"end-to-end test on tiny data, --preflight to measure, or --device cpu to train here anyway\n")
-    keys = ["epochs", "batch_size", "attack_batch_size", "lr", "clip_grad", "lam", "beta", "every", "ses_target", "layers", "amp"]
-    keys += [kw["dest"] for kw in (extra_flags or {}).values()]
-    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    reg = make_registry(**registry)
-    if args.layers:
-        check_layers_flag(parser, experiment, grid, setup, args, overrides, reg)
+    overrides = {s.name: getattr(args, s.name) for s in reg.settings.flags() if getattr(args, s.name) is not None}
+    check_configs(parser, experiment, grid, setup, args, overrides, reg)
     if args.devices:
-        for note in override_notes(grid, setup, args.configs, overrides):
+        for note in override_notes(grid, setup, args.configs, overrides, reg.settings):
             print(note)
-        return run_workers(parser, experiment, grid, args, argv, selected_runs(experiment, grid, setup, args, overrides))
+        return run_workers(parser, experiment, grid, args, argv, selected_runs(experiment, grid, setup, args, overrides, reg.settings))
     try:
         multigpu.timeout()
     except ValueError as e:
@@ -293,7 +284,7 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, ex
         return 1
     if not world.main:  # under torchrun, rank 0 alone prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
-    for note in override_notes(grid, setup, args.configs, overrides):
+    for note in override_notes(grid, setup, args.configs, overrides, reg.settings):
         print(note)
     clean = False
     try:

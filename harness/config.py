@@ -1,10 +1,11 @@
-"""A run's settings: the harness defaults, how a run's config is resolved, and the run's name.
+"""A run's settings: how a run's config is resolved, and the run's name.
 
-Resolution, later entries winning:  DEFAULTS < the script's SETUP < the grid's config < smoke sizes
-(--smoke only) < command-line overrides. The run's name is `<config>_seed<N>`; a command-line
-setting that differs from what the config itself would use (an override: `--every 3` on `ses_k1`)
-is part of the name (`ses_k1+every=3_seed0`), so one folder always holds one setting and the report
-never files a k=3 run under k=1.
+Resolution, later entries winning:  the table's defaults (harness/settings.py, plus a script's own
+entries) < the script's SETUP < the grid's config < smoke sizes (--smoke only) < command-line overrides.
+The run's name is `<config>_seed<N>`; a command-line setting that is part of the run's identity and
+differs from what the config itself would use (an override: `--every 3` on `ses_k1`) is part of the
+name (`ses_k1+every=3_seed0`), so one folder always holds one setting and the report never files a
+k=3 run under k=1. A resolved config holds every setting plus the run's facts (RUN_FACTS).
 """
 from __future__ import annotations
 
@@ -12,16 +13,11 @@ import hashlib
 import json
 import re
 
-# Harness defaults = the paper's CIFAR-100 setup. Scripts override per setup and config.
-DEFAULTS = dict(
-    dataset="cifar100", model="resnet18", layers="all", spectral_norm=False,
-    epochs=60, batch_size=256, eval_batch_size=1024, attack_batch_size=64, amp="auto",
-    optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False, clip_grad=None,
-    scheduler="multistep", milestones=[25, 40, 52], schedule_epochs=60, gamma=0.1,
-    ses=False, lam=0.01, beta=0.7, every=1, ses_target="logd", mix="none", mix_alpha=1.0,
-    noise_sigmas=[0.05, 0.1], fgsm_eps=[1 / 255, 2 / 255], rob_sigma=0.1,
-    train_eval_size=10_000, val_size=0, baseline_config="baseline",
-)
+from harness.settings import SETTINGS
+from harness.table import Table
+
+DEFAULTS = SETTINGS.defaults()
+RUN_FACTS = ("experiment", "config", "seed", "overrides", "variant", "smoke_sizes")  # keys that are no setting
 # --smoke: the same code path on tiny generated data (n_train / n_test samples, two steps an epoch);
 # a script's SETUP["smoke"] may shrink further (the generated images' size, model widths), never the
 # code path.
@@ -36,12 +32,14 @@ def smoke_settings(setup: dict) -> dict:
 
 
 def resolve_config(experiment: str, setup: dict, grid: dict, config: str, seed: int,
-                   smoke: bool, overrides: dict) -> tuple[dict, dict]:
-    """(cfg, changed): the run's effective settings, and the overrides that change the config."""
-    own = {**DEFAULTS, **{k: v for k, v in setup.items() if k != "smoke"}, **grid[config],
+                   smoke: bool, overrides: dict, table: Table = SETTINGS) -> tuple[dict, dict]:
+    """(cfg, changed): the run's effective settings, and the overrides of identity settings that
+    change the config (those name the run)."""
+    own = {**table.defaults(), **{k: v for k, v in setup.items() if k != "smoke"}, **grid[config],
            **(smoke_settings(setup) if smoke else {})}
     cfg = {**own, **overrides, "experiment": experiment, "config": config, "seed": seed}
-    changed = {k: v for k, v in overrides.items() if json.dumps(own.get(k)) != json.dumps(v)}
+    changed = {k: v for k, v in overrides.items()
+               if table.identity(k) and json.dumps(own.get(k)) != json.dumps(v)}
     cfg["overrides"] = changed
     cfg["variant"] = variant_name(config, changed)
     return cfg, changed

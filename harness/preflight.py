@@ -131,7 +131,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     route, measured = solver_route.settle(args, device), False  # the sweep's route; on CUDA measured below
     rows, data_cache, base_cache, worst = [], {}, {}, 0
     for config in args.configs:
-        cfg, _ = resolve_config(experiment, setup, grid, config, args.seeds[0], args.smoke, overrides)
+        cfg, _ = resolve_config(experiment, setup, grid, config, args.seeds[0], args.smoke, overrides, reg.settings)
         try:
             estimate = fit_check([cfg], experiment, args, reg, device).get(cfg["variant"])
             data = dataset_for(cfg, args, reg, data_cache, device)

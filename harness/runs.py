@@ -165,8 +165,7 @@ def _build(cfg: dict, data: Data, device: torch.device, reg: Registry, route: Ro
     layers = resolve_layers(cfg, model, reg.presets)
     opt = build_optimizer(cfg, model, reg.optimizers)
     sched = build_scheduler(cfg, opt)
-    ses = SES(model, layers, cfg["lam"], cfg["beta"], cfg["every"], solver=route.name,
-              target=cfg["ses_target"]) if cfg["ses"] else None
+    ses = SES(model, layers, solver=route.name, **reg.settings.arguments("SES", cfg)) if cfg["ses"] else None
     mixer = make_mixer(cfg["mix"], data.info["num_classes"], cfg["mix_alpha"], seed=cfg["seed"])
     augment = data.info.get("augment") or partial(random_crop_flip, pad=data.info["pad"])
     loader = GpuLoader(data.train_x, data.train_y, cfg["batch_size"], device, train=True,

@@ -29,8 +29,10 @@ from harness.config import resolve_config, run_name
 from harness.memory import fit_warnings
 from harness.registry import Registry
 from harness.runs import RunError, build_run, check_final_stage, environment, save_code, train_run
+from harness.settings import SETTINGS
 from harness.solver_route import settle
 from harness.summary import add_overhead, format_table, summarize
+from harness.table import Table
 from harness.training import NonFiniteLoss
 from plumbing import gpu
 from plumbing.files import read_json, write_json
@@ -57,10 +59,13 @@ def rerun(args) -> str:
     return "rerun the command without --force" if getattr(args, "force", False) else "rerun the same command"
 
 
-def check_same_settings(run_dir: Path, cfg: dict) -> None:
-    """Refuse to resume or skip a run whose stored settings differ from the ones asked for now
+def check_same_settings(run_dir: Path, cfg: dict, table: Table = SETTINGS) -> None:
+    """Refuse to resume or skip a run whose stored identity settings differ from the ones asked for now
     (with run names made from the settings, this happens only when the harness defaults changed),
-    or whose config.json cannot be read (a copy cut short)."""
+    or whose config.json cannot be read (a copy cut short). Settings that are no part of a run's
+    identity (chunk sizes: table.identity) may differ: the run resumes with the values asked for now.
+    A setting the stored config lacks (added to the table since the run started) counts as its
+    default, so adding a setting whose default keeps the old behaviour leaves every run resumable."""
     path = run_dir / "config.json"
     if not path.is_file():
         return
@@ -68,8 +73,9 @@ def check_same_settings(run_dir: Path, cfg: dict) -> None:
     restart = f"restart just this run with --configs {cfg['config']} --seeds {cfg['seed']} --force"
     if not isinstance(stored, dict):
         raise RunError(f"{path} cannot be read; move that folder away, or {restart}")
-    old = stored.get("config", {})
-    diff = [k for k in sorted(set(old) | set(cfg)) if json.dumps(old.get(k)) != json.dumps(cfg.get(k))]
+    old = {**table.defaults(), **stored.get("config", {})}  # a setting added since the run started: its default
+    diff = [k for k in sorted(set(old) | set(cfg))
+            if table.identity(k) and json.dumps(old.get(k)) != json.dumps(cfg.get(k))]
     if diff:
         k = diff[0]
         raise RunError(f"{run_dir} holds a run with other settings ({k}: {old.get(k)!r} there, {cfg.get(k)!r} "
@@ -92,12 +98,12 @@ def record_failure(run_dir: Path, stage: str, err: BaseException) -> str:
     return msg
 
 
-def decide(run_dir: Path, cfg: dict) -> tuple[str, str]:
+def decide(run_dir: Path, cfg: dict, table: Table = SETTINGS) -> tuple[str, str]:
     """What the run folder says before anything is built: ("skip", line) finished, ("bad", why)
     settings that differ from the stored ones or cannot be read, ("go", "") otherwise. Read by
     rank 0 alone."""
     try:
-        check_same_settings(run_dir, cfg)
+        check_same_settings(run_dir, cfg, table)
     except RunError as e:
         return "bad", str(e)
     except OSError as e:
@@ -191,7 +197,7 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
     route: the SES solver route of the sweep (solver_route.settle)."""
     run_dir = exp_dir / run_name(cfg)
     world = multigpu.current()
-    verdict, line = multigpu.broadcast(decide(run_dir, cfg) if world.main else None)
+    verdict, line = multigpu.broadcast(decide(run_dir, cfg, reg.settings) if world.main else None)
     if verdict == "skip":
         print(line)
         return "skipped"
@@ -299,7 +305,7 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     route = settle(args, device)  # one SES solver route for every run, decided before any is built
     exp_dir = experiment_dir(args, experiment)
     exp_dir.mkdir(parents=True, exist_ok=True)
-    cfgs = selected_runs(experiment, grid, setup, args, overrides)
+    cfgs = selected_runs(experiment, grid, setup, args, overrides, reg.settings)
     if args.force:
         multigpu.agree(force_restart, exp_dir, [run_name(cfg) for cfg in cfgs])
     cfgs = retried_last(exp_dir, cfgs)
@@ -325,9 +331,9 @@ def experiment_dir(args, experiment: str) -> Path:
     return Path(args.out_dir) / ("smoke" if args.smoke else "synthetic" if args.synthetic else "") / experiment
 
 
-def selected_runs(experiment: str, grid: dict, setup: dict, args, overrides: dict) -> list[dict]:
+def selected_runs(experiment: str, grid: dict, setup: dict, args, overrides: dict, table: Table = SETTINGS) -> list[dict]:
     """The resolved settings of every (config, seed) the command selects, in grid order."""
-    return [resolve_config(experiment, setup, grid, config, seed, args.smoke, overrides)[0]
+    return [resolve_config(experiment, setup, grid, config, seed, args.smoke, overrides, table)[0]
             for config in args.configs for seed in args.seeds]
 
 

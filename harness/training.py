@@ -85,16 +85,21 @@ def scaled_milestones(cfg: dict) -> list[int]:
     return sorted({max(1, round(m * cfg["epochs"] / cfg["schedule_epochs"])) for m in cfg["milestones"]})
 
 
+SCHEDULERS = ("multistep", "cosine", "step")
+
+
 def build_scheduler(cfg: dict, opt):
+    """cfg['scheduler'], one of SCHEDULERS: multistep (x gamma at the scaled milestones), cosine (to 0 over
+    the epochs), step (x gamma every step_size epochs, scaled like the milestones)."""
     name = cfg["scheduler"]
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, scaled_milestones(cfg), gamma=cfg["gamma"])
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
     if name == "step":
-        step = max(1, round(cfg.get("step_size", 30) * cfg["epochs"] / cfg["schedule_epochs"]))
+        step = max(1, round(cfg["step_size"] * cfg["epochs"] / cfg["schedule_epochs"]))
         return torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=cfg["gamma"])
-    raise ValueError(f"unknown scheduler {name!r}; use multistep, cosine or step")
+    raise ValueError(f"unknown scheduler {name!r}; use {', '.join(SCHEDULERS)}")
 
 
 def non_finite(epoch: int, bad_step, bad_ce, bad_ses) -> NonFiniteLoss:

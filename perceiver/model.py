@@ -37,6 +37,10 @@ import torch.nn.functional as F
 from data_utils import GpuLoader
 from plumbing.files import atomic_torch_save
 
+WEIGHT_SHARING = ("paper", "port", "none")  # what the repeats of cross-attend and latent transformer share
+POOLINGS = ("mean", "cls")                  # the output: mean over latents, or a learned CLS latent
+PERMUTE_ORDERS = ("after_pe", "before_pe")  # a pixel permutation moves pixels with their positions, or over them
+
 
 def fourier_features(coords: torch.Tensor, num_bands: int, max_freq: float) -> torch.Tensor:
     """(..., A) coordinates in [-1, 1] -> (..., A * (2 * num_bands + 1)): [x, sin(pi f x), cos(pi f x)]."""
@@ -117,13 +121,13 @@ class Perceiver(nn.Module):
                  weight_sharing: str = "paper", pooling: str = "mean", permute_pixels: bool = False,
                  permute_seed: int = 42, permute_order: str = "after_pe"):
         super().__init__()
-        if input_kind not in ("image", "points") or pooling not in ("mean", "cls"):
+        if input_kind not in ("image", "points") or pooling not in POOLINGS:
             raise ValueError(f"input_kind must be image or points, pooling mean or cls; got {input_kind}, {pooling}")
         if input_kind == "points" and (use_learned_pe or permute_pixels):
             raise ValueError("point clouds use Fourier features of their coordinates: no learned PE or pixel permutation")
         if isinstance(weight_sharing, bool):  # older configs: True meant the port's convention
             weight_sharing = "port" if weight_sharing else "none"
-        if weight_sharing not in ("paper", "port", "none") or permute_order not in ("after_pe", "before_pe"):
+        if weight_sharing not in WEIGHT_SHARING or permute_order not in PERMUTE_ORDERS:
             raise ValueError(f"weight_sharing must be paper, port or none and permute_order after_pe or before_pe; "
                              f"got {weight_sharing}, {permute_order}")
         self.input_kind, self.num_bands, self.max_freq, self.pooling = input_kind, num_bands, max_freq, pooling
@@ -212,13 +216,13 @@ def build_perceiver(cfg: dict, info: dict) -> Perceiver:
         num_heads=cfg["num_heads"], dropout=cfg["dropout"], num_bands=cfg["num_bands"], max_freq=cfg["max_freq"],
         use_learned_pe=cfg["use_learned_pe"], weight_sharing=cfg["weight_sharing"], pooling=cfg["pooling"],
         permute_pixels=cfg["permute_pixels"], permute_seed=cfg["permute_seed"],
-        permute_order=cfg.get("permute_order", "after_pe"))
+        permute_order=cfg["permute_order"])
 
 
 def save_attention_maps(model, data, run_dir: Path, epoch: int, cfg: dict, n_samples: int = 4) -> None:
     """Epoch callback: every cfg['attention_every'] epochs (and at the last), the cross-attention maps
     of the first n test samples -> run_dir/attention/epoch_XXX.pt (maps in fp16, inputs as stored)."""
-    every = cfg.get("attention_every", 0)
+    every = cfg["attention_every"]
     if not every or not isinstance(model, Perceiver) or (epoch % every and epoch != cfg["epochs"]):
         return
     x, y = data.test_x[:n_samples], data.test_y[:n_samples]
