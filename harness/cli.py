@@ -271,7 +271,8 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, **
     if args.devices:
         for note in override_notes(grid, setup, args.configs, overrides, reg.settings):
             print(note)
-        return run_workers(parser, experiment, grid, args, argv, selected_runs(experiment, grid, setup, args, overrides, reg.settings))
+        cfgs = selected_runs(experiment, grid, setup, args, overrides, reg.settings)
+        return run_workers(parser, experiment, grid, args, argv, cfgs)
     try:
         multigpu.timeout()
     except ValueError as e:

@@ -331,7 +331,8 @@ def experiment_dir(args, experiment: str) -> Path:
     return Path(args.out_dir) / ("smoke" if args.smoke else "synthetic" if args.synthetic else "") / experiment
 
 
-def selected_runs(experiment: str, grid: dict, setup: dict, args, overrides: dict, table: Table = SETTINGS) -> list[dict]:
+def selected_runs(experiment: str, grid: dict, setup: dict, args, overrides: dict,
+                  table: Table = SETTINGS) -> list[dict]:
     """The resolved settings of every (config, seed) the command selects, in grid order."""
     return [resolve_config(experiment, setup, grid, config, seed, args.smoke, overrides, table)[0]
             for config in args.configs for seed in args.seeds]

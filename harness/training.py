@@ -24,7 +24,7 @@ from plumbing import gpu
 from data_utils import GpuLoader
 from ses_core import SES
 
-AMP_MODES = ("auto", "bf16", "fp16", "fp32")
+AMP_MODES = gpu.AMP_MODES  # the precision modes plumbing.gpu.amp_dtype knows
 
 
 class NonFiniteLoss(RuntimeError):

@@ -89,17 +89,20 @@ def total_memory(device) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory if is_cuda(device) else None
 
 
+FORCED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AMP_MODES = ("auto", *FORCED_PRECISION)  # what --amp may name
+
+
 def amp_dtype(device, mode: str = "auto") -> torch.dtype | None:
     """The autocast dtype of precision `mode` on `device` (None = float32).
 
     'auto': bfloat16 on compute capability >= 8.0 (A100, L40S, H100), float16 (with a GradScaler)
     below, whatever is_bf16_supported() says (a T4 is 7.5 and that call counts bf16 emulation);
     float32 on a CPU. 'bf16' / 'fp16' / 'fp32' force that path on any device."""
-    forced = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    if mode in forced:
-        return forced[mode]
+    if mode in FORCED_PRECISION:
+        return FORCED_PRECISION[mode]
     if mode != "auto":
-        raise ValueError(f"unknown amp mode {mode!r}; use auto, {', '.join(forced)}")
+        raise ValueError(f"unknown amp mode {mode!r}; use {', '.join(AMP_MODES)}")
     if not is_cuda(device):
         return None
     return torch.bfloat16 if capability(device) >= (8, 0) else torch.float16

@@ -50,9 +50,9 @@ class ActivationCollector:
     """Forward hooks on named modules that store each module's pooled (n, d) output, graph kept.
 
     Disabled collectors store nothing (evaluation always runs disabled: an enabled collector would
-    keep every eval batch's pooled output until the next clear, and run out of memory). `.activations` is an OrderedDict in hook order; `clear()`
-    empties it, `remove()` detaches every hook. If a module runs twice in one forward, the later
-    output wins (tap distinct modules instead). A global average pool (AdaptiveAvgPool2d to 1x1)
+    keep every eval batch's pooled output until the next clear, and run out of memory).
+    `.activations` is an OrderedDict in hook order; `clear()` empties it, `remove()` detaches every
+    hook. If a module runs twice in one forward, the later output wins (tap distinct modules instead). A global average pool (AdaptiveAvgPool2d to 1x1)
     whose input is the output of another hooked module has, pooled, exactly that module's pooled
     activation (the mean over H, W either way): it stores the same tensor object, which
     ses_core.spectral_entropies solves once (ResNet `all`: layer4.1 and avgpool).

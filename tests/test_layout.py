@@ -14,7 +14,7 @@ FLOORS = {
     "plumbing": 0,      # all-or-nothing writes, downloads, caches, leases, progress bars, the GPU calls
     "ses_solvers": 1,   # the exact eigen-solve under the penalty: eigenvalues of a stack of Grams
     "ses_hooks": 1,     # the activation collector: forward hooks that pool a layer's output
-    "ses_core": 2,      # the method: entropy, penalty, collector, periodic SES
+    "ses_core": 2,      # the method: entropy, targets, penalty, periodic SES (the collector re-exported)
     "data_utils": 2,    # datasets, the GPU-resident loader, Mixup/CutMix
     "reporting": 2,     # the report's tables and figures
     "harness": 3,       # the machinery every experiment script shares

@@ -82,7 +82,8 @@ def test_unavailable_batched_routes_are_left_out_with_the_reason(monkeypatch):
     grams = [_centred_gram(torch.randn(32, 8))]
     asked = []
     monkeypatch.setattr(cusolver_batched, "available", lambda device, shape=None: asked.append(shape) or "selftest exited 1: boom")
-    timings, rejected = ses_solvers.compare_routes(grams, entropy_of_spectrum, ["float64", "batched32"], reps=1, rounds=1)
+    timings, rejected = ses_solvers.compare_routes(grams, entropy_of_spectrum, ["float64", "batched32"], reps=1,
+                                                   rounds=1)
     assert set(timings) == {"float64"} and rejected == {"batched32": "selftest exited 1: boom"}
     assert asked == [(1, 8)]  # the probe is asked about the real padded stack (B, k)
 

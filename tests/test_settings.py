@@ -66,9 +66,9 @@ def test_every_setting_flag_the_parser_accepts_reaches_config_json_and_identity_
     first = captured(monkeypatch, module, base)
     parser, reg, (plain,) = first["parser"], first["reg"], first["cfgs"]
     assert run_name(plain) == f"{config}_seed0"
-    flags = [a for a in parser._actions if a.dest in reg.settings]
-    outside = [a.option_strings[0] for a in parser._actions if a.dest not in reg.settings and a.dest in plain]
-    assert not outside, f"flags that set a run setting outside the table (parsed, then dropped): {outside}"
+    flags = [a for a in parser._actions if a.dest in reg.settings and reg.settings[a.dest].flag]
+    outside = [a.option_strings[0] for a in parser._actions if a.dest in plain and a not in flags]
+    assert not outside, f"flags named like a run setting that the table does not make (parsed, then dropped): {outside}"
     assert {a.dest for a in flags} == {s.name for s in reg.settings.flags()} and len(flags) >= 10
     for action in flags:
         setting = reg.settings[action.dest]
@@ -104,7 +104,7 @@ def test_a_bad_value_or_an_unknown_key_in_a_grid_is_one_line_and_exit_2(grid, sa
 def test_a_run_stored_before_a_setting_existed_resumes_at_its_default_and_chunk_sizes_may_change(tmp_path):
     from harness.config import resolve_config
     cfg, _ = resolve_config("e", {}, {"ses": dict(ses=True)}, "ses", 0, False, {})
-    stored = {k: v for k, v in cfg.items() if k != "step_size"}  # as written before step_size was a setting
+    stored = {k: v for k, v in cfg.items() if k != "step_size"}  # a stored config that lacks step_size
     (tmp_path / "config.json").write_text(json.dumps(dict(config=dict(stored, eval_batch_size=7))))
     sweep.check_same_settings(tmp_path, cfg)  # step_size at its default, another chunk size: the same run
     with pytest.raises(sweep.RunError, match=rf"step_size: {SETTINGS['step_size'].default} there, 20 now"):
@@ -131,7 +131,7 @@ def test_no_list_of_setting_keys_in_the_harness_and_no_choice_list_typed_twice()
         if setting.kind.choices is None or callable(setting.kind.choices):
             continue
         where = [at for at, values in literals if values == set(setting.choices())]
-        assert len(where) == 1, f"the choices of {setting.name} are typed {len(where)} times: {where}"
+        assert len(where) <= 1, f"the choices of {setting.name} are typed {len(where)} times: {where}"
 
 
 # ----------------------------------------------------------------------------- a researcher's new setting
