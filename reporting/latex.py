@@ -2,7 +2,8 @@
 
 A Table (reporting.tables) becomes one float. Its first column is a ragged-right paragraph column (p{})
 as wide as its widest entry, at most CONFIG_COL_PT (longer names wrap); the other columns are
-right-aligned at their natural width. `tex_width_pt` estimates the tabular's natural width from
+right-aligned at their natural width (a cell of two lines, like an overhead over its range, is a
+top-aligned inner tabular). `tex_width_pt` estimates the tabular's natural width from
 Computer Modern metrics: a table whose estimate fits COLUMN_PT (one column of a two-column 10 pt
 article, A4: 221 pt; letter: 229.5 pt) is a `table`, a wider one a `table*`, which spans the text
 width in a two-column article and is a plain float in a one-column one. Every table is built to
@@ -15,7 +16,7 @@ import re
 
 TEXTWIDTH_PT = 345.0
 COLUMN_PT = 221.0
-CONFIG_COL_PT = 66.0
+CONFIG_COL_PT = 60.0
 TABCOLSEP_PT = 2.5
 FONT_PT = 8.0 * 1.06  # \footnotesize: cmr8, about 6 % wider per em than cmr10 scaled down
 SCRIPT = 6.0 * 1.22 / (8.0 * 1.06)  # sub/superscripts in \footnotesize math: cmr6, ~22 % wider per em than cmr10
@@ -54,6 +55,9 @@ def _em(s: str) -> float:
 def text_width_pt(cell: str, font_pt: float = FONT_PT) -> float:
     """Natural width of one cell's LaTeX (the subset the report writes), from Computer Modern
     metrics; a cell of several lines (\\newline) is as wide as its widest line."""
+    inner = re.fullmatch(r"\\begin\{tabular\}\[t\]\{@\{\}r@\{\}\}(.*)\\end\{tabular\}", cell)
+    if inner:  # a stacked cell (stacked() below): its lines
+        cell = inner.group(1).replace(" \\\\ ", "\\newline")
     if "\\newline" in cell:
         return max(text_width_pt(part, font_pt) for part in cell.split("\\newline"))
     s = re.sub(r"\\(raggedright|allowbreak\{\}|textit|hfill|centering)\s?", "", cell)
@@ -84,6 +88,13 @@ def tex_width_pt(body: list[list[str]], header: list[str] | None = None, first: 
     return sum(widths) + 2 * TABCOLSEP_PT * (len(widths) - 1)
 
 
+def stacked(cell: str) -> str:
+    """A cell of several lines (\\newline) outside the paragraph column: a top-aligned inner tabular."""
+    if "\\newline" not in cell:
+        return cell
+    return "\\begin{tabular}[t]{@{}r@{}}" + " \\\\ ".join(cell.split("\\newline")) + "\\end{tabular}"
+
+
 def render(table, label: str) -> str:
     """One table float: caption, label, booktabs rules, the notes under it."""
     head = [c[1] for c in table.header]
@@ -105,7 +116,7 @@ def render(table, label: str) -> str:
             col += span
         out += [" & ".join(cells) + " \\\\", "".join(rules)]
     out += [" & ".join(["\\raggedright " + head[0]] + head[1:]) + " \\\\", "\\midrule"]
-    out += [" & ".join(["\\raggedright " + r[0]] + r[1:]) + " \\\\" for r in body]
+    out += [" & ".join(["\\raggedright " + r[0]] + [stacked(c) for c in r[1:]]) + " \\\\" for r in body]
     out += ["\\bottomrule", "\\end{tabular}"]
     if table.notes:
         out += ["\\par\\smallskip\\raggedright"] + [n[1] + " \\\\" for n in table.notes[:-1]] + [table.notes[-1][1]]

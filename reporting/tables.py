@@ -76,7 +76,8 @@ def seeds(d) -> tuple[str, str]:
 
 
 def overhead(o) -> tuple[str, str]:
-    """Median with [min, max] over seeds, in percent; ° when the range contains 0."""
+    """Median with [min, max] over seeds, in percent (LaTeX: the range on a second line); ° when the
+    range contains 0."""
     if o is None:
         return DASH
     med, lo, hi = (signed(100 * v, 0) for v in o[:3])
@@ -84,7 +85,7 @@ def overhead(o) -> tuple[str, str]:
         return f"{med} %", f"${med}\\,\\%$"
     ring = o[1] <= 0 <= o[2]
     return (f"{med} % [{lo}, {hi}]" + (" °" if ring else ""),
-            f"${med}\\,\\%$" + ("$^\\circ$" if ring else "") + f" {{\\scriptsize $[{lo}, {hi}]$}}")
+            f"${med}\\,\\%$" + ("$^\\circ$" if ring else "") + f"\\newline{{\\scriptsize $[{lo}, {hi}]$}}")
 
 
 def paper_cell(p: dict | None, key: str) -> tuple[str, str]:
@@ -168,15 +169,15 @@ def full_table(exp: str, rows: list[dict]) -> Table:
         pairs = r["d_acc"].n if r["d_acc"] and r["d_acc"].n != r["n"] else None
         n = (f"{r['n']} (Δ: {pairs})", f"{r['n']}/{pairs}") if pairs else (str(r["n"]), str(r["n"]))
         need = (f"{seeds(r['d_acc'])[0]} / {seeds(r['d_rob'])[0]}",
-                f"{seeds(r['d_acc'])[1]}/{seeds(r['d_rob'])[1]}") if r["d_acc"] or r["d_rob"] else DASH
+                f"{seeds(r['d_acc'])[1]}\\newline{seeds(r['d_rob'])[1]}") if r["d_acc"] or r["d_rob"] else DASH
         body.append([name_cell(r, True), n] + [spread(r[m], n=r["n"]) for m, _ in METRICS]
                     + [delta(r["d_acc"]), delta(r["d_rob"]), need])
     text = (f"{seeds_phrase(rows)}; gap = train − test accuracy. Δ: the per-seed difference against the config's "
             f"twin (named after vs.), in percentage points: mean, and the 95 % Student-t interval (n − 1) of the "
             f"paired differences (± its half-width in LaTeX); ° marks an interval that contains 0, a difference not "
             f"distinguishable from seed noise. n: runs, and after a slash the seed pairs behind Δ where fewer. "
-            f"Seeds: the number of seeds at which the interval of Δ acc / Δ rob would exclude 0 if its mean and "
-            f"paired spread stayed as observed.")
+            f"Seeds: the number of seeds at which the interval of Δ acc / Δ rob (LaTeX: upper / lower line) would "
+            f"exclude 0 if its mean and paired spread stayed as observed.")
     md_header = ["config", "name", "vs"] + [c[0] for c in header[1:]]
     md_rows = [[r["variant"], cells[0][0], display(r["twin"]) if r["twin"] else "—"] + [c[0] for c in cells[1:]]
                for r, cells in zip(rows, body)]
