@@ -25,7 +25,7 @@ NAN = float("nan")
 
 def new_figure(plt, height_in: float, nrows: int = 1, ncols: int = 1, **kw):
     width = plt.rcParams["figure.figsize"][0]
-    return plt.subplots(nrows, ncols, figsize=(width, height_in), squeeze=False, **kw)
+    return plt.subplots(nrows, ncols, figsize=(width, height_in), squeeze=False, layout="constrained", **kw)
 
 
 def series(runs: list[list[dict]], get) -> tuple[list[int], list[float], list[float]]:
@@ -157,6 +157,12 @@ def slots_to_image(weights, perm, h: int, w: int):
     return out.view(h, w).numpy()
 
 
+def flush_left(title):
+    """A title that starts at its axes' left edge (a long first-column title is not cut off at the figure's)."""
+    title.set_horizontalalignment("left")
+    title.set_x(0.0)
+
+
 def attention_figure(plt, title: str, path, n_latents: int = 3):
     """Cross-attention of the first cross-attend for the saved test samples: one row per sample.
     Images: input | mean over latents | overlay | single latents (mapped back to pixel positions
@@ -171,7 +177,7 @@ def attention_figure(plt, title: str, path, n_latents: int = 3):
     vmax = max(float(maps[:, :n_latents].max()), float(maps.mean(1).max()))
     panel = plt.rcParams["figure.figsize"][0] / (cols + 0.4)
     fig, axes = plt.subplots(len(x), cols, figsize=(plt.rcParams["figure.figsize"][0], panel * len(x) + 0.3),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     shown = None
     for i in range(len(x)):
         heads = [("mean over latents", maps[i].mean(0))] + [(f"latent {j}", maps[i, j]) for j in range(n_latents)]
@@ -180,7 +186,7 @@ def attention_figure(plt, title: str, path, n_latents: int = 3):
             perm = d.get("pixel_perm")
             img = x[i].permute(1, 2, 0).numpy()
             axes[i][0].imshow(img)
-            axes[i][0].set_title(f"input (label {int(labels[i])})")
+            flush_left(axes[i][0].set_title(f"input (label {int(labels[i])})"))
             axes[i][2].imshow(img)
             axes[i][2].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis", alpha=0.6, vmin=0, vmax=vmax)
             axes[i][2].set_title("overlay")
@@ -191,13 +197,16 @@ def attention_figure(plt, title: str, path, n_latents: int = 3):
             for k, (name, wts) in enumerate(heads):
                 shown = axes[i][k].scatter(x[i, :, 0], x[i, :, 1], c=wts.numpy(), s=0.5, cmap="viridis", vmin=0,
                                            vmax=vmax, linewidths=0)
-                axes[i][k].set_title(f"{name} (label {int(labels[i])})" if k == 0 else name)
+                sep = " " if (plt.rcParams["figure.figsize"][0] - 0.8) / cols >= 1.45 else "\n"  # room for one line?
+                title = axes[i][k].set_title(f"{name}{sep}(label {int(labels[i])})" if k == 0 else name)
+                if k == 0 and sep == " ":
+                    flush_left(title)
                 axes[i][k].set_aspect("equal")
         for ax in axes[i]:
             ax.set_axis_off()
     cax = axes[0][-1].inset_axes([1.1, 0.0, 0.1, 1.0])  # beside the first row, outside the grid
     cax.set_in_layout(False)
     fig.colorbar(shown, cax=cax).set_label("weight")
-    fig.get_layout_engine().set(rect=(0, 0, 1 - 0.6 / plt.rcParams["figure.figsize"][0], 1))
+    fig.get_layout_engine().set(rect=(0, 0, 1 - 0.8 / plt.rcParams["figure.figsize"][0], 1))
     fig.set_label(f"{title}, epoch {d['epoch']}")  # the caption's words (report.md)
     return fig

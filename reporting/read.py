@@ -119,12 +119,14 @@ def read_experiment(exp_dir: Path, skipped: list[str]) -> dict:
             failure, why = load_json(run_dir / "failure.json")
             if (run_dir / "failure.json").exists():
                 f = failure if isinstance(failure, dict) else {}
-                text = f"{f.get('stage', '?')}: {f.get('message', why or 'no message')}"
-                exp["failed"].append(f"{run_dir.name} ({' '.join(text.split())})")
+                text = " ".join(f"{f.get('stage', '?')}: {f.get('message', why or 'no message')}".split())
+                exp["failed"].append(f"{run_dir.name} ({text})")
                 exp["status"][run_dir.name] = "failed"
+                skipped.append(f"{where}: failed ({text}); not averaged in")
             elif settings is not None:
                 exp["unfinished"].append(run_dir.name)
                 exp["status"][run_dir.name] = "unfinished"
+                skipped.append(f"{where}: unfinished (no result.json yet); not averaged in")
             else:
                 exp["status"][run_dir.name] = "unreadable"
                 skipped.append(f"{where}: no result.json, failure.json or readable config.json; skipped")
