@@ -70,12 +70,12 @@ def figures(args, experiments, rows_of, kind) -> str:
         print("plots skipped: matplotlib is not installed (pip install matplotlib, or -r requirements-dev.txt)")
         return ""
     look = Look(args.venue)
-    if look.note:
-        print(look.note)
     plots = args.results_dir / "plots"
     plots.mkdir(exist_ok=True)
     written, captions, problems = make_figures(plt, experiments, rows_of, plots, kind, look, args.widths,
                                                args.formats, args.dpi)
+    if look.note:
+        print(look.note)
     for line in problems:
         print(f"left out: {line}")
     print(f"wrote {len(written)} figure files to {plots} ({', '.join(args.formats)}; {' and '.join(args.widths)} width)")

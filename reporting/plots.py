@@ -3,7 +3,8 @@
 - curves_figure: held-out accuracy (%) and held-out loss (cross-entropy, nats; the same quantity
   for every config, unlike the training loss, which is CE + λR for SES) per epoch. Line: the
   mean over the seeds that have the epoch; band: ± one std where at least two do, clipped to what
-  the metric allows ([0, 100] %, loss >= 0).
+  the metric allows ([0, 100] %, loss >= 0); with more than three configs, error bars at the
+  markers instead, each config's shifted a little along the epoch axis so that none hides another.
 - entropy_figure: per-layer spectral entropy per epoch of an SES config beside its twin. Solid:
   the eval-mode probe H (a fixed clean batch), with its ± 1 std band; dotted: the train-mode H that
   SES penalised (mean over the epoch's SES steps; absent on epochs without one, as with periodic
@@ -79,14 +80,16 @@ def curves_figure(plt, width: str, data: dict, styles: dict):
     column = width == "column"
     fig, axes = new_figure(plt, 3.7 if column else 2.5, 2 if column else 1, 1 if column else 2, sharex=True)
     ax_acc, ax_loss = axes.flat
-    fill = len(curves) <= 3
-    for v, runs in curves.items():
+    fill = len(curves) <= 3  # more bands would blend: error bars, each config's a little to the side
+    for i, (v, runs) in enumerate(curves.items()):
         st = styles[v]
         kw = dict(color=st.colour, ls=st.linestyle, marker=st.marker, markevery=max(1, len(runs[0]) // 6), ms=3,
                   fill=fill)
+        shift = 0.0 if fill else (i - (len(curves) - 1) / 2) * 0.05 * max(1.0, len(runs[0]) / 6)
         ep, mu, sd = series(runs, lambda r: None if r.get(f"{split}_acc") is None else 100 * r[f"{split}_acc"])
-        band(ax_acc, ep, mu, sd, 0, 100, label=f"{display(v)} (n={len(runs)})", **kw)
-        band(ax_loss, *series(runs, lambda r: r.get(f"{split}_loss")), 0, None, **kw)
+        band(ax_acc, [e + shift for e in ep], mu, sd, 0, 100, label=f"{display(v)} (n={len(runs)})", **kw)
+        ep, mu, sd = series(runs, lambda r: r.get(f"{split}_loss"))
+        band(ax_loss, [e + shift for e in ep], mu, sd, 0, None, **kw)
     name = "validation" if split == "val" else "test"
     ax_acc.set_ylabel(f"{name} accuracy (%)")
     ax_loss.set_ylabel(f"{name} loss (CE, nats)")
@@ -197,7 +200,7 @@ def attention_figure(plt, title: str, path, n_latents: int = 3):
             for k, (name, wts) in enumerate(heads):
                 shown = axes[i][k].scatter(x[i, :, 0], x[i, :, 1], c=wts.numpy(), s=0.5, cmap="viridis", vmin=0,
                                            vmax=vmax, linewidths=0)
-                sep = " " if (plt.rcParams["figure.figsize"][0] - 0.8) / cols >= 1.45 else "\n"  # room for one line?
+                sep = " " if (plt.rcParams["figure.figsize"][0] - 0.8) / cols >= 1.3 else "\n"  # room for one line?
                 title = axes[i][k].set_title(f"{name}{sep}(label {int(labels[i])})" if k == 0 else name)
                 if k == 0 and sep == " ":
                     flush_left(title)

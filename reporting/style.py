@@ -49,7 +49,20 @@ class Look:
                                      rel_width=0.5 if width == "column" else 1.0).items() if k in params}
         if "column" in kw:
             kw.pop("rel_width", None)
-        return dict(self.bundle(**kw))
+        rc = dict(self.bundle(**kw))
+        from matplotlib import font_manager
+        installed = {f.name for f in font_manager.fontManager.ttflist}
+        family = rc.get("font.family")
+        family = family[0] if isinstance(family, list) else family
+        for key in ("serif", "sans-serif", "monospace"):  # lists of fonts none of which is here: matplotlib
+            wanted = rc.get(f"font.{key}")                 # would warn at every text, say it once instead
+            if wanted and not installed & set(wanted):
+                rc.pop(f"font.{key}")
+                if key == family:
+                    rc.pop("font.family", None)
+                    self.note = f"figures: none of {self.venue}'s fonts ({', '.join(wanted)}) is installed; " \
+                                f"matplotlib's default font is used"
+        return rc
 
     def rc(self, width: str, height_in: float) -> dict:
         rc = dict(PLAIN)

@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,22 @@ def test_tables_compile_without_an_overfull_box(tmp_path, layout):
                        text=True, timeout=120)
     log = (tmp_path / "paper.log").read_text(errors="replace")
     assert p.returncode == 0 and "Overfull \\hbox" not in log, log[-3000:]
+
+
+def test_a_venue_style_keeps_its_widths_and_7_to_9_pt_text_and_without_tueplots_the_plain_style(monkeypatch):
+    from reporting.style import FONT_KEYS, WIDTHS_IN, Look
+    plain = Look("plain")
+    for width, inches in WIDTHS_IN.items():
+        rc = plain.rc(width, 2.0)
+        assert rc["figure.figsize"] == (inches, 2.0) and all(7 <= rc[k] <= 9 for k in FONT_KEYS)
+    if __import__("importlib").util.find_spec("tueplots"):
+        icml = Look("icml2024")
+        assert icml.note is None
+        assert icml.rc("column", 2.0)["figure.figsize"][0] == pytest.approx(3.25, abs=0.01)
+        assert icml.rc("text", 2.0)["figure.figsize"][0] == pytest.approx(6.75, abs=0.01)
+        assert all(7 <= icml.rc("column", 2.0)[k] <= 9 for k in FONT_KEYS)  # ICML's 6 pt ticks raised to 7
+        assert not icml.rc("text", 2.0)["text.usetex"]
+        assert "no venue" in Look("nosuchvenue2099").note
+    monkeypatch.setitem(sys.modules, "tueplots", None)  # import tueplots -> ImportError
+    bare = Look("icml2024")
+    assert bare.venue == "plain" and "pip install tueplots" in bare.note

@@ -3,6 +3,7 @@ as it is and in damaged copies (files deleted, cut short, nulls, NaN, garbage JS
 figures it draws (sizes, fonts, styles, marks). The sweeps run once per session, one script per
 fixture; every test here runs on one xdist worker (xdist_group "report_sweep")."""
 import csv
+import importlib.util
 import json
 import random
 import re
@@ -199,8 +200,11 @@ def test_every_figure_has_7_to_9_pt_text_distinct_styles_clipped_bands_and_a_smo
     monkeypatch.setattr(figures, "save", inspect)
     experiments, _ = read_results(smoke_sweep)
     rows = {exp: summarize(d, {}, "smoke") for exp, d in experiments.items()}
-    _, captions, problems = figures.make_figures(plt, experiments, rows, smoke_sweep, "smoke", Look("plain"))
-    assert not problems and len(checked) == 2 * len(captions)
+    venues = ["plain"] + (["icml2024"] if importlib.util.find_spec("tueplots") else [])
+    for venue in venues:
+        checked.clear()
+        _, captions, problems = figures.make_figures(plt, experiments, rows, smoke_sweep, "smoke", Look(venue))
+        assert not problems and len(checked) == 2 * len(captions), venue
 
 
 # ----------------------------------------------------------------------------- damaged copies
