@@ -28,31 +28,24 @@ def sweep_of(script: str, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def exp10_sweep(tmp_path_factory):
-    return sweep_of("exp10_periodic_ses", tmp_path_factory)
+def sweeps(tmp_path_factory):
+    """sweeps(script) -> <out>/smoke/<script>: its three-seed smoke sweep, run on first use (a test
+    per script comes first, so no single test waits for all four)."""
+    done = {}
+
+    def get(script: str) -> Path:
+        if script not in done:
+            done[script] = sweep_of(script, tmp_path_factory)
+        return done[script]
+    return get
 
 
 @pytest.fixture(scope="session")
-def exp11_sweep(tmp_path_factory):
-    return sweep_of("exp11_resnet50_tinyimagenet", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def exp12_sweep(tmp_path_factory):
-    return sweep_of("exp12_mixup_cutmix_cifar100", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def exp13_sweep(tmp_path_factory):
-    return sweep_of("exp13_perceiver", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def smoke_sweep(exp10_sweep, exp11_sweep, exp12_sweep, exp13_sweep, tmp_path_factory):
+def smoke_sweep(sweeps, tmp_path_factory):
     """One smoke/ folder holding the four sweeps' runs (without their code/ copies)."""
     smoke = tmp_path_factory.mktemp("sweep") / "smoke"
-    for exp in (exp10_sweep, exp11_sweep, exp12_sweep, exp13_sweep):
-        shutil.copytree(exp, smoke / exp.name, ignore=shutil.ignore_patterns("code", "checkpoint.pt"))
+    for script in SCRIPTS:
+        shutil.copytree(sweeps(script), smoke / script, ignore=shutil.ignore_patterns("code", "checkpoint.pt"))
     return smoke
 
 
@@ -82,8 +75,9 @@ def md_rows(md: str, header_start: str) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------- each script's sweep
-def test_exp10_sweep_gives_the_papers_table_and_periodic_epochs_without_ses_steps_are_drawn(exp10_sweep, tmp_path,
+def test_exp10_sweep_gives_the_papers_table_and_periodic_epochs_without_ses_steps_are_drawn(sweeps, tmp_path,
                                                                                              capsys):
+    exp10_sweep = sweeps("exp10_periodic_ses")
     runs = [json.loads(line) for line in (exp10_sweep / "ses_k10_seed0" / "metrics.jsonl").read_text().splitlines()]
     assert any("ses_entropy" not in row for row in runs)  # the case that once ended the report in a traceback
     smoke = copy_of(exp10_sweep.parent, tmp_path / "smoke")
@@ -100,7 +94,8 @@ def test_exp10_sweep_gives_the_papers_table_and_periodic_epochs_without_ses_step
     assert {"exp10_periodic_ses_gain_col.png", "exp10_periodic_ses_final_entropy_col.png"} <= plots
 
 
-def test_exp11_sweep_gives_the_papers_table(exp11_sweep, tmp_path):
+def test_exp11_sweep_gives_the_papers_table(sweeps, tmp_path):
+    exp11_sweep = sweeps("exp11_resnet50_tinyimagenet")
     smoke = copy_of(exp11_sweep.parent, tmp_path / "smoke")
     assert report.main([str(smoke), "--no-figures"]) == 0
     md = (smoke / "report.md").read_text()
@@ -109,7 +104,8 @@ def test_exp11_sweep_gives_the_papers_table(exp11_sweep, tmp_path):
                                                                       ["ses_k1", "SES k=1", "Baseline", "3"]]
 
 
-def test_exp12_sweep_gives_the_interaction_paired_by_seed(exp12_sweep, tmp_path):
+def test_exp12_sweep_gives_the_interaction_paired_by_seed(sweeps, tmp_path):
+    exp12_sweep = sweeps("exp12_mixup_cutmix_cifar100")
     smoke = copy_of(exp12_sweep.parent, tmp_path / "smoke")
     assert report.main([str(smoke), "--no-figures"]) == 0
     md = (smoke / "report.md").read_text()
@@ -121,7 +117,8 @@ def test_exp12_sweep_gives_the_interaction_paired_by_seed(exp12_sweep, tmp_path)
     assert "tab:exp12_mixup_cutmix_cifar100-interaction" in (smoke / "tables.tex").read_text()
 
 
-def test_exp13_sweep_draws_each_configs_attention_on_one_scale(exp13_sweep, tmp_path):
+def test_exp13_sweep_draws_each_configs_attention_on_one_scale(sweeps, tmp_path):
+    exp13_sweep = sweeps("exp13_perceiver")
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
