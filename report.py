@@ -58,7 +58,8 @@ def reference_numbers(path: Path) -> tuple[dict, str]:
         if path != DEFAULT_REFERENCE or why != f"{path.name} is missing":
             print(f"note: {why or f'{path} is not a JSON object'}; no paper figures shown")
         return {}, ""
-    return ref, str(ref.get("_source", path.name)).split(":")[0]
+    source = str(ref.get("_source", ""))  # '... Exp 10: Periodic SES, CIFAR-100, ResNet-18, Kaggle T4. ...'
+    return ref, source.split(":", 1)[1].split(".")[0].strip() if ":" in source else path.name
 
 
 def figures(args, experiments, rows_of, kind) -> str:

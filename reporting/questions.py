@@ -27,10 +27,14 @@ def yerr(d):
 
 
 def periodic_rows(rows: list[dict]) -> list[dict]:
-    """SES rows with a k that share one twin, if at least two values of k are there."""
-    ses = [r for r in rows if r["every"] is not None and (r["d_acc"] or r["d_rob"])]
-    twins = {r["twin"] for r in ses}
-    return sorted(ses, key=lambda r: r["every"]) if len(twins) == 1 and len({r["every"] for r in ses}) > 1 else []
+    """The SES rows with a k and a Δ that share one twin (of several twins, the one with the most
+    values of k), by k; none unless at least two values of k are there."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["every"] is not None and (r["d_acc"] or r["d_rob"]):
+            groups.setdefault(r["twin"], []).append(r)
+    best = max(groups.values(), key=lambda g: len({r["every"] for r in g}), default=[])
+    return sorted(best, key=lambda r: r["every"]) if len({r["every"] for r in best}) > 1 else []
 
 
 def gain_figure(plt, width: str, rows: list[dict]):
@@ -87,14 +91,15 @@ def gain_figure(plt, width: str, rows: list[dict]):
 
 def robustness_figure(plt, width: str, rows: list[dict], styles: dict):
     keys = robustness_order(k for r in rows for k in r["robustness"])
-    kinds = [kind for kind in ("gauss", "fgsm") if any(k.startswith(kind + "_") for k in keys)]
+    kinds = [kind for kind in ("gauss", "fgsm") if any(k.startswith(kind + "_") and strength(k) is not None
+                                                        for k in keys)]
     if not kinds:
         return None
     column = width == "column"
     fig, axes = new_figure(plt, 1.9 * len(kinds) + 0.7 if column else 2.5, len(kinds) if column else 1,
                            1 if column else len(kinds), sharey=True)
     for ax, kind in zip(axes.flat, kinds):
-        levels = [k for k in keys if k.startswith(kind + "_")]
+        levels = [k for k in keys if k.startswith(kind + "_") and strength(k) is not None]
         xs = [0.0] + [strength(k) for k in levels]
         for r in rows:
             spreads = [r["acc"]] + [r["robustness"].get(k) for k in levels]
@@ -116,10 +121,13 @@ def robustness_figure(plt, width: str, rows: list[dict], styles: dict):
     return fig
 
 
-def strength(key: str) -> float:
-    level = key.partition("_")[2]
-    num, _, den = level.partition("/")
-    return float(num) / (float(den) if den else 1.0)
+def strength(key: str) -> float | None:
+    """'gauss_0.05' -> 0.05, 'fgsm_2/255' -> 2/255; None for a level that is not a number."""
+    num, _, den = key.partition("_")[2].partition("/")
+    try:
+        return float(num) / (float(den) if den else 1.0)
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def level_label(key: str) -> str:
