@@ -80,7 +80,7 @@ def figures(args, experiments, rows_of, kind) -> str:
     for line in problems:
         print(f"left out: {line}")
     print(f"wrote {len(written)} figure files to {plots} ({', '.join(args.formats)}; {' and '.join(args.widths)} width)")
-    return figures_md(captions, args.widths)
+    return figures_md(captions, args.widths, args.formats)
 
 
 def main(argv=None) -> int:

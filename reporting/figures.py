@@ -19,9 +19,10 @@ from reporting.labels import display, experiment_name, styles
 from reporting.plots import attention_figure, curves_figure, entropy_figure
 from reporting.questions import final_entropy_figure, gain_figure, interaction_figure, robustness_figure
 from reporting.rows import interactions
-from reporting.style import Look, mark_kind, save
+from reporting.style import WIDTHS_IN, Look, mark_kind, save
 
-BAND = "line: mean over seeds; band: ± one std over seeds where two or more"
+BAND = ("line: mean over seeds; ± one std over seeds where two or more (a band; with more than three configs, error "
+        "bars)")
 CI = "error bar: the 95 % Student-t interval (n − 1) of the paired per-seed differences"
 
 
@@ -89,10 +90,11 @@ def make_figures(plt, experiments: dict, rows_of: dict, out_dir: Path, kind: str
     return written, captions, problems
 
 
-def figures_md(captions: list[tuple[str, str]], widths) -> str:
+def figures_md(captions: list[tuple[str, str]], widths, formats) -> str:
     if not captions:
         return ""
-    sizes = {"text": "`<name>` at the text width", "column": "`<name>_col` at the width of one column"}
-    lines = ["## Figures", "", "In `plots/`, each as PDF and PNG: " + " and ".join(sizes[w] for w in widths)
-             + " (6.75 in and 3.25 in in the plain style; a venue's own with --venue).", ""]
+    sizes = {"text": f"`<name>` at the text width ({WIDTHS_IN['text']} in)",
+             "column": f"`<name>_col` at one column ({WIDTHS_IN['column']} in)"}
+    lines = ["## Figures", "", f"In `plots/`, each as {' and '.join(f.upper() for f in formats)}: "
+             + " and ".join(sizes[w] for w in widths) + " (with --venue: the venue's widths).", ""]
     return "\n".join(lines + [f"- `{stem}`: {caption}" for stem, caption in captions]) + "\n"
