@@ -97,6 +97,7 @@ def save(fig, plt, stem: Path, formats=("pdf", "png"), dpi: int = 300) -> list[P
             os.close(fd)
             try:
                 fig.savefig(tmp, dpi=dpi, format=ext)
+                os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the figure from its other readers
                 os.replace(tmp, path)
             finally:
                 Path(tmp).unlink(missing_ok=True)
