@@ -97,7 +97,8 @@ def split_name(name: str) -> tuple[str, int] | None:
 
 def read_experiment(exp_dir: Path, skipped: list[str]) -> dict:
     exp = dict(runs={}, curves={}, settings={}, twin={}, ses={}, attention={}, status={}, failed=[], unfinished=[])
-    for run_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name):
+    folders = [p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name]
+    for run_dir in sorted(folders, key=lambda p: split_name(p.name) or (p.name, -1)):  # seed 2 before seed 10
         where = f"{exp_dir.name}/{run_dir.name}"
         named = split_name(run_dir.name)
         if named is None:

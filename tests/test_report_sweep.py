@@ -1,7 +1,7 @@
 """report.py on real outputs: a three-seed smoke sweep of every script (`--smoke --seeds 0 1 2`),
 as it is and in damaged copies (files deleted, cut short, nulls, NaN, garbage JSON), and the
-figures it draws (sizes, fonts, styles, marks). The sweeps run once per session, one script per
-fixture; every test here runs on one xdist worker (xdist_group "report_sweep")."""
+figures it draws (sizes, fonts, styles, marks). Each script's sweep runs once per session, when a
+test first asks for it; every test here runs on one xdist worker (xdist_group "report_sweep")."""
 import csv
 import importlib.util
 import json
