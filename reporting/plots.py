@@ -1,69 +1,59 @@
-"""The report's figures (matplotlib), each written as PDF (vector, for the paper) and PNG.
+"""The report's figures over epochs and of attention (matplotlib), each at a given width.
 
-Per experiment:
-- `<exp>_curves`: held-out accuracy and training loss per epoch. The mean over seeds is the line,
-  a band shows ± one std when n >= 2. A config and its twin (`mixup_ses` / `mixup`) share a colour,
-  the SES config solid, the twin dashed; where several SES configs share one twin (exp10's k
-  values) each has its own colour and the twin is black.
-- `<exp>_entropy_<config>`: per-layer spectral entropy per epoch, the twin's panel beside the SES
-  config's. Solid: the eval-mode probe H (a fixed clean batch); dotted: the train-mode H that SES
-  penalised, averaged over the epoch's SES steps. One grey line per distinct target β·log d (or the
-  rank target), labelled with the layers it belongs to. Layers whose curves are identical (ResNet's
-  `layer4.1` and `avgpool`: the spectrum of the block is that of its global average) are drawn once
-  and named together.
-- `<exp>_attention_<run>`: Perceiver cross-attention maps of the first cross-attend.
+- curves_figure: held-out accuracy (%) and held-out loss (cross-entropy, nats; the same quantity
+  for every config, unlike the training loss, which is CE + λR for SES) per epoch. Line: the
+  mean over the seeds that have the epoch; band: ± one std where at least two do, clipped to what
+  the metric allows ([0, 100] %, loss >= 0); with more than three configs, error bars at the
+  markers instead, each config's shifted a little along the epoch axis so that none hides another.
+- entropy_figure: per-layer spectral entropy per epoch of an SES config beside its twin. Solid:
+  the eval-mode probe H (a fixed clean batch), with its ± 1 std band; dotted: the train-mode H that
+  SES penalised (mean over the epoch's SES steps; absent on epochs without one, as with periodic
+  SES); dash-dot, in the layer's colour: its target β·log d; grey dotted: the ceiling
+  log min(n − 1, d) a batch of n can reach. Layers whose curves are identical in every seed and
+  epoch (ResNet's `layer4.1` and `avgpool`) are drawn once and named together.
+- attention_figure: Perceiver cross-attention of the first cross-attend, one row per saved test
+  sample, every map on one colour scale with one colour bar.
+Styles come from reporting.labels.styles; sizes and fonts from reporting.style.
 """
 from __future__ import annotations
 
-import os
-import statistics
-from pathlib import Path
+from reporting.labels import display
+from reporting.stats import finite, mean_std
+from reporting.style import FONT_PT
+
+NAN = float("nan")
 
 
-def styles(data: dict) -> dict[str, tuple]:
-    """variant -> (colour, linestyle): twins share a colour, SES solid and twin dashed."""
-    import matplotlib.pyplot as plt
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    runs = data["runs"]
-    twin_of = {v: rs[0].get("baseline_config", "baseline") for v, rs in runs.items()}
-    twin_of = {v: v.replace(rs[0]["config"], twin_of[v], 1) for v, rs in runs.items()}
-    family: dict[str, list[str]] = {}
-    for v in runs:
-        if twin_of[v] != v and twin_of[v] in runs:
-            family.setdefault(twin_of[v], []).append(v)
-    out, i = {}, 0
-    for v in runs:
-        if v in out:
-            continue
-        members = family.get(v, [])
-        if len(members) == 1:  # a pair: one colour
-            out[v], out[members[0]] = (palette[i % len(palette)], "--"), (palette[i % len(palette)], "-")
-            i += 1
-        elif members:          # one twin, several SES configs
-            out[v] = ("black", "--")
-            for m in members:
-                out[m] = (palette[i % len(palette)], "-")
-                i += 1
-        elif twin_of[v] == v or twin_of[v] not in runs:
-            out[v] = (palette[i % len(palette)], "-")
-            i += 1
-    return out
+def new_figure(plt, height_in: float, nrows: int = 1, ncols: int = 1, **kw):
+    width = plt.rcParams["figure.figsize"][0]
+    return plt.subplots(nrows, ncols, figsize=(width, height_in), squeeze=False, layout="constrained", **kw)
 
 
-def mean_band(curves: list[list[dict]], get) -> tuple[list[int], list[float], list[float] | None]:
-    """(epochs, mean, std or None) over seeds, over the epochs every seed has; get(row) -> value."""
-    n = min(len(c) for c in curves)
-    epochs = [curves[0][i]["epoch"] for i in range(n)]
-    values = [[get(c[i]) for c in curves] for i in range(n)]
-    mean = [statistics.fmean(v) for v in values]
-    return epochs, mean, ([statistics.stdev(v) for v in values] if len(curves) > 1 else None)
+def series(runs: list[list[dict]], get) -> tuple[list[int], list[float], list[float]]:
+    """(epochs, mean, std) over the runs' rows of each epoch: NaN where no finite value (std: < 2)."""
+    epochs = sorted({row["epoch"] for run in runs for row in run})
+    by_epoch = {e: [] for e in epochs}
+    for run in runs:
+        for row in run:
+            by_epoch[row["epoch"]].append(get(row))
+    spreads = [mean_std(by_epoch[e]) for e in epochs]
+    return (epochs, [NAN if s.mean is None else s.mean for s in spreads],
+            [NAN if s.std is None else s.std for s in spreads])
 
 
-def line(ax, epochs, mean, std, **kw):
-    ax.plot(epochs, mean, **kw)
-    if std is not None:
-        ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=kw.get("color"), alpha=0.15, lw=0)
+def band(ax, x, mean, std, lo=None, hi=None, fill=True, **kw):
+    """The mean line and its ± std clipped to [lo, hi]: a band, or (fill=False, where many configs
+    share an axis and bands would blend) error bars at the line's markers."""
+    if not any(s == s for s in std):  # no finite std
+        return ax.plot(x, mean, **kw)
+    clip = lambda v: min(hi if hi is not None else v, max(lo if lo is not None else v, v))  # noqa: E731
+    low, high = [clip(m - s) for m, s in zip(mean, std)], [clip(m + s) for m, s in zip(mean, std)]
+    if fill:
+        ax.plot(x, mean, **kw)
+        return ax.fill_between(x, low, high, color=kw.get("color"), alpha=0.15, lw=0)
+    err = [[m - a if m == m and a == a else 0 for m, a in zip(mean, low)],
+           [b - m if m == m and b == b else 0 for m, b in zip(mean, high)]]
+    return ax.errorbar(x, mean, yerr=err, errorevery=kw.get("markevery", 1), capsize=1.5, elinewidth=0.6, **kw)
 
 
 def integer_epochs(ax):
@@ -73,33 +63,51 @@ def integer_epochs(ax):
     ax.grid(alpha=0.3)
 
 
-def curves_figure(plt, exp: str, data: dict):
+def legend_below(fig, handles, labels, ncols: int | None = None):
+    """One legend under the axes, in as many columns as fit the figure's width (at most ncols)."""
+    if not handles:
+        return
+    size = fig.get_figwidth() - 0.1
+    entry = max(len(label) for label in labels) * 0.52 * FONT_PT["small"] / 72 + 0.45  # text + handle, inches
+    fits = max(1, int(size // entry))
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(fits, ncols or fits, len(labels)),
+               columnspacing=1.0, handlelength=1.8)
+
+
+def curves_figure(plt, width: str, data: dict, styles: dict):
     curves = data["curves"]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    split = "val" if any("val_acc" in runs[0][0] for runs in curves.values()) else "test"
-    style = styles(data)
-    for config, runs in curves.items():
-        color, ls = style.get(config, (None, "-"))
-        key = f"{split}_acc" if f"{split}_acc" in runs[0][0] else "test_acc"
-        ep, mu, sd = mean_band(runs, lambda r: 100 * r[key])
-        line(ax_acc, ep, mu, sd, color=color, ls=ls, label=f"{config} (n={len(runs)})")
-        line(ax_loss, *mean_band(runs, lambda r: r["train_loss"]), color=color, ls=ls)
-    name = "validation (hold-out)" if split == "val" else "test"
-    ax_acc.set(title=f"{name} accuracy", ylabel=f"clean {name} top-1 (%)")
-    ax_loss.set(title="training loss (CE + λR for SES)", ylabel="loss (nats)")
+    split = "val" if any(row.get("val_acc") is not None for rs in curves.values() for r in rs for row in r) else "test"
+    column = width == "column"
+    fig, axes = new_figure(plt, 3.7 if column else 2.5, 2 if column else 1, 1 if column else 2, sharex=True)
+    ax_acc, ax_loss = axes.flat
+    fill = len(curves) <= 3  # more bands would blend: error bars, each config's a little to the side
+    for i, (v, runs) in enumerate(curves.items()):
+        st = styles[v]
+        kw = dict(color=st.colour, ls=st.linestyle, marker=st.marker, markevery=max(1, len(runs[0]) // 6), ms=3,
+                  fill=fill)
+        shift = 0.0 if fill else (i - (len(curves) - 1) / 2) * 0.05 * max(1.0, len(runs[0]) / 6)
+        ep, mu, sd = series(runs, lambda r: None if r.get(f"{split}_acc") is None else 100 * r[f"{split}_acc"])
+        band(ax_acc, [e + shift for e in ep], mu, sd, 0, 100, label=f"{display(v)} (n={len(runs)})", **kw)
+        ep, mu, sd = series(runs, lambda r: r.get(f"{split}_loss"))
+        band(ax_loss, [e + shift for e in ep], mu, sd, 0, None, **kw)
+    name = "validation" if split == "val" else "test"
+    ax_acc.set_ylabel(f"{name} accuracy (%)")
+    ax_loss.set_ylabel(f"{name} loss (CE, nats)")
     for ax in (ax_acc, ax_loss):
         integer_epochs(ax)
-    ax_acc.legend(fontsize=7)
-    fig.suptitle(f"{exp}: mean over seeds, band ± 1 std", fontsize=10)
+    if column:
+        ax_acc.set_xlabel("")
+    legend_below(fig, *ax_acc.get_legend_handles_labels(), 3)
     return fig
 
 
 def merged_layers(runs: list[list[dict]]) -> list[list[str]]:
     """Groups of layers whose probe-H curves are identical in every seed and epoch."""
+    layers = list(dict.fromkeys(k for run in runs for row in run for k in row.get("entropy", {})))
     groups: list[list[str]] = []
-    for layer in runs[0][0]["entropy"]:
+    for layer in layers:
         for g in groups:
-            if all(row["entropy"][layer] == row["entropy"][g[0]] for r in runs for row in r):
+            if all(row.get("entropy", {}).get(layer) == row.get("entropy", {}).get(g[0]) for r in runs for row in r):
                 g.append(layer)
                 break
         else:
@@ -107,47 +115,41 @@ def merged_layers(runs: list[list[dict]]) -> list[list[str]]:
     return groups
 
 
-def entropy_figure(plt, exp: str, data: dict, config: str):
+def entropy_figure(plt, width: str, data: dict, variant: str):
+    from matplotlib.lines import Line2D
     curves, runs = data["curves"], data["runs"]
-    base = runs[config][0].get("baseline_config", "baseline")
-    base = config.replace(runs[config][0]["config"], base, 1)
-    panels = [base, config] if base in curves and base != config else [config]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 2.5, 4.2), sharey=True, squeeze=False)
-    for ax, c in zip(axes[0], panels):
-        groups = merged_layers(curves[c])
-        colors = plt.cm.viridis([i / max(len(groups) - 1, 1) for i in range(len(groups))])
-        for color, group in zip(colors, groups):
+    twin = data["twin"].get(variant)
+    panels = [twin, variant] if twin and twin != variant and twin in curves else [variant]
+    column = width == "column"
+    rows_cols = (len(panels), 1) if column else (1, len(panels))
+    fig, axes = new_figure(plt, 2.0 * len(panels) + 0.9 if column else 2.6, *rows_cols, sharey=True, sharex=True)
+    groups = merged_layers(curves[variant])
+    colours = plt.cm.viridis([i / max(len(groups) - 1, 1) * 0.9 for i in range(len(groups))])
+    for ax, v in zip(axes.flat, panels):
+        result = runs[v][0]
+        for colour, group in zip(colours, groups):
             layer = group[0]
-            line(ax, *mean_band(curves[c], lambda r: r["entropy"][layer]), color=color, label=" = ".join(group))
-            if all(r[0].get("ses_entropy") for r in curves[c]):
-                ep, mu, _ = mean_band(curves[c], lambda r: r.get("ses_entropy", {}).get(layer, float("nan")))
-                ax.plot(ep, mu, color=color, ls=":", lw=1.2)
-        targets: dict[float, list[str]] = {}
-        for layer, t in (runs[c][0].get("entropy_target") or {}).items():
-            targets.setdefault(round(t, 4), []).append(layer)
-        for t, layers in targets.items():
-            ax.axhline(t, color="0.45", ls="--", lw=0.8)
-            ax.annotate(f"target {t:.2f}: {', '.join(layers)}", (1, t), xycoords=("axes fraction", "data"),
-                        xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom", fontsize=6, color="0.3")
-        ax.set_title(c)
+            ep, mu, sd = series(curves[v], lambda r: r.get("entropy", {}).get(layer))
+            band(ax, ep, mu, sd, 0, None, color=colour, lw=1.0, label=" = ".join(group))
+            ep, mu, _ = series(curves[v], lambda r: r.get("ses_entropy", {}).get(layer))
+            if finite(mu):
+                ax.plot(ep, mu, color=colour, ls=":", lw=1.0, marker=".", ms=2)
+            target = result["entropy_target"].get(layer)
+            if target is not None:
+                ax.axhline(target, color=colour, ls="-.", lw=0.7)
+        for ceiling in sorted(set(finite(result["entropy_max"].values()))):
+            ax.axhline(ceiling, color="0.5", ls=":", lw=0.8)
+        ax.set_title(display(v))
         integer_epochs(ax)
-    axes[0][0].set_ylabel("spectral entropy H (nats)")
-    axes[0][-1].legend(fontsize=7, title="layer", title_fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"{exp}: solid = eval-mode probe H (band ± 1 std over seeds), dotted = train-mode H that SES "
-                 f"penalised, dashed grey = target", fontsize=9)
+        ax.set_ylabel("H (nats)")
+    if column and len(panels) > 1:
+        axes.flat[0].set_xlabel("")
+    meaning = [Line2D([], [], color="0.2", ls="-"), Line2D([], [], color="0.2", ls=":"),
+               Line2D([], [], color="0.2", ls="-.", lw=0.7), Line2D([], [], color="0.5", ls=":", lw=0.8)]
+    labels = ["probe H", "penalised H", "target β log d", "ceiling log min(n−1,d)"]
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    legend_below(fig, handles + meaning, names + labels)
     return fig
-
-
-def plot_experiment(plt, exp: str, data: dict, out_dir: Path) -> list[Path]:
-    written = []
-    if not data["curves"]:
-        return written
-    written += save(curves_figure(plt, exp, data), plt, out_dir / f"{exp}_curves")
-    for config in [c for c in data["curves"] if data["runs"][c][0].get("ses_steps", 0) > 0]:
-        written += save(entropy_figure(plt, exp, data, config), plt, out_dir / f"{exp}_entropy_{config}")
-    for run_name, path in data["attention"].items():
-        written += save(attention_figure(plt, f"{exp} / {run_name}", path), plt, out_dir / f"{exp}_attention_{run_name}")
-    return written
 
 
 def slots_to_image(weights, perm, h: int, w: int):
@@ -158,17 +160,28 @@ def slots_to_image(weights, perm, h: int, w: int):
     return out.view(h, w).numpy()
 
 
-def attention_figure(plt, title: str, path: Path, n_latents: int = 3):
+def flush_left(title):
+    """A title that starts at its axes' left edge (a long first-column title is not cut off at the figure's)."""
+    title.set_horizontalalignment("left")
+    title.set_x(0.0)
+
+
+def attention_figure(plt, title: str, path, n_latents: int = 3):
     """Cross-attention of the first cross-attend for the saved test samples: one row per sample.
     Images: input | mean over latents | overlay | single latents (mapped back to pixel positions
-    when the pixels were permuted). Point clouds: x-y projection coloured by attention."""
+    when the pixels were permuted). Point clouds: x-y projection coloured by attention. Every map
+    shares one colour scale [0, the largest weight shown], with one colour bar."""
     import torch
     d = torch.load(path, map_location="cpu", weights_only=False)
     maps = d["maps"][:, 0].float()                        # (S, M, N): first cross-attend
     x, labels = d["inputs"], d["labels"]
     is_image = x.dtype == torch.uint8
     cols = 3 + n_latents if is_image else 1 + n_latents
-    fig, axes = plt.subplots(len(x), cols, figsize=(2.3 * cols, 2.3 * len(x)), squeeze=False)
+    vmax = max(float(maps[:, :n_latents].max()), float(maps.mean(1).max()))
+    panel = plt.rcParams["figure.figsize"][0] / (cols + 0.4)
+    fig, axes = plt.subplots(len(x), cols, figsize=(plt.rcParams["figure.figsize"][0], panel * len(x) + 0.3),
+                             squeeze=False, layout="constrained")
+    shown = None
     for i in range(len(x)):
         heads = [("mean over latents", maps[i].mean(0))] + [(f"latent {j}", maps[i, j]) for j in range(n_latents)]
         if is_image:
@@ -176,35 +189,27 @@ def attention_figure(plt, title: str, path: Path, n_latents: int = 3):
             perm = d.get("pixel_perm")
             img = x[i].permute(1, 2, 0).numpy()
             axes[i][0].imshow(img)
-            axes[i][0].set_title(f"input (label {int(labels[i])})", fontsize=8)
-            axes[i][1].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis")
-            axes[i][1].set_title("attention, mean over latents", fontsize=8)
+            flush_left(axes[i][0].set_title(f"input (label {int(labels[i])})"))
             axes[i][2].imshow(img)
-            axes[i][2].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis", alpha=0.6)
-            axes[i][2].set_title("overlay", fontsize=8)
-            for k, (name, wts) in enumerate(heads[1:], start=3):
-                axes[i][k].imshow(slots_to_image(wts, perm, h, w), cmap="viridis")
-                axes[i][k].set_title(name, fontsize=8)
+            axes[i][2].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis", alpha=0.6, vmin=0, vmax=vmax)
+            axes[i][2].set_title("overlay")
+            for k, (name, wts) in zip([1] + list(range(3, cols)), heads):
+                shown = axes[i][k].imshow(slots_to_image(wts, perm, h, w), cmap="viridis", vmin=0, vmax=vmax)
+                axes[i][k].set_title(name)
         else:
             for k, (name, wts) in enumerate(heads):
-                axes[i][k].scatter(x[i, :, 0], x[i, :, 1], c=wts.numpy(), s=2, cmap="viridis")
-                axes[i][k].set_title(f"{name} (label {int(labels[i])})" if k == 0 else name, fontsize=8)
+                shown = axes[i][k].scatter(x[i, :, 0], x[i, :, 1], c=wts.numpy(), s=0.5, cmap="viridis", vmin=0,
+                                           vmax=vmax, linewidths=0)
+                sep = " " if (plt.rcParams["figure.figsize"][0] - 0.8) / cols >= 1.3 else "\n"  # room for one line?
+                title = axes[i][k].set_title(f"{name}{sep}(label {int(labels[i])})" if k == 0 else name)
+                if k == 0 and sep == " ":
+                    flush_left(title)
                 axes[i][k].set_aspect("equal")
         for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"{title}: cross-attention weights, epoch {d['epoch']}", fontsize=10)
+            ax.set_axis_off()
+    cax = axes[0][-1].inset_axes([1.1, 0.0, 0.1, 1.0])  # beside the first row, outside the grid
+    cax.set_in_layout(False)
+    fig.colorbar(shown, cax=cax).set_label("weight")
+    fig.get_layout_engine().set(rect=(0, 0, 1 - 0.8 / plt.rcParams["figure.figsize"][0], 1))
+    fig.set_label(f"{title}, epoch {d['epoch']}")  # the caption's words (report.md)
     return fig
-
-
-def save(fig, plt, stem: Path) -> list[Path]:
-    """stem.pdf and stem.png, each written to a temp name and moved into place; nothing cut off."""
-    written = []
-    for ext in ("pdf", "png"):
-        path = stem.with_name(f"{stem.name}.{ext}")
-        tmp = stem.with_name(f"{stem.name}.tmp.{ext}")
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
-        written.append(path)
-    plt.close(fig)
-    return written

@@ -1,266 +1,270 @@
-"""The report's text outputs: report.md, tables.tex (booktabs, one column wide) and macros.tex.
+"""The report's tables, each once as content and rendered twice: report.md and tables.tex.
 
-Rows come from report.summarize(): acc/rob/gap as (mean, std) in percent, `d_acc`/`d_rob` as
-(mean, (lo, hi) or None, n) paired-by-seed differences in percentage points, overhead as a fraction.
-
-LaTeX layout, made to fit one column of a 10 pt article (\\textwidth = 345 pt): \\footnotesize,
-\\tabcolsep 2.5 pt, a wrapping config column of CONFIG_COL_PT, spreads as subscripts with one
-decimal ($77.00_{\\pm 2.6}$), Δ as mean ± the half-width of its 95 % t-interval, and the paper's
-figure on its own row under ours.
-`tex_width_pt` estimates a table's natural width from Computer Modern metrics; the tests hold
-every table to 345 pt with it, and compile it with pdflatex where that is installed.
+Per experiment (rows from reporting.rows):
+- brief: the paper's own form, `Config | Acc (%) | Rob (%) | Overhead`, display names, and the
+  paper's figures beside ours (marked: a "Paper" column group) for a real run of the config's
+  own settings. Overhead: the median over seeds of each seed's epoch time ÷ its twin's − 1, with
+  [min, max] over seeds and the device and precision it was measured on.
+- full: n, mean ± std, Δ against the named twin with its paired 95 % interval, and the seeds at
+  which that interval would exclude 0 at the observed paired spread.
+- robustness: accuracy under each perturbation of result.json's robustness suite.
+- interaction (exp12): SES's gain with each augmentation and, paired by seed, its difference from
+  SES's gain without one.
+A cell is a (Markdown, LaTeX) pair. Marks: ° an interval or range contains 0; † a row averages
+runs of different precision, device or process count; ‡ a row's runs and its twin's differ so.
 """
 from __future__ import annotations
 
-import re
+from typing import NamedTuple
 
-CAPTIONS = {
-    "exp10_periodic_ses": "Periodic SES on CIFAR-100 (ResNet-18): SES applied every $k$-th step.",
-    "exp11_resnet50_tinyimagenet": "ResNet-50 on Tiny-ImageNet: baseline vs SES on layer4 + avgpool.",
-    "exp12_mixup_cutmix_cifar100": "SES combined with Mixup and CutMix on CIFAR-100 (ResNet-18).",
-    "exp13_perceiver": "Perceiver on CIFAR-10 and ModelNet40, with and without SES on the latents.",
-}
-KIND_NOTE = {"smoke": "SMOKE RESULTS: tiny generated data, 2 epochs; they test the pipeline and say nothing about SES.",
-             "synthetic": "SYNTHETIC RESULTS: generated data of the real shapes; for timing and memory only."}
-TEXTWIDTH_PT = 345.0   # \textwidth of a single-column 10 pt article (letter or A4)
-CONFIG_COL_PT = 66.0   # the config column wraps at '_' and '+' beyond this
-TABCOLSEP_PT = 2.5
-FONT_PT = 8.0 * 1.06   # \footnotesize: cmr8, about 6 % wider per em than cmr10 scaled down
+from reporting.labels import KIND_NOTE, METRICS, display, display_tex, experiment_caption, experiment_name
+from reporting.labels import robustness_label
+from reporting.latex import TEXTWIDTH_PT, render, tex_escape, tex_width_pt, to_tex  # noqa: F401  (tests measure with these)
+from reporting.rows import interactions
+from reporting.stats import SEEDS_CAP
+
+DASH = ("—", "--")
 
 
-# ----------------------------------------------------------------------------- Markdown
-def fmt_ms(ms, tex=False) -> str:
-    mu, sd = ms
-    if sd is None:
-        return f"${mu:.2f}$" if tex else f"{mu:.2f}"
-    return f"${mu:.2f}_{{\\pm {sd:.1f}}}$" if tex else f"{mu:.2f} ± {sd:.2f}"
+class Table(NamedTuple):
+    key: str                       # "" for the brief table (label tab:<exp>), else tab:<exp>-<key>
+    title: str
+    caption: str                   # LaTeX
+    caption_md: str
+    header: list[tuple[str, str]]
+    rows: list[list[tuple[str, str]]]
+    notes: list[tuple[str, str]]
+    groups: list[tuple[int, str]] | None = None   # LaTeX column groups after the first column
+    md: tuple[list[str], list[list[str]]] | None = None  # Markdown's own header and rows, where they differ
 
 
-def fmt_delta(v, tex=False) -> str:
-    """Markdown: +5.00 [+2.52, +7.48], '~0' when the interval contains 0 (within seed noise).
-    LaTeX: $+5.00_{\\pm 2.5}$ (the interval's half-width), a circle when it contains 0."""
-    if v is None:
-        return "--" if tex else "—"
-    mu, ci, _ = v
-    if ci is None:
-        return f"${mu:+.2f}$" if tex else f"{mu:+.2f}"
-    noise = ci[0] <= 0 <= ci[1]
-    if tex:
-        return f"${mu:+.2f}_{{\\pm {(ci[1] - ci[0]) / 2:.1f}}}" + ("^\\circ$" if noise else "$")
-    return f"{mu:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" + (" ~0" if noise else "")
+# ----------------------------------------------------------------------------- cells
+def signed(v: float, digits: int) -> str:
+    """+1.25, -0.50; a value that rounds to zero is +0.00, never -0.00."""
+    text = f"{v:+.{digits}f}"
+    return "+" + text[1:] if float(text) == 0 else text
 
 
-def fmt_overhead(v, tex=False) -> str:
-    if v is None:
-        return "--" if tex else "—"
-    return f"${100 * v:+.0f}\\,\\%$" if tex else f"{100 * v:+.0f} %"
+def spread(s, digits: int = 2, n: int | None = None) -> tuple[str, str]:
+    """mean ± std: '72.00 ± 2.00' and $72.00_{\\pm 2.0}$; '(n=2)' where fewer runs than the row's have it."""
+    if s is None or s.mean is None:
+        return DASH
+    few = s.n if n is not None and s.n < n else None
+    md, tex = f"{s.mean:.{digits}f}", f"${s.mean:.{digits}f}"
+    if s.std is not None:
+        md, tex = md + f" ± {s.std:.{digits}f}", tex + f"_{{\\pm {s.std:.1f}}}"
+    return md + (f" (n={few})" if few else ""), tex + "$" + (f"{{\\scriptsize ($n{{=}}{few}$)}}" if few else "")
 
 
-def fmt_paper(p) -> str:
-    if not p:
-        return "—"
-    text = f"{p['acc']:.2f} / {p['rob']:.2f}"
-    return text + (f" ({fmt_overhead(p['overhead'])})" if p.get("overhead") is not None else "")
+def delta(d) -> tuple[str, str]:
+    """+5.00 [+2.52, +7.48] and $+5.00_{\\pm 2.5}$ (the half-width); ° when the interval contains 0."""
+    if d is None:
+        return DASH
+    if d.lo is None:
+        return signed(d.mean, 2), f"${signed(d.mean, 2)}$"
+    ring = d.contains_zero
+    return (f"{signed(d.mean, 2)} [{signed(d.lo, 2)}, {signed(d.hi, 2)}]" + (" °" if ring else ""),
+            f"${signed(d.mean, 2)}_{{\\pm {d.half:.1f}}}" + ("^\\circ$" if ring else "$"))
 
 
-def delta_n(r: dict) -> int | None:
-    """The number of seed pairs behind the row's Δ, where it is fewer than the row's runs."""
-    d = r.get("d_acc")
-    return d[2] if d is not None and d[2] != r["n"] else None
+def seeds(d) -> tuple[str, str]:
+    if d is None or d.seeds_needed is None:
+        return DASH
+    if d.seeds_needed >= SEEDS_CAP:
+        return f"≥{SEEDS_CAP}", f"$\\geq {SEEDS_CAP}$"
+    return str(d.seeds_needed), str(d.seeds_needed)
 
 
-def marks(r: dict, tex: bool = False) -> str:
-    """† the row's runs ran differently (precision, device, processes); ‡ its pairs with the twin did."""
-    dagger, ddagger = ("$^\\dagger$", "$^\\ddagger$") if tex else (" †", " ‡")
-    return (dagger if r.get("mixed") else "") + (ddagger if r.get("pair_mixed") else "")
+def overhead(o) -> tuple[str, str]:
+    """Median with [min, max] over seeds, in percent (LaTeX: the range on a second line); ° when the
+    range contains 0."""
+    if o is None:
+        return DASH
+    med, lo, hi = (signed(100 * v, 0) for v in o[:3])
+    if o[3] < 2:
+        return f"{med} %", f"${med}\\,\\%$"
+    ring = o[1] <= 0 <= o[2]
+    return (f"{med} % [{lo}, {hi}]" + (" °" if ring else ""),
+            f"${med}\\,\\%$" + ("$^\\circ$" if ring else "") + f"\\newline{{\\scriptsize $[{lo}, {hi}]$}}")
 
 
-def mix_notes(rows: list[dict], tex: bool = False) -> list[str]:
-    """One line per † / ‡ mark: what the runs of that row, or of its pairs, ran on."""
-    esc = tex_escape if tex else (lambda text: text)
+def paper_cell(p: dict | None, key: str) -> tuple[str, str]:
+    v = p.get(key) if p else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return DASH
+    return (f"{signed(100 * v, 0)} %", f"${signed(100 * v, 0)}\\,\\%$") if key == "overhead" else (f"{v:.2f}", f"${v:.2f}$")
+
+
+def marks(r: dict) -> tuple[str, str]:
+    md = (" †" if r.get("mixed") else "") + (" ‡" if r.get("pair_mixed") else "")
+    return md, to_tex(md.replace(" ", ""))
+
+
+def name_cell(r: dict, with_twin: bool = False) -> tuple[str, str]:
+    md, tex = marks(r)
+    twin = f"\\newline{{\\scriptsize vs.\\ {display_tex(r['twin'])}}}" if with_twin and r["twin"] else ""
+    return display(r["variant"]) + md, display_tex(r["variant"]) + tex + twin
+
+
+def notes_of(rows: list[dict], settings: bool = False) -> list[tuple[str, str]]:
+    """† / ‡ notes: how the runs of a row, or of its pairs, ran; with `settings`, also where each
+    row's overhead was measured when that differs between rows."""
     notes = []
     for r in rows:
-        name = tex_escape(r["config"]) if tex else f"`{r['config']}`"
         if r.get("mixed"):
-            notes.append(("$^\\dagger$" if tex else "†") + f" {name} averages runs that ran differently: {esc(r['mixed'])}.")
+            notes.append(f"† {display(r['variant'])} averages runs that ran differently: {r['mixed']}.")
         if r.get("pair_mixed"):
-            notes.append(("$^\\ddagger$" if tex else "‡") + f" {name} vs its twin: {esc(r['pair_mixed'])}.")
-    return notes
+            notes.append(f"‡ {display(r['variant'])} vs. its twin: {r['pair_mixed']}.")
+    timed = [r for r in rows if r["overhead"]]
+    if settings and len({r["setting"] for r in timed}) > 1:
+        notes.append("Overhead measured in: " + "; ".join(f"{display(r['variant'])}: {r['setting']}" for r in timed) + ".")
+    return [(n, to_tex(n)) for n in notes]
 
 
-def markdown(experiments: dict, tables: dict, kind: str | None = None) -> str:
-    out = ["# SES results" + (f" ({kind.upper()}: not paper numbers)" if kind else ""), ""]
-    out += [f"**{KIND_NOTE[kind]}**", ""] if kind else []
-    out += ["Mean ± std over seeds (std with n − 1, omitted for one seed); final epoch; "
-            "acc = clean test top-1; rob = our definition: top-1 under additive Gaussian noise σ = 0.1 on [0, 1] "
-            "pixels (on point coordinates for ModelNet40), clamped, fixed noise seed; the paper's rob figures were "
-            "measured under the paper's own definition. gap = train_acc − acc. Δ = per-seed difference against the "
-            "config's twin (`mixup_ses` vs `mixup`, `ses` vs `baseline`), in percentage points: mean, and the 95 % "
-            "Student-t interval (n − 1) when n ≥ 2; ~0 marks an interval containing 0 (within seed noise). "
-            "overhead = median epoch time ÷ the twin's − 1. n = runs; where fewer seeds pair with the twin, "
-            "n says `3 (Δ: 2)`: the Δ stands on 2 pairs. † a row averages runs of different precision, device "
-            "or process count; ‡ a row's runs and its twin's differ so (listed under the table).", ""]
-    for exp, rows in tables.items():
-        out += [f"## {exp}", "", CAPTIONS.get(exp, ""), "",
-                "| config | n | acc (%) | rob (%) | gap (pp) | Δ acc | Δ rob | overhead | paper acc / rob |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            n = f"{r['n']}" + (f" (Δ: {delta_n(r)})" if delta_n(r) else "")
-            out.append(f"| {r['config']}{marks(r)} | {n} | {fmt_ms(r['acc'])} | {fmt_ms(r['rob'])} | {fmt_ms(r['gap'])} | "
-                       f"{fmt_delta(r['d_acc'])} | {fmt_delta(r['d_rob'])} | {fmt_overhead(r['overhead'])} | "
-                       f"{fmt_paper(r['paper'])} |")
-        notes = mix_notes(rows)
-        if notes:
-            out += [""] + notes
-        if experiments[exp]["unfinished"]:
-            out += ["", f"Unfinished (not averaged in): {', '.join(experiments[exp]['unfinished'])}"]
-        if experiments[exp]["failed"]:
-            out += ["", "Failed (not averaged in; rerun the same command to retry):"]
-            out += [f"- {f}" for f in experiments[exp]["failed"]]
-        out.append("")
-    return "\n".join(out)
+# ----------------------------------------------------------------------------- tables
+def seeds_phrase(rows: list[dict]) -> str:
+    ns = sorted({r["n"] for r in rows})
+    return "one seed (no spread)" if ns == [1] else (f"mean ± std over n = {ns[0]} seeds" if len(ns) == 1
+                                                      else "mean ± std over the n seeds of each row")
 
 
-# ----------------------------------------------------------------------------- LaTeX
-def tex_escape(s: str) -> str:
-    return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+def twins_phrase(rows: list[dict]) -> str:
+    """'Baseline' or 'Baseline for SES, Mixup; Mixup for Mixup + SES': each overhead's reference."""
+    by_twin: dict[str, list[str]] = {}
+    for r in rows:
+        if r["twin"] and r["overhead"]:
+            by_twin.setdefault(display(r["twin"]), []).append(display(r["variant"]))
+    if len(by_twin) == 1:
+        return next(iter(by_twin))
+    return "; ".join(f"{t} for {', '.join(vs)}" for t, vs in by_twin.items()) or "the config without SES"
 
 
-def tex_config(name: str) -> str:
-    """A config name that may wrap after '_' and '+' in the fixed-width first column."""
-    return "\\raggedright " + tex_escape(name).replace("\\_", "\\_\\allowbreak{}").replace("+", "+\\allowbreak{}")
+def brief_table(exp: str, rows: list[dict], reference_source: str) -> Table:
+    paper = any(r["paper"] for r in rows)
+    header = [("Config", "Config"), ("Acc (%)", "Acc (\\%)"), ("Rob (%)", "Rob (\\%)"), ("Overhead", "Overhead")]
+    body = [[name_cell(r), spread(r["acc"], n=r["n"]), spread(r["rob"], n=r["n"]), overhead(r["overhead"])]
+            for r in rows]
+    if paper:
+        header += [("Paper acc (%)", "Acc (\\%)"), ("Paper rob (%)", "Rob (\\%)"), ("Paper overhead", "Overhead")]
+        for cells, r in zip(body, rows):
+            cells += [paper_cell(r["paper"], k) for k in ("acc", "rob", "overhead")]
+    settings = sorted({r["setting"] for r in rows if r["overhead"]})
+    where = f", measured in {settings[0]}" if len(settings) == 1 else " (where each was measured: below the table)"
+    text = (f"Final-epoch test accuracy (Acc) and accuracy under Gaussian noise σ = 0.1 (Rob), {seeds_phrase(rows)}. "
+            f"Overhead: the median over seeds of each seed's training time per epoch ÷ that of the same seed's twin "
+            f"({twins_phrase(rows)}) − 1, [min, max] over seeds{where}; ° marks a range that contains 0 (a cost "
+            f"within timing noise).")
+    if paper:
+        text += f" Paper: the paper's own figures ({reference_source}), not measured here."
+    return Table("", f"{experiment_name(exp)}: the paper's table", to_tex(experiment_caption(exp) + " " + text), text,
+                 header, body, notes_of(rows, settings=True), [(3, "This report"), (3, "Paper")] if paper else None)
 
 
-HEADER = ["Config", "$n$", "Acc (\\%)", "Rob (\\%)", "Gap (pp)", "$\\Delta$Acc", "$\\Delta$Rob", "Ovh."]
-
-
-def table_cells(rows: list[dict]) -> list[list[str]]:
-    """The body rows of one table (a paper row under each of our rows that has a paper figure)."""
+def full_table(exp: str, rows: list[dict]) -> Table:
+    header = [("Config", "Config"), ("n", "$n$"), ("Acc (%)", "Acc (\\%)"), ("Rob (%)", "Rob (\\%)"),
+              ("Gap (pp)", "Gap (pp)"), ("Δ acc (pp)", "$\\Delta$Acc"), ("Δ rob (pp)", "$\\Delta$Rob"),
+              ("Seeds Δ acc / Δ rob", "Seeds")]
     body = []
     for r in rows:
-        n = f"{r['n']}/{delta_n(r)}" if delta_n(r) else str(r["n"])
-        body.append([tex_config(r["config"]) + marks(r, True), n, fmt_ms(r["acc"], True), fmt_ms(r["rob"], True),
-                     fmt_ms(r["gap"], True), fmt_delta(r["d_acc"], True), fmt_delta(r["d_rob"], True),
-                     fmt_overhead(r["overhead"], True)])
-        p = r.get("paper")
-        if p:
-            body.append(["\\quad\\textit{paper}", "", f"${p['acc']:.2f}$", f"${p['rob']:.2f}$", "", "", "",
-                         fmt_overhead(p.get("overhead"), True)])
-    return body
+        pairs = r["d_acc"].n if r["d_acc"] and r["d_acc"].n != r["n"] else None
+        n = (f"{r['n']} (Δ: {pairs})", f"{r['n']}/{pairs}") if pairs else (str(r["n"]), str(r["n"]))
+        need = (f"{seeds(r['d_acc'])[0]} / {seeds(r['d_rob'])[0]}",
+                f"{seeds(r['d_acc'])[1]}\\newline{seeds(r['d_rob'])[1]}") if r["d_acc"] or r["d_rob"] else DASH
+        body.append([name_cell(r, True), n] + [spread(r[m], n=r["n"]) for m, _ in METRICS]
+                    + [delta(r["d_acc"]), delta(r["d_rob"]), need])
+    text = (f"{seeds_phrase(rows)}; gap = train − test accuracy. Δ: the per-seed difference against the config's "
+            f"twin (named after vs.), in percentage points: mean, and the 95 % Student-t interval (n − 1) of the "
+            f"paired differences (± its half-width in LaTeX); ° marks an interval that contains 0, a difference not "
+            f"distinguishable from seed noise. n: runs, and after a slash the seed pairs behind Δ where fewer. "
+            f"Seeds: the number of seeds at which the interval of Δ acc / Δ rob (LaTeX: upper / lower line) would "
+            f"exclude 0 if its mean and paired spread stayed as observed.")
+    md_header = ["config", "name", "vs"] + [c[0] for c in header[1:]]
+    md_rows = [[r["variant"], cells[0][0], display(r["twin"]) if r["twin"] else "—"] + [c[0] for c in cells[1:]]
+               for r, cells in zip(rows, body)]
+    return Table("full", f"{experiment_name(exp)}: every config against its twin",
+                 to_tex(experiment_caption(exp) + " " + text[0].upper() + text[1:]), text, header, body,
+                 notes_of(rows), md=(md_header, md_rows))
 
 
-def caption(exp: str, rows: list[dict], kind: str | None) -> str:
-    n_seeds = sorted({r["n"] for r in rows})
-    if n_seeds == [1]:
-        seeds = "one seed (no spread)"
-    elif len(n_seeds) == 1:
-        seeds = f"mean $\\pm$ std over $n = {n_seeds[0]}$ seeds"
-    else:
-        seeds = "mean $\\pm$ std over the $n$ seeds of each row"
-    text = (f"{CAPTIONS.get(exp, tex_escape(exp))} Final-epoch test accuracy (Acc), accuracy under our Gaussian "
-            f"noise $\\sigma = 0.1$ (Rob; the paper's figures use its own definition) and train--test gap, {seeds}. "
-            f"$\\Delta$: paired per-seed difference vs.\\ the config's twin in percentage points"
-            + ("" if n_seeds == [1] else ", $\\pm$ the half-width of its 95\\,\\% $t$-interval ($^\\circ$: the "
-                                         "interval contains 0)")
-            + (". $n$: runs, and after a slash the seed pairs behind $\\Delta$ where fewer" if any(delta_n(r) for r in rows)
-               else "")
-            + ". Ovh.: training time per epoch vs.\\ the twin; \\textit{paper}: the paper's figures.")
-    return f"{kind.upper()} RESULTS, NOT PAPER NUMBERS. " + text if kind else text
+def robustness_table(exp: str, rows: list[dict]) -> Table | None:
+    keys = list(dict.fromkeys(k for r in rows for k in r["robustness"]))
+    if not keys:
+        return None
+    header = [("Config", "Config"), ("Clean", "Clean")] + [(robustness_label(k), to_tex(robustness_label(k)))
+                                                            for k in keys]
+    body = [[name_cell(r), spread(r["acc"], n=r["n"])] + [spread(r["robustness"].get(k), n=r["n"]) for k in keys]
+            for r in rows]
+    text = (f"Test accuracy (%) under the robustness suite, {seeds_phrase(rows)}: clean; additive Gaussian noise "
+            f"of std σ on [0, 1] pixels, clamped, one fixed noise seed; FGSM of step ε (one signed-gradient step, "
+            f"float32).")
+    return Table("robustness", f"{experiment_name(exp)}: robustness suite",
+                 to_tex(experiment_caption(exp) + " " + text), text, header, body, notes_of(rows))
 
 
-def latex(experiments: dict, tables: dict, kind: str | None = None) -> str:
-    out = ["% Generated by report.py; needs \\usepackage{booktabs}. \\input{tables.tex} in the paper."]
-    for exp, rows in tables.items():
-        out += ["", "\\begin{table}[t]", "\\centering", "\\footnotesize", f"\\setlength{{\\tabcolsep}}{{{TABCOLSEP_PT}pt}}",
-                f"\\caption{{{caption(exp, rows, kind)}}}", f"\\label{{tab:{exp}}}",
-                f"\\begin{{tabular}}{{@{{}}p{{{CONFIG_COL_PT:g}pt}}rrrrrrr@{{}}}}",
-                "\\toprule", " & ".join(HEADER) + " \\\\", "\\midrule"]
-        out += [" & ".join(cells) + " \\\\" for cells in table_cells(rows)]
-        out += ["\\bottomrule", "\\end{tabular}"]
-        notes = mix_notes(rows, tex=True)
-        if notes:
-            out += ["\\par\\smallskip\\raggedright"] + [n + " \\\\" for n in notes[:-1]] + notes[-1:]
-        out += ["\\end{table}"]
+def interaction_table(exp: str, items: list[dict]) -> Table | None:
+    if not items:
+        return None
+    header = [("Pair", "Pair"), ("SES gain Δ acc", "$\\Delta$Acc"), ("SES gain Δ rob", "$\\Delta$Rob"),
+              ("Interaction ΔΔ acc", "$\\Delta\\Delta$Acc"), ("Interaction ΔΔ rob", "$\\Delta\\Delta$Rob")]
+    body = [[(f"{display(it['row']['variant'])} vs. {display(it['twin'])}",
+              f"{display_tex(it['row']['variant'])}\\newline{{\\scriptsize vs.\\ {display_tex(it['twin'])}}}"),
+             delta(it["row"]["d_acc"]), delta(it["row"]["d_rob"]), delta(it["interaction_acc"]),
+             delta(it["interaction_rob"])] for it in items]
+    ref = items[0]
+    text = (f"SES's gain with each augmentation: the per-seed difference between the SES config and its twin, in "
+            f"percentage points (mean and 95 % interval, n − 1). Interaction ΔΔ: per seed, that gain minus the "
+            f"gain of {display(ref['row']['variant'])} over {display(ref['twin'])} (no augmentation), paired over the "
+            f"seeds all four runs have; above 0, SES adds more on top of the augmentation than without it. ° marks "
+            f"an interval that contains 0.")
+    return Table("interaction", f"{experiment_name(exp)}: does SES add to the augmentation?",
+                 to_tex(experiment_caption(exp) + " " + text), text, header, body, [])
+
+
+def tables_of(exp: str, rows: list[dict], experiment: dict, reference_source: str) -> list[Table]:
+    if not rows:
+        return []
+    made = [brief_table(exp, rows, reference_source), full_table(exp, rows), robustness_table(exp, rows),
+            interaction_table(exp, interactions(experiment, rows))]
+    return [t for t in made if t is not None]
+
+
+# ----------------------------------------------------------------------------- the two files
+def md_table(t: Table) -> list[str]:
+    header, rows = t.md or ([c[0] for c in t.header], [[c[0] for c in r] for r in t.rows])
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + ([""] + [n[0] for n in t.notes] if t.notes else [])
+
+
+def markdown(experiments: dict, tables: dict, skipped: list[str], kind: str | None, figures: str = "") -> str:
+    out = ["# SES results" + (f" ({kind.upper()}: not paper numbers)" if kind else ""), ""]
+    out += [f"**{KIND_NOTE[kind]}**", ""] if kind else []
+    out += ["Final-epoch numbers only; nothing is selected on the test set. acc = clean test top-1; rob = top-1 under "
+            "additive Gaussian noise σ = 0.1 on [0, 1] pixels (on point coordinates for ModelNet40), clamped, fixed "
+            "noise seed (the paper's notes do not define their rob; this is the suite's definition).", ""]
+    for exp, ts in tables.items():
+        out += [f"## {experiment_name(exp)} (`{exp}`)", "", experiment_caption(exp), ""]
+        for t in ts:
+            out += [f"### {t.title}", "", t.caption_md, ""] + md_table(t) + [""]
+        if experiments[exp]["unfinished"]:
+            out += [f"Unfinished (not averaged in): {', '.join(experiments[exp]['unfinished'])}", ""]
+        if experiments[exp]["failed"]:
+            out += ["Failed (not averaged in; rerun the same command to retry):"]
+            out += [f"- {f}" for f in experiments[exp]["failed"]] + [""]
+    if skipped:
+        out += ["## Left out", "", "What the results folder holds that the report could not use, one line per run:", ""]
+        out += [f"- {line}" for line in skipped] + [""]
+    return "\n".join(out + ([figures] if figures else []))
+
+
+def latex(experiments: dict, tables: dict, kind: str | None) -> str:
+    out = ["% Generated by report.py; needs \\usepackage{booktabs}. \\input{tables.tex} in the paper.",
+           "% A table* spans both columns of a two-column article; in a one-column article it is a plain table."]
+    for exp, ts in tables.items():
+        for t in ts:
+            label = f"tab:{exp}" + (f"-{t.key}" if t.key else "")
+            caption = (f"{kind.upper()} RESULTS, NOT PAPER NUMBERS. " if kind else "") + t.caption
+            out += ["", render(t._replace(caption=caption), label)]
         out += [f"% unfinished run, not averaged in: {u}" for u in experiments[exp]["unfinished"]]
-        out += [f"% failed run, not averaged in: {f}" for f in experiments[exp]["failed"]]
-    return "\n".join(out) + "\n"
-
-
-# Computer Modern (cmr10/cmmi10/cmsy10) advance widths in em, for the characters our cells use.
-_EM = {**dict.fromkeys("0123456789", 0.5), ".": 0.2778, ",": 0.2778, "+": 0.7778, "-": 0.7778, "±": 0.7778,
-       "%": 0.8333, "_": 0.5, " ": 0.3333, "(": 0.3889, ")": 0.3889, "[": 0.2778, "]": 0.2778, "/": 0.5,
-       "=": 0.7778, "Δ": 0.8333, "∘": 0.35, "thin": 0.1667, "quad": 1.0,
-       **dict(zip("abcdefghijklmnopqrstuvwxyz", (0.5, 0.5556, 0.4444, 0.5556, 0.4444, 0.3056, 0.5, 0.5556, 0.2778,
-                                                0.3056, 0.5278, 0.2778, 0.8333, 0.5556, 0.5, 0.5556, 0.5278, 0.3917,
-                                                0.3944, 0.3889, 0.5556, 0.5278, 0.7222, 0.5278, 0.5278, 0.4444)))}
-
-
-def text_width_pt(cell: str, font_pt: float = FONT_PT) -> float:
-    """Natural width of one cell's LaTeX (the subset we write), from Computer Modern metrics."""
-    s = cell.replace("\\allowbreak{}", "").replace("\\raggedright ", "").replace("\\_", "_").replace("\\%", "%")
-    s = s.replace("\\pm ", "±").replace("\\Delta", "Δ").replace("\\textit", "")
-    subs = re.findall(r"_\{([^}]*)\}", s)  # script size: 6 of 8 pt; a ^\circ stacks above it
-    s = re.sub(r"_\{[^}]*\}", "", s).replace("^\\circ", "" if subs else "∘")
-    script = sum(_EM.get(ch, 0.75) for sub in subs for ch in sub) * 0.75
-    em = s.count("\\,") * _EM["thin"] + s.count("\\quad") * _EM["quad"]
-    s = re.sub(r"\\,|\\quad|[{}$]", "", s)
-    em += sum(_EM.get(ch, 0.75) for ch in s) + script  # capitals and anything unlisted: 0.75 em
-    return em * font_pt
-
-
-def tex_width_pt(body: list[list[str]]) -> float:
-    """The tabular's natural width: the fixed config column, the widest cell of each other column
-    (header included), and 2 * tabcolsep between columns (none outside: @{})."""
-    cols = list(zip(HEADER, *body))
-    widths = [CONFIG_COL_PT] + [max(text_width_pt(c) for c in col) for col in cols[1:]]
-    return sum(widths) + 2 * TABCOLSEP_PT * (len(widths) - 1)
-
-
-# ----------------------------------------------------------------------------- macros
-_WORDS = ("Zero One Two Three Four Five Six Seven Eight Nine Ten Eleven Twelve Thirteen Fourteen Fifteen "
-          "Sixteen Seventeen Eighteen Nineteen Twenty").split()
-
-
-def macro_part(text: str) -> str:
-    """'ses_k1+every=3' -> 'SesKOneEveryThree' (LaTeX command names take letters only)."""
-    words = []
-    for tok in re.findall(r"[A-Za-z]+|\d+", text):
-        if tok.isdigit():
-            words.append(_WORDS[int(tok)] if int(tok) < len(_WORDS) else "".join(_WORDS[int(d)] for d in tok))
-        else:
-            words.append(tok[0].upper() + tok[1:].lower())
-    return "".join(words)
-
-
-def macros(tables: dict, kind: str | None = None) -> str:
-    """One \\newcommand per headline number: \\ses<Exp><Config><Metric>, e.g. \\sesExpTenSesKOneAcc.
-    Metrics: N (runs), DeltaN (seed pairs behind the Δ), Acc, AccStd, Rob, RobStd, Gap, DeltaAcc,
-    DeltaAccCI, DeltaRob, DeltaRobCI (the 95 % t half-width), Overhead (percent). Numbers only: the text adds its own units."""
-    out = ["% Generated by report.py: \\input{macros.tex} in the preamble; the text then updates with the results."]
-    if kind:
-        out.append(f"% {KIND_NOTE[kind]}")
-    seen = set()
-    for exp, rows in tables.items():
-        prefix = "ses" + macro_part(exp.split("_")[0])
-        for r in rows:
-            name = prefix + macro_part(r["config"])
-            while name in seen:  # two configs that spell the same letters: keep both, distinctly
-                name += "X"
-            seen.add(name)
-            values = {"N": str(r["n"])}
-            if r["d_acc"] is not None:
-                values["DeltaN"] = str(r["d_acc"][2])
-            for m in ("acc", "rob", "gap"):
-                values[m.capitalize()] = f"{r[m][0]:.2f}"
-                if r[m][1] is not None:
-                    values[m.capitalize() + "Std"] = f"{r[m][1]:.2f}"
-            for key, d in (("DeltaAcc", r["d_acc"]), ("DeltaRob", r["d_rob"])):
-                if d is not None:
-                    values[key] = f"{d[0]:+.2f}"
-                    if d[1] is not None:
-                        values[key + "CI"] = f"{(d[1][1] - d[1][0]) / 2:.2f}"
-            if r["overhead"] is not None:
-                values["Overhead"] = f"{100 * r['overhead']:+.0f}"
-            out.append(f"% {exp} / {r['config']}")
-            out += [f"\\newcommand{{\\{name}{k}}}{{{v}}}" for k, v in values.items()]
+        out += [f"% failed run, not averaged in: {tex_escape(f)}" for f in experiments[exp]["failed"]]
     return "\n".join(out) + "\n"

@@ -82,3 +82,30 @@ def started_runs(output: str, experiment: str = "exp10_periodic_ses") -> list[st
     """The runs a sweep's output says it started training ('== <experiment> / <run> on ...')."""
     return [line.split(" / ")[1].split(" on ")[0] for line in output.splitlines()
             if line.startswith(f"== {experiment} / ")]
+
+
+LEARNABLE = """import sys
+sys.path.insert(0, {root!r})
+from functools import partial
+from data_utils import DATASETS, synthetic_dataset
+from harness.cli import run_experiment
+import exp10_periodic_ses as exp
+info = dict(DATASETS["cifar100"], image_size={image_size}, sizes=({n_train}, {n_test}))
+info["synthetic"] = partial(synthetic_dataset, info["num_classes"], {image_size})
+setup = dict(exp.SETUP, epochs={epochs}, schedule_epochs={epochs}, milestones={milestones}, batch_size={batch_size})
+sys.exit(run_experiment(exp.__file__, setup, exp.GRID, exp.__doc__, ["--synthetic", *sys.argv[1:]],
+                        datasets={{"cifar100": info}}))
+"""
+
+
+def learnable_exp10(tmp: Path, n_train=2000, n_test=500, image_size=16, epochs=12, batch_size=64) -> Path:
+    """A driver of exp10's grid on data_utils.synthetic_dataset: CIFAR-100's 100 classes, each a fixed
+    low-frequency colour pattern plus noise (learnable), `n_train`/`n_test` images of `image_size`
+    pixels, `epochs` epochs at `batch_size` (milestones at the paper's fractions of 60). Runs go to
+    <out-dir>/synthetic/exp10_periodic_ses/ under the config's own names; extra arguments (seeds,
+    out-dir, --device cpu) pass through."""
+    milestones = [round(m * epochs / 60) for m in (25, 40, 52)]
+    path = tmp / "exp10_learnable.py"
+    path.write_text(LEARNABLE.format(root=str(ROOT), image_size=image_size, n_train=n_train, n_test=n_test,
+                                     epochs=epochs, milestones=milestones, batch_size=batch_size))
+    return path

@@ -1,6 +1,9 @@
-"""report.py on a results folder written here: 2 configs x 3 seeds with known numbers."""
+"""report.py on results folders written here with known numbers: the statistics against hand
+computations, the tables, macros and CSV, the label table's styles, the LaTeX layouts."""
+import csv
 import json
 import math
+import random
 import re
 import shutil
 import subprocess
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import report
-from reporting import plots as report_plots
+from reporting import labels, latex, stats
 from reporting import tables as report_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,147 +24,271 @@ OVERHEAD = [1.0, 1.2, 1.1]
 LAYERS = {"layer4.1": 512, "avgpool": 512}
 
 
+def write_run(exp: Path, variant: str, seed: int, settings=None, metrics=None, **result):
+    d = exp / f"{variant}_seed{seed}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"config": dict(settings or {}, config=variant.split("+")[0])}))
+    r = dict(dict(experiment=exp.name, config=variant.split("+")[0], seed=seed, baseline_config="baseline",
+                  amp="bf16", device="NVIDIA L40S", processes=1), **result)
+    r.setdefault("rob", r["acc"] / 2)
+    r.setdefault("gap", 0.1)
+    (d / "result.json").write_text(json.dumps(r))
+    if metrics is not None:
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in metrics))
+    return d
+
+
 def write_results(root: Path):
     exp = root / "exp10_periodic_ses"
     for config in ("baseline", "ses_k1"):
         for seed in range(3):
-            d = exp / f"{config}_seed{seed}"
-            d.mkdir(parents=True)
-            (d / "config.json").write_text("{}")
-            r = dict(experiment=exp.name, config=config, seed=seed, acc=ACC[config][seed], rob=ROB[config][seed],
-                     gap=GAP[config][seed], train_acc=ACC[config][seed] + GAP[config][seed],
-                     entropy={k: 3.0 for k in LAYERS}, entropy_target={k: 0.7 * math.log(v) for k, v in LAYERS.items()},
-                     ses_steps=0 if config == "baseline" else 30, total_steps=30, epochs=3)
-            if config == "ses_k1":
-                r["overhead"] = OVERHEAD[seed]
-            (d / "result.json").write_text(json.dumps(r))
-            rows = [dict(epoch=e, test_acc=0.2 * e + 0.01 * seed, train_loss=3.0 / e, entropy={k: 1.0 + e for k in LAYERS})
-                    for e in (1, 2, 3)]
-            (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+            rows = [dict(epoch=e, test_acc=0.2 * e + 0.01 * seed, test_loss=3.0 / e, train_loss=3.0 / e,
+                         entropy={k: 1.0 + e for k in LAYERS}) for e in (1, 2, 3)]
+            write_run(exp, config, seed, dict(ses=config != "baseline", every=1), rows,
+                      acc=ACC[config][seed], rob=ROB[config][seed], gap=GAP[config][seed],
+                      robustness={"gauss_0.1": ROB[config][seed], "fgsm_1/255": ACC[config][seed] / 3},
+                      entropy={k: 3.0 for k in LAYERS},
+                      entropy_target={k: 0.7 * math.log(v) for k, v in LAYERS.items()},
+                      ses_steps=0 if config == "baseline" else 30, total_steps=30, epochs=3,
+                      **({"overhead": OVERHEAD[seed]} if config == "ses_k1" else {}))
     unfinished = exp / "ses_k1_seed3"
     unfinished.mkdir()
-    (unfinished / "config.json").write_text("{}")
-    single = root / "exp11_resnet50_tinyimagenet" / "baseline_seed0"
-    single.mkdir(parents=True)
-    (single / "result.json").write_text(json.dumps(dict(config="baseline", seed=0, acc=0.6, rob=0.3, gap=0.2)))
+    (unfinished / "config.json").write_text(json.dumps({"config": {"ses": True}}))
+    write_run(root / "exp11_resnet50_tinyimagenet", "baseline", 0, acc=0.6, rob=0.3, gap=0.2)
 
 
-def test_tables_hold_hand_computed_statistics(tmp_path):
+def md_row(md: str, first: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith(f"| {first} |"))
+    return [c.strip() for c in line.split("|")[1:-1]]
+
+
+def test_tables_hold_hand_computed_statistics(tmp_path, capsys):
     write_results(tmp_path)
-    assert report.main([str(tmp_path)]) == 0
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
     md = (tmp_path / "report.md").read_text()
-    tex = (tmp_path / "tables.tex").read_text()
-    # baseline acc 70/72/74: mean 72, sample std 2; ses acc 75/76/80: mean 77, std sqrt(7) = 2.65
-    expected_md = ["| baseline | 3 | 72.00 ± 2.00 | 42.00 ± 2.65 | 12.00 ± 2.00 | — | — | — | 74.99 / 46.32 |",
-                   # paired by seed: acc deltas 5, 4, 6 (mean 5, sd 1, t(.975, 2) = 4.303: 5 -+ 4.303 / sqrt 3 = [2.52, 7.48]);
-                   # rob deltas 6, 6, 3 (mean 5, sd sqrt 3: 5 -+ 4.303 = [0.70, 9.30])
-                   "| ses_k1 | 3 | 77.00 ± 2.65 | 47.00 ± 1.00 | 6.00 ± 1.73 | +5.00 [+2.52, +7.48] | +5.00 [+0.70, +9.30] "
-                   "| +110 % | 76.11 / 47.70 (+195 %) |",
-                   "| baseline | 1 | 60.00 | 30.00 | 20.00 | — | — | — | — |"]
-    for line in expected_md:
-        assert line in md, line
+    # baseline acc 70/72/74: mean 72, sample std 2; ses acc 75/76/80: mean 77, std sqrt(7) = 2.65.
+    # Paired by seed, acc deltas 5, 4, 6: mean 5, sd 1, t(.975, 2) = 4.303: 5 -+ 4.303 / sqrt 3 = [2.52, 7.48];
+    # rob deltas 6, 6, 3: mean 5, sd sqrt 3: 5 -+ 4.303 = [0.70, 9.30]. Seeds at which each interval excludes 0:
+    # n = 2 gives 12.706 sd / sqrt 2 (8.98, 15.56) > 5, n = 3 gives 4.303 sd / sqrt 3 (2.48, 4.30) < 5: 3 and 3.
+    assert md_row(md, "ses_k1") == ["ses_k1", "SES k=1", "Baseline", "3", "77.00 ± 2.65", "47.00 ± 1.00", "6.00 ± 1.73",
+                                    "+5.00 [+2.52, +7.48]", "+5.00 [+0.70, +9.30]", "3 / 3"]
+    assert md_row(md, "baseline")[:7] == ["baseline", "Baseline", "—", "3", "72.00 ± 2.00", "42.00 ± 2.65",
+                                          "12.00 ± 2.00"]
+    # the paper's table: median overhead of 1.0, 1.2, 1.1 is +110 %, range [+100, +120]; the paper's figures beside
+    assert md_row(md, "SES k=1") == ["SES k=1", "77.00 ± 2.65", "47.00 ± 1.00", "+110 % [+100, +120]", "76.11",
+                                     "47.70", "+195 %"]
+    assert md_row(md, "Baseline")[:4] == ["Baseline", "72.00 ± 2.00", "42.00 ± 2.65", "—"]
+    assert "measured in bf16 on NVIDIA L40S" in md
     assert "Unfinished (not averaged in): ses_k1_seed3" in md
-    # LaTeX: spreads as subscripts with one decimal, delta +- the half-width of its 95 % interval (4.303 / sqrt 3 = 2.48),
-    # the paper's figure on its own row
-    expected_tex = ["baseline & 3 & $72.00_{\\pm 2.0}$ & $42.00_{\\pm 2.6}$ & $12.00_{\\pm 2.0}$ & -- & -- & -- \\\\",
-                    "ses\\_\\allowbreak{}k1 & 3 & $77.00_{\\pm 2.6}$ & $47.00_{\\pm 1.0}$ & $6.00_{\\pm 1.7}$ & "
-                    "$+5.00_{\\pm 2.5}$ & $+5.00_{\\pm 4.3}$ & $+110\\,\\%$ \\\\",
-                    "\\quad\\textit{paper} &  & $76.11$ & $47.70$ &  &  &  & $+195\\,\\%$ \\\\",
-                    "\\label{tab:exp10_periodic_ses}", "\\toprule", "\\bottomrule", "\\caption{"]
-    for line in expected_tex:
-        assert line in tex, line
-    assert tex.count("\\begin{table}") == tex.count("\\end{table}") == 2
+    # the robustness suite: FGSM 1/255 = acc / 3 per seed -> 24.00 and 25.67
+    assert md_row(md, "SES k=1")[:1] == ["SES k=1"]
+    robust = [line for line in md.splitlines() if line.startswith("| SES k=1 |")][-1]
+    assert "| 25.67 ± " in robust and "| 47.00 ± 1.00 |" in robust
+    tex = (tmp_path / "tables.tex").read_text()
+    assert "SES $k{=}1$\\newline{\\scriptsize vs.\\ Baseline} & 3 & $77.00_{\\pm 2.6}$" in tex
+    assert "$+5.00_{\\pm 2.5}$ & $+5.00_{\\pm 4.3}$ & \\begin{tabular}[t]{@{}r@{}}3 \\\\ 3\\end{tabular} \\\\" in tex
+    assert ("\\begin{tabular}[t]{@{}r@{}}$+110\\,\\%$ \\\\ {\\scriptsize $[+100, +120]$}\\end{tabular} & $76.11$ & $47.70$ & "
+            "$+195\\,\\%$ \\\\") in tex
+    assert tex.count("\\begin{table") == tex.count("\\end{table") and "\\label{tab:exp10_periodic_ses-full}" in tex
     assert "% unfinished run, not averaged in: ses_k1_seed3" in tex
 
 
-def test_plots_are_written(tmp_path):
-    pytest.importorskip("matplotlib")
-    write_results(tmp_path)
-    report.main([str(tmp_path)])
-    pngs = {p.name: p.stat().st_size for p in (tmp_path / "plots").glob("*.png")}
-    assert {"exp10_periodic_ses_curves.png", "exp10_periodic_ses_entropy_ses_k1.png"} <= set(pngs)
-    assert all(size > 10_000 for size in pngs.values())
+def test_a_delta_names_its_twin_and_the_interaction_is_paired_by_seed(tmp_path):
+    exp = tmp_path / "exp12_mixup_cutmix_cifar100"
+    accs = {"baseline": [0.50, 0.60, 0.55], "ses": [0.52, 0.61, 0.58], "mixup": [0.70, 0.71, 0.69],
+            "mixup_ses": [0.75, 0.73, 0.74]}
+    for config, values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(exp, config, seed, dict(ses=config.endswith("ses")), acc=acc,
+                      baseline_config="mixup" if config == "mixup_ses" else "baseline")
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert md_row(md, "mixup_ses")[:3] == ["mixup_ses", "Mixup + SES", "Mixup"]  # vs its twin, named
+    assert md_row(md, "mixup")[:3] == ["mixup", "Mixup", "Baseline"]
+    # SES's gain alone per seed: 2, 1, 3; with Mixup: 5, 2, 5; interaction 3, 1, 2: mean 2, sd 1 -> [-0.48, +4.48]
+    row = md_row(md, "Mixup + SES vs. Mixup")
+    assert row[1].startswith("+4.00 [") and row[3] == "+2.00 [-0.48, +4.48] °"
+    assert md_row(md, "SES vs. Baseline")[3] == "—"
+    defs = dict(re.findall(r"\\newcommand\{\\([A-Za-z]+)\}\{\\ensuremath\{([^}]*)\}\}", (tmp_path / "macros.tex").read_text()))
+    assert defs["sesExpTwelveMixupSesInteractionAcc"] == "+2.00" and defs["sesExpTwelveMixupSesInteractionAccCI"] == "2.48"
 
 
-def test_without_matplotlib_tables_are_still_written(tmp_path, monkeypatch, capsys):
+def test_t_quantiles_match_the_t_distribution():
+    """t975(df) against the Student-t CDF integrated numerically (Simpson) from its density."""
+    def cdf(t, df, steps=4000):
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        f = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+        h = t / steps
+        area = f(0) + f(t) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, steps))
+        return 0.5 + area * h / 3
+    for df in (2, 3, 5, 9, 17, 29, 30, 31, 45, 120):
+        assert cdf(stats.t975(df), df) == pytest.approx(0.975, abs=2e-5), df
+
+
+def test_seeds_needed_is_where_the_interval_first_excludes_zero():
+    rng = random.Random(0)
+    for _ in range(200):
+        seeds = rng.randint(2, 6)
+        a = {s: rng.gauss(0, 1) for s in range(seeds)}
+        b = {s: a[s] - rng.gauss(rng.uniform(-1, 1), rng.uniform(0.1, 3)) for s in range(seeds)}
+        d = stats.paired(a, b)
+        diffs = [a[s] - b[s] for s in range(seeds)]
+        mean, sd = sum(diffs) / seeds, math.sqrt(sum((x - sum(diffs) / seeds) ** 2 for x in diffs) / (seeds - 1))
+        assert d.mean == pytest.approx(mean) and d.std == pytest.approx(sd)
+        assert (d.lo > 0 or d.hi < 0) == (seeds >= d.seeds_needed)  # the interval excludes 0 from that n on
+        n = d.seeds_needed
+        if n < stats.SEEDS_CAP:
+            assert stats.t975(n - 1) * sd / math.sqrt(n) < abs(mean)
+            assert n == 2 or stats.t975(n - 2) * sd / math.sqrt(n - 1) >= abs(mean)
+    assert stats.paired({0: 1.0, 1: float("nan")}, {0: 0.5, 1: 0.2}) == stats.Delta(0.5, None, 1, None, None, None)
+    assert stats.mean_std([None, float("nan"), 2.0, 4.0]) == stats.Spread(3.0, math.sqrt(2), 2)
+
+
+def test_macros_typeset_numbers_in_math_and_help_shows_newcommand(tmp_path, capsys):
     write_results(tmp_path)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    tex = (tmp_path / "macros.tex").read_text()
+    defs = dict(re.findall(r"\\newcommand\{\\([A-Za-z]+)\}\{\\ensuremath\{([^}]*)\}\}", tex))
+    assert len(defs) == tex.count("\\newcommand")  # letters-only names, every value in math mode
+    assert defs["sesExpTenSesKOneAcc"] == "77.00" and defs["sesExpTenSesKOneDeltaAccCI"] == "2.48"
+    assert defs["sesExpTenSesKOneDeltaAcc"] == "+5.00" and defs["sesExpTenSesKOneDeltaAccSeeds"] == "3"
+    assert (defs["sesExpTenSesKOneOverhead"], defs["sesExpTenSesKOneOverheadMin"], defs["sesExpTenSesKOneOverheadMax"]) \
+        == ("+110", "+100", "+120")
+    assert "sesExpElevenBaselineAccStd" not in defs  # one seed: no spread
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "\\newcommand" in out and "ewcommand" not in out.replace("\\newcommand", "")
+
+
+def test_runs_csv_has_one_row_per_run_folder(tmp_path):
+    write_results(tmp_path)
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    with open(tmp_path / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    folders = [d for d in tmp_path.glob("*/*_seed*") if d.is_dir()]
+    assert len(rows) == len(folders) == 8
+    header = list(rows[0])
+    assert len(header) == len(set(header)) and {"experiment", "config", "seed", "device", "precision", "processes",
+                                                 "route", "acc", "robustness.fgsm_1/255"} <= set(header)
+    for r in rows:
+        d = tmp_path / r["experiment"] / f"{r['variant']}_seed{r['seed']}"
+        if r["status"] == "finished":
+            result = json.loads((d / "result.json").read_text())
+            assert float(r["acc"]) == result["acc"] and r["precision"] == result["amp"]
+        else:
+            assert (r["status"], r["acc"]) == ("unfinished", "")
+
+
+def test_damaged_files_cost_their_run_only_with_one_line_each(tmp_path, capsys):
+    write_results(tmp_path)
+    exp = tmp_path / "exp10_periodic_ses"
+    (exp / "baseline_seed1" / "result.json").write_text('{"acc": 0.7, "rob')                         # cut short
+    (exp / "ses_k1_seed2" / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": NaN}\n{"epo')       # a NaN, a cut line
+    (exp / "ses_k1_seed0" / "result.json").write_text(json.dumps(dict(config="ses_k1", acc=None, rob=0.4)))
+    (exp / "summary.json").write_text("[garbage")
+    bad = exp / "ses_k1_seed5"
+    bad.mkdir()
+    (bad / "failure.json").write_text("not json\nat all")
     assert report.main([str(tmp_path)]) == 0
-    assert (tmp_path / "tables.tex").is_file() and not (tmp_path / "plots").exists()
-    assert "pip install matplotlib" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    left = [line for line in out.splitlines() if line.startswith("left out:")]
+    assert any("baseline_seed1: result.json is cut short" in line for line in left)
+    assert any("ses_k1_seed0: result.json has no finite acc" in line for line in left)
+    assert any("ses_k1_seed2: metrics.jsonl: 1 of 2 lines unreadable" in line for line in left)
+    assert "could not be drawn" not in out
+    md = (tmp_path / "report.md").read_text()
+    assert md_row(md, "ses_k1")[3:4] == ["2 (Δ: 1)"]  # seeds 1 and 2 left; seed 2 alone pairs with a baseline
+    assert "ses_k1_seed5 (?: failure.json is cut short or not JSON)" in md
 
 
-def test_bad_folder_is_one_line(tmp_path):
+def test_no_results_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "exp10_periodic_ses").mkdir()
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path)])
+    assert e.value.code == 1 and len(capsys.readouterr().err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:
         report.main([str(tmp_path / "nope")])
     assert e.value.code == 2
 
 
-def test_twins_are_paired_by_seed_failed_runs_listed_and_smoke_marked(tmp_path):
-    exp = tmp_path / "smoke" / "exp12_mixup_cutmix_cifar100"
-    accs = {"baseline": [0.50, 0.60], "mixup": [0.70, 0.71], "mixup_ses": [0.71, 0.70]}
-    for config, values in accs.items():
-        for seed, acc in enumerate(values):
-            d = exp / f"{config}_seed{seed}"
-            d.mkdir(parents=True)
-            (d / "result.json").write_text(json.dumps(dict(
-                config=config, seed=seed, acc=acc, rob=acc / 2, gap=0.1, baseline_config="mixup" if config == "mixup_ses"
-                else "baseline", experiment=exp.name)))
-    bad = exp / "ses_seed0"
-    bad.mkdir()
-    (bad / "failure.json").write_text(json.dumps(dict(stage="epoch 3", message="non-finite loss")))
-    with pytest.raises(SystemExit) as e:  # the out-dir holds only smoke results: say where they are
-        report.main([str(tmp_path)])
-    assert e.value.code == 1
-    assert report.main([str(tmp_path / "smoke")]) == 0
-    md = (tmp_path / "smoke" / "report.md").read_text()
-    assert "SMOKE" in md.splitlines()[0]
-    # mixup_ses vs mixup, not vs baseline: deltas +1, -1 -> mean 0, interval contains 0
-    row = next(line for line in md.splitlines() if line.startswith("| mixup_ses |"))
-    assert "| +0.00 [" in row and "~0" in row
-    assert "ses_seed0 (epoch 3: non-finite loss)" in md
-    assert "SMOKE RESULTS, NOT PAPER NUMBERS" in (tmp_path / "smoke" / "tables.tex").read_text()
-
-
-# ----------------------------------------------------------------------------- LaTeX that drops in
-def worst_rows(configs):
-    """Rows as wide as real ones get: 3 seeds, negative and 3-digit values, an override, a paper row."""
-    rows = []
-    for c in configs:
-        rows.append(dict(config=c + "+every=10", n=3, acc=(100.0, 10.55), rob=(-0.0, 12.34), gap=(-10.25, 10.5),
-                         d_acc=(-10.25, (-22.22, 1.72), 3), d_rob=(+10.25, (-12.5, 33.0), 3), overhead=12.34,
-                         paper=dict(acc=99.99, rob=99.99, overhead=19.95)))
-    return rows
-
-
-def test_computer_modern_metrics_match_tex():
-    # TeX facts: cmr10 digits are 0.5 em (5 pt at 10 pt), '+' and '=' 0.7778 em, '.' 0.2778 em
-    assert report_tables.text_width_pt("0123456789", font_pt=10) == pytest.approx(50.0)
-    assert report_tables.text_width_pt("$+1.5$", font_pt=10) == pytest.approx(10 * (0.7778 + 0.5 + 0.2778 + 0.5))
-
-
-def test_every_table_fits_a_single_column_article():
+# ----------------------------------------------------------------------------- the label table
+def grids():
     import exp10_periodic_ses
     import exp11_resnet50_tinyimagenet
     import exp12_mixup_cutmix_cifar100
     import exp13_perceiver
-    for module in (exp10_periodic_ses, exp11_resnet50_tinyimagenet, exp12_mixup_cutmix_cifar100, exp13_perceiver):
-        body = report_tables.table_cells(worst_rows(list(module.GRID)))
-        width = report_tables.tex_width_pt(body)
-        assert width <= report_tables.TEXTWIDTH_PT, (module.__name__, width)
+    return [m.GRID for m in (exp10_periodic_ses, exp11_resnet50_tinyimagenet, exp12_mixup_cutmix_cifar100,
+                             exp13_perceiver)]
+
+
+def test_no_two_configs_share_a_style_and_each_ses_config_shares_its_twins_colour():
+    rng = random.Random(1)
+    for grid in grids():
+        twin = {c: s.get("baseline_config", "baseline") for c, s in grid.items()}
+        ses = {c: s.get("ses", False) for c, s in grid.items()}
+        for trial in range(20):
+            order = rng.sample(list(grid), k=len(grid) if trial == 0 else rng.randint(1, len(grid)))
+            style = labels.styles(order, twin, ses)
+            assert len(set(style.values())) == len(order), style
+            for c in order:
+                assert style[c].linestyle == ("-" if ses[c] else "--")
+            partners = {t: [c for c in order if ses[c] and twin[c] == t] for t in order}
+            for t, kids in partners.items():
+                if len(kids) == 1:
+                    assert style[kids[0]].colour == style[t].colour
+        assert all(labels.display(c) != c for c in grid)  # every config of the grids has a display name
+    assert labels.display("ses_k1+every=3") == "SES k=1 (every=3)" and labels.display("mixup_ses") == "Mixup + SES"
+
+
+# ----------------------------------------------------------------------------- LaTeX that drops in
+def worst_rows(grid):
+    """Rows as wide as real ones get: 3 seeds, 3-digit and negative values, an override, marks, a paper row."""
+    s = stats.Spread(100.0, 10.55, 3)
+    d = stats.Delta(-10.25, 5.0, 3, -22.22, 1.72, 1000)
+    return [dict(variant=c + "+every=10", config=c, twin="baseline+every=10", n=3, seeds=[0, 1, 2], ses=True,
+                 acc=s, rob=s, gap=stats.Spread(-10.25, 10.5, 3), robustness={k: s for k in ("gauss_0.05", "gauss_0.1",
+                                                                                          "fgsm_1/255", "fgsm_2/255")},
+                 d_acc=d, d_rob=d, overhead=(12.34, -0.5, 19.95, 3), setting="fp16 on Tesla T4", mixed="x",
+                 pair_mixed="y", every=10, paper=dict(acc=99.99, rob=99.99, overhead=19.95)) for c in grid]
+
+
+def test_every_table_fits_the_text_width_and_a_column_table_fits_a_column():
+    for grid in grids():
+        rows = worst_rows(grid)
+        items = [dict(row=r, twin=r["twin"], interaction_acc=r["d_acc"], interaction_rob=r["d_rob"]) for r in rows]
+        for t in (report_tables.brief_table("exp", rows, "src"), report_tables.full_table("exp", rows),
+                  report_tables.robustness_table("exp", rows), report_tables.interaction_table("exp", items)):
+            body = [[c[1] for c in row] for row in t.rows]
+            head = [c[1] for c in t.header]
+            first = latex.first_col_pt([head[0]] + [r[0] for r in body])
+            width = latex.tex_width_pt(body, head, first)
+            assert width <= latex.TEXTWIDTH_PT, (t.key, width)
+            env = "table" if width <= latex.COLUMN_PT else "table*"
+            assert f"\\begin{{{env}}}" in latex.render(t, "tab:x")
+
+
+def test_computer_modern_metrics_match_tex():
+    # TeX facts: cmr10 digits are 0.5 em (5 pt at 10 pt), '+' and '=' 0.7778 em, '.' 0.2778 em
+    assert latex.text_width_pt("0123456789", font_pt=10) == pytest.approx(50.0)
+    assert latex.text_width_pt("$+1.5$", font_pt=10) == pytest.approx(10 * (0.7778 + 0.5 + 0.2778 + 0.5))
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (the width estimate above holds)")
-def test_tables_compile_without_an_overfull_box(tmp_path):
+@pytest.mark.parametrize("layout", ["", "twocolumn", "a4paper,twocolumn"])
+def test_tables_compile_without_an_overfull_box(tmp_path, layout):
     write_results(tmp_path)
-    exp = tmp_path / "exp12_mixup_cutmix_cifar100"  # and a table whose rows and pairs mix machines (marks, notes)
+    exp = tmp_path / "exp12_mixup_cutmix_cifar100"  # rows and pairs that mix machines (marks, notes), an interaction
     for seed in range(3):
-        write_run(exp, "ses", seed, 0.7 + seed / 100, **(dict(amp="fp16", device="Tesla T4") if seed else {}))
-    for seed in range(2):
-        write_run(exp, "baseline", seed, 0.69, processes=2 if seed else 1)
-    assert report.main([str(tmp_path)]) == 0
-    assert "\\dagger" in (tmp_path / "tables.tex").read_text()
-    (tmp_path / "paper.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\\input{macros.tex}"
+        for config in ("baseline", "ses", "mixup", "mixup_ses"):
+            write_run(exp, config, seed, dict(ses=config.endswith("ses")), acc=0.7 - seed / 100 + len(config) / 1000,
+                      baseline_config="mixup" if config == "mixup_ses" else "baseline", overhead=-0.01 * seed,
+                      robustness={"gauss_0.05": 0.5, "fgsm_2/255": 0.1},
+                      **(dict(amp="fp16", device="Tesla T4") if seed and config == "ses" else {}))
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    tex = (tmp_path / "tables.tex").read_text()
+    assert "\\dagger" in tex and "\\begin{table*}" in tex
+    (tmp_path / "paper.tex").write_text(f"\\documentclass[{layout}]{{article}}\\usepackage{{booktabs}}\\input{{macros.tex}}"
                                         "\\begin{document}\\input{tables.tex}\\sesExpTenSesKOneAcc\\end{document}\n")
     p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "paper.tex"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
@@ -169,102 +296,20 @@ def test_tables_compile_without_an_overfull_box(tmp_path):
     assert p.returncode == 0 and "Overfull \\hbox" not in log, log[-3000:]
 
 
-def test_macros_hold_each_headline_number(tmp_path):
-    write_results(tmp_path)
-    assert report.main([str(tmp_path)]) == 0
-    tex = (tmp_path / "macros.tex").read_text()
-    defs = dict(re.findall(r"\\newcommand\{\\([A-Za-z]+)\}\{([^}]*)\}", tex))
-    assert len(defs) == tex.count("\\newcommand")  # every name is letters only (a valid command name)
-    # hand-computed above: ses_k1 acc 77.00 +- 2.65, delta +5.00 with half-width 4.303 / sqrt 3 = 2.48,
-    # rob delta +5.00 +- 4.30, overhead mean(1.0, 1.2, 1.1) = +110 %
-    assert defs["sesExpTenSesKOneAcc"] == "77.00" and defs["sesExpTenSesKOneAccStd"] == "2.65"
-    assert defs["sesExpTenSesKOneDeltaAcc"] == "+5.00" and defs["sesExpTenSesKOneDeltaAccCI"] == "2.48"
-    assert defs["sesExpTenSesKOneDeltaRobCI"] == "4.30" and defs["sesExpTenSesKOneOverhead"] == "+110"
-    assert defs["sesExpTenSesKOneN"] == "3" and defs["sesExpElevenBaselineAcc"] == "60.00"
-    assert "sesExpElevenBaselineAccStd" not in defs  # one seed: no spread
-    assert report_tables.macro_part("cifar10_permuted_learned_ses+every=3") == "CifarTenPermutedLearnedSesEveryThree"
-
-
-# ----------------------------------------------------------------------------- figures
-def test_figures_are_pdf_and_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    write_results(tmp_path)
-    report.main([str(tmp_path)])
-    for stem in ("exp10_periodic_ses_curves", "exp10_periodic_ses_entropy_ses_k1"):
-        assert (tmp_path / "plots" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
-        assert (tmp_path / "plots" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
-    assert not list((tmp_path / "plots").glob("*.tmp.*"))
-
-
-def fake_experiment(configs: dict[str, str], seeds=2, epochs=3, layers=("layer4.1", "avgpool", "layer3.0")):
-    """configs: variant -> its twin. Layer4.1 and avgpool get identical curves, as in a ResNet."""
-    runs, curves = {}, {}
-    for c, twin in configs.items():
-        runs[c] = [dict(config=c, seed=s, baseline_config=twin, ses_steps=0 if c == twin else 5,
-                        entropy_target={k: 4.0 for k in layers}) for s in range(seeds)]
-        curves[c] = [[dict(epoch=e, test_acc=0.1 * e + 0.01 * s, train_loss=1 / e,
-                           entropy={k: (2.0 if k == "layer3.0" else 3.0) + 0.1 * e + 0.01 * s for k in layers},
-                           **({} if c == twin else {"ses_entropy": {k: 3.5 for k in layers}}))
-                      for e in range(1, epochs + 1)] for s in range(seeds)]
-    return dict(runs=runs, curves=curves, attention={})
-
-
-def test_twins_share_a_colour_with_distinct_line_styles():
-    pytest.importorskip("matplotlib")
-    style = report_plots.styles(fake_experiment({"baseline": "baseline", "ses": "baseline", "mixup": "mixup",
-                                                 "mixup_ses": "mixup"}))
-    assert style["mixup"][0] == style["mixup_ses"][0] and style["mixup"][1] != style["mixup_ses"][1]
-    assert style["baseline"][0] == style["ses"][0] and style["mixup"][0] != style["baseline"][0]
-    periodic = report_plots.styles(fake_experiment({"baseline": "baseline", "ses_k1": "baseline", "ses_k3": "baseline"}))
-    assert periodic["baseline"] == ("black", "--") and periodic["ses_k1"][0] != periodic["ses_k3"][0]
-
-
-def test_curves_have_seed_bands_and_integer_epoch_ticks():
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    data = fake_experiment({"mixup": "mixup", "mixup_ses": "mixup"})
-    fig = report_plots.curves_figure(plt, "exp12", data)
-    ax = fig.axes[0]
-    assert len(ax.collections) == 2  # one band per config (n = 2 seeds)
-    assert all(float(t).is_integer() for t in ax.get_xticks())
-    fig = report_plots.entropy_figure(plt, "exp12", data, "mixup_ses")
-    labels = fig.axes[1].get_legend_handles_labels()[1]
-    assert "layer4.1 = avgpool" in labels and "layer3.0" in labels  # identical spectra drawn once, named together
-    dotted = [ln for ln in fig.axes[1].lines if ln.get_linestyle() == ":"]
-    assert len(dotted) == 2  # the penalised train-mode H of each (merged) layer
-    assert not [ln for ln in fig.axes[0].lines if ln.get_linestyle() == ":"]  # the twin has no SES steps
-    plt.close("all")
-
-
-# ----------------------------------------------------------------------------- runs of several machines
-def write_run(exp: Path, config: str, seed: int, acc: float, amp="bf16", device="NVIDIA L40S", processes=1):
-    d = exp / f"{config}_seed{seed}"
-    d.mkdir(parents=True)
-    (d / "result.json").write_text(json.dumps(dict(
-        experiment=exp.name, config=config, seed=seed, acc=acc, rob=acc / 2, gap=0.1, baseline_config="baseline",
-        amp=amp, device=device, processes=processes)))
-
-
-def test_a_delta_counts_its_pairs_and_runs_that_ran_differently_are_marked(tmp_path):
-    exp = tmp_path / "exp10_periodic_ses"
-    for seed, acc in enumerate([0.70, 0.72, 0.74]):  # ses_k1: 3 seeds, seed 2 on a T4 under fp16
-        write_run(exp, "ses_k1", seed, acc, **(dict(amp="fp16", device="Tesla T4") if seed == 2 else {}))
-    for seed, acc in enumerate([0.68, 0.69]):  # baseline: 2 seeds, seed 1 under torchrun on 2 GPUs
-        write_run(exp, "baseline", seed, acc, **(dict(processes=2) if seed == 1 else {}))
-    assert report.main([str(tmp_path)]) == 0
-    md = (tmp_path / "report.md").read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| ses_k1"))
-    cells = [c.strip() for c in row.split("|")]
-    assert cells[1] == "ses_k1 † ‡" and cells[2] == "3 (Δ: 2)"
-    # Δ acc over the 2 pairs only: (70 - 68, 72 - 69) = (2, 3), mean 2.5
-    assert cells[6].startswith("+2.50 [")
-    assert "† `ses_k1` averages runs that ran differently: bf16 on NVIDIA L40S (2), fp16 on Tesla T4 (1)." in md
-    assert "‡ `ses_k1` vs its twin: seed 1: bf16 on NVIDIA L40S vs bf16 on NVIDIA L40S x2 processes." in md
-    base = next(line for line in md.splitlines() if line.startswith("| baseline"))
-    assert base.split("|")[1].strip() == "baseline †" and base.split("|")[2].strip() == "2"
-    tex = (tmp_path / "tables.tex").read_text()
-    assert "ses\\_\\allowbreak{}k1$^\\dagger$$^\\ddagger$ & 3/2 &" in tex and "seed pairs behind $\\Delta$" in tex
-    defs = dict(re.findall(r"\\newcommand\{\\([A-Za-z]+)\}\{([^}]*)\}", (tmp_path / "macros.tex").read_text()))
-    assert defs["sesExpTenSesKOneN"] == "3" and defs["sesExpTenSesKOneDeltaN"] == "2"
-    assert defs["sesExpTenSesKOneDeltaAcc"] == "+2.50"
+def test_a_venue_style_keeps_its_widths_and_7_to_9_pt_text_and_without_tueplots_the_plain_style(monkeypatch):
+    from reporting.style import FONT_KEYS, WIDTHS_IN, Look
+    plain = Look("plain")
+    for width, inches in WIDTHS_IN.items():
+        rc = plain.rc(width, 2.0)
+        assert rc["figure.figsize"] == (inches, 2.0) and all(7 <= rc[k] <= 9 for k in FONT_KEYS)
+    if __import__("importlib").util.find_spec("tueplots"):
+        icml = Look("icml2024")
+        assert icml.note is None
+        assert icml.rc("column", 2.0)["figure.figsize"][0] == pytest.approx(3.25, abs=0.01)
+        assert icml.rc("text", 2.0)["figure.figsize"][0] == pytest.approx(6.75, abs=0.01)
+        assert all(7 <= icml.rc("column", 2.0)[k] <= 9 for k in FONT_KEYS)  # ICML's 6 pt ticks raised to 7
+        assert not icml.rc("text", 2.0)["text.usetex"]
+        assert "no venue" in Look("nosuchvenue2099").note
+    monkeypatch.setitem(sys.modules, "tueplots", None)  # import tueplots -> ImportError
+    bare = Look("icml2024")
+    assert bare.venue == "plain" and "pip install tueplots" in bare.note

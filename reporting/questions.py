@@ -1,0 +1,194 @@
+"""The figures of the paper's questions (matplotlib), each at a given width.
+
+- gain_figure (Exp 10: several SES configs of different k against one twin): Δ acc and Δ rob
+  (percentage points, the per-seed difference against the twin; error bar: its 95 % t-interval)
+  against k, and against the measured overhead (median over seeds; horizontal bar: min to max).
+  Hollow grey markers: the paper's own figures, where the report shows them (real runs only).
+- robustness_figure: accuracy (%) against the perturbation's strength, Gaussian noise σ and FGSM ε
+  (strength 0 = clean), one line per config, error bar ± one std over seeds clipped to [0, 100].
+- interaction_figure (Exp 12): SES's gain (Δ with its 95 % interval) with each augmentation, and
+  the interaction: that gain minus SES's gain without augmentation, paired by seed.
+- final_entropy_figure: the final per-layer H of each config (mean ± std over seeds, clipped at 0),
+  the target β·log d (black, dash-dot) and the ceiling log min(n − 1, d) (grey, dotted).
+"""
+from __future__ import annotations
+
+from reporting.labels import PALETTE, display, robustness_order
+from reporting.plots import legend_below, new_figure
+from reporting.rows import paper_delta
+from reporting.stats import finite, mean_std
+
+METRIC_LOOK = {"acc": ("Δ acc", PALETTE[0], "o"), "rob": ("Δ rob", PALETTE[1], "s")}
+PAPER = dict(color="0.45", mfc="none", ls="none")
+
+
+def yerr(d):
+    return None if d is None or d.lo is None else [[d.mean - d.lo], [d.hi - d.mean]]
+
+
+def periodic_rows(rows: list[dict]) -> list[dict]:
+    """The SES rows with a k and a Δ that share one twin (of several twins, the one with the most
+    values of k), by k; none unless at least two values of k are there."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["every"] is not None and (r["d_acc"] or r["d_rob"]):
+            groups.setdefault(r["twin"], []).append(r)
+    best = max(groups.values(), key=lambda g: len({r["every"] for r in g}), default=[])
+    return sorted(best, key=lambda r: r["every"]) if len({r["every"] for r in best}) > 1 else []
+
+
+def gain_figure(plt, width: str, rows: list[dict]):
+    ses = periodic_rows(rows)
+    if not ses:
+        return None
+    timed = [r for r in ses if r["overhead"] is not None]
+    column = width == "column"
+    n = 2 if timed else 1
+    fig, axes = new_figure(plt, 2.0 * n + 0.5 if column else 2.5, n if column else 1, 1 if column else n, sharey=True)
+    ax_k = axes.flat[0]
+    ks = [r["every"] for r in ses]
+    for j, m in enumerate(("acc", "rob")):
+        label, colour, marker = METRIC_LOOK[m]
+        shift = 0.94 if j == 0 else 1.06
+        for r in ses:
+            d = r[f"d_{m}"]
+            if d is not None:
+                ax_k.errorbar(r["every"] * shift, d.mean, yerr=yerr(d), color=colour, marker=marker, ls="none",
+                              capsize=2, lw=0.8, label=label)
+            p = paper_delta(rows, r, m)
+            if p is not None:
+                ax_k.plot(r["every"] * shift, p, marker=marker, label="paper", **PAPER)
+        if timed:
+            for r in timed:
+                d = r[f"d_{m}"]
+                med, lo, hi = (100 * v for v in r["overhead"][:3])
+                if d is not None:
+                    axes.flat[1].errorbar(med, d.mean, xerr=[[med - lo], [hi - med]], yerr=yerr(d), color=colour,
+                                          marker=marker, ls="none", capsize=2, lw=0.8)
+                    if j == 0:
+                        axes.flat[1].annotate(f"k={r['every']}", (med, d.mean), xytext=(3, 3),
+                                              textcoords="offset points", fontsize=7)
+                p, p_over = paper_delta(rows, r, m), (r["paper"] or {}).get("overhead")
+                if p is not None and isinstance(p_over, (int, float)):
+                    axes.flat[1].plot(100 * p_over, p, marker=marker, **PAPER)
+    ax_k.set_xscale("log")
+    ax_k.set_xticks(ks, [str(k) for k in ks])
+    ax_k.minorticks_off()
+    ax_k.set_xlabel("SES period k (steps)")
+    ax_k.set_ylabel(f"Δ vs. {display(ses[0]['twin'])} (pp)")
+    for ax in axes.flat:
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.grid(alpha=0.3)
+    if timed:
+        axes.flat[1].set_xlabel("overhead (%): median, range over seeds")
+        if column:
+            axes.flat[1].set_ylabel(f"Δ vs. {display(ses[0]['twin'])} (pp)")
+    handles, labels = ax_k.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    legend_below(fig, list(unique.values()), [k + (" (95 % CI)" if k.startswith("Δ") else "") for k in unique])
+    return fig
+
+
+def robustness_figure(plt, width: str, rows: list[dict], styles: dict):
+    keys = robustness_order(k for r in rows for k in r["robustness"])
+    kinds = [kind for kind in ("gauss", "fgsm") if any(k.startswith(kind + "_") and strength(k) is not None
+                                                        for k in keys)]
+    if not kinds:
+        return None
+    column = width == "column"
+    fig, axes = new_figure(plt, 1.9 * len(kinds) + 0.7 if column else 2.5, len(kinds) if column else 1,
+                           1 if column else len(kinds), sharey=True)
+    for ax, kind in zip(axes.flat, kinds):
+        levels = [k for k in keys if k.startswith(kind + "_") and strength(k) is not None]
+        xs = [0.0] + [strength(k) for k in levels]
+        for r in rows:
+            spreads = [r["acc"]] + [r["robustness"].get(k) for k in levels]
+            pts = [(x, s.mean, s.std or 0.0) for x, s in zip(xs, spreads) if s is not None and s.mean is not None]
+            if not pts:
+                continue
+            st = styles[r["variant"]]
+            x, mu, sd = zip(*pts)
+            low = [m - max(0.0, m - s) for m, s in zip(mu, sd)]
+            high = [min(100.0, m + s) - m for m, s in zip(mu, sd)]
+            ax.errorbar(x, mu, yerr=[low, high], color=st.colour, ls=st.linestyle, marker=st.marker, ms=3,
+                        capsize=1.5, lw=1.0, label=display(r["variant"]))
+        ax.set_xticks(xs, ["clean"] + [level_label(k) for k in levels])
+        ax.set_xlabel("Gaussian noise σ" if kind == "gauss" else "FGSM ε")
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
+        ax.grid(alpha=0.3)
+        ax.set_ylabel("test accuracy (%)")
+    legend_below(fig, *axes.flat[0].get_legend_handles_labels())
+    return fig
+
+
+def strength(key: str) -> float | None:
+    """'gauss_0.05' -> 0.05, 'fgsm_2/255' -> 2/255; None for a level that is not a number."""
+    num, _, den = key.partition("_")[2].partition("/")
+    try:
+        return float(num) / (float(den) if den else 1.0)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def level_label(key: str) -> str:
+    return key.partition("_")[2]
+
+
+def interaction_figure(plt, width: str, items: list[dict]):
+    if not items:
+        return None
+    column = width == "column"
+    fig, axes = new_figure(plt, 4.2 if column else 2.4, 2 if column else 1, 1 if column else 2, sharey=True)
+    names = ["none"] + [display(it["twin"]) for it in items[1:]]
+    for j, m in enumerate(("acc", "rob")):
+        label, colour, marker = METRIC_LOOK[m]
+        off = -0.12 if j == 0 else 0.12
+        for i, it in enumerate(items):
+            for ax, d, x in ((axes.flat[0], it["row"][f"d_{m}"], i), (axes.flat[1], it[f"interaction_{m}"], i - 1)):
+                if d is not None:
+                    ax.errorbar(x + off, d.mean, yerr=yerr(d), color=colour, marker=marker, ls="none", capsize=2,
+                                lw=0.8, label=label + " (95 % CI)")
+    axes.flat[0].set_ylabel("SES gain (pp)")
+    axes.flat[1].set_ylabel("gain − gain without (pp)")
+    for ax, ticks in zip(axes.flat, (names, names[1:])):
+        ax.set_xticks(range(len(ticks)), ticks)
+        ax.set_xlim(-0.5, len(ticks) - 0.5)
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.grid(alpha=0.3, axis="y")
+    axes.flat[-1].set_xlabel("augmentation")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    legend_below(fig, list(unique.values()), list(unique))
+    return fig
+
+
+def final_entropy_figure(plt, width: str, data: dict, styles: dict):
+    runs = data["runs"]
+    layers = list(dict.fromkeys(k for rs in runs.values() for r in rs for k in r["entropy"]))
+    if not layers:
+        return None
+    column = width == "column"
+    fig, axes = new_figure(plt, 2.9 if column else 2.5)
+    ax = axes[0][0]
+    xs = list(range(len(layers)))
+    step = min(0.08, 0.5 / len(runs))
+    for i, (v, rs) in enumerate(runs.items()):
+        st = styles[v]
+        spreads = [mean_std(r["entropy"].get(layer) for r in rs) for layer in layers]
+        shift = (i - (len(runs) - 1) / 2) * step  # side by side, so the error bars do not hide each other
+        pts = [(x + shift, s.mean, s.std or 0.0) for x, s in zip(xs, spreads) if s.mean is not None]
+        if pts:
+            x, mu, sd = zip(*pts)
+            ax.errorbar(x, mu, yerr=[[min(m, s) for m, s in zip(mu, sd)], list(sd)], color=st.colour,
+                        ls=st.linestyle, marker=st.marker, ms=3, capsize=1.5, lw=1.0, label=display(v))
+    for key, look in (("entropy_target", dict(color="black", ls="-.", label="target β log d")),
+                      ("entropy_max", dict(color="0.5", ls=":", label="ceiling log min(n−1, d)"))):
+        ref = [finite(r[key].get(layer) for rs in runs.values() for r in rs) for layer in layers]
+        if any(ref):
+            ax.step(xs, [max(v) if v else float("nan") for v in ref], where="mid", lw=0.9, **look)
+    ax.set_xticks(xs, layers, rotation=45 if column or len(layers) > 8 else 0, ha="right" if column else "center")
+    ax.set_ylabel("final H (nats)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, axis="y")
+    legend_below(fig, *ax.get_legend_handles_labels())
+    return fig
