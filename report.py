@@ -26,7 +26,8 @@ from pathlib import Path
 from plumbing.files import write_text_atomic as write_text
 from reporting.csvout import runs_csv
 from reporting.figures import figures_md, make_figures
-from reporting.labels import KIND_NOTE
+from harness.settings import SETTINGS
+from reporting.labels import KIND_NOTE, use_setting_labels
 from reporting.macros import macros
 from reporting.read import load_json, read_results
 from reporting.rows import summarize
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
         p.exit(2, f"report.py: error: {args.results_dir} is not a folder; pass the --out-dir of a sweep\n")
     if args.dpi < 10:
         p.exit(2, "report.py: error: --dpi must be at least 10\n")
+    use_setting_labels({name: SETTINGS.label(name) for name in SETTINGS})
     experiments, skipped = read_results(args.results_dir)
     kind = args.results_dir.resolve().name if args.results_dir.resolve().name in KIND_NOTE else None
     if not experiments:

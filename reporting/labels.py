@@ -4,7 +4,9 @@ each config is drawn.
 - `EXPERIMENTS`: experiment id -> (short name, caption sentence, plain text).
 - `CONFIGS`: config id -> display name. A config `<x>_ses` not listed is "<name of x> + SES"
   (`mixup_ses` -> "Mixup + SES"); a run whose settings were overridden on the command line
-  (`ses_k1+every=3`) is "SES k=1 (every=3)"; an unknown id is shown as it is.
+  (`ses_k1+every=3`) is "SES k=1 (k=3)", each setting by its label in the harness's table of run
+  settings (harness/settings.py, handed over by report.py: `use_setting_labels`); an unknown id is
+  shown as it is.
 - `METRICS`: the headline metrics (key in result.json, column title); `robustness_label` names a
   key of result.json's robustness suite (`gauss_0.05` -> "σ=0.05", `fgsm_1/255` -> "FGSM 1/255").
 - `styles`: variant -> Style(colour, linestyle, marker). An SES config and its twin share a colour,
@@ -61,10 +63,22 @@ def config_name(config: str) -> str:
     return config
 
 
+_SETTING_LABELS: dict[str, str] = {}  # run setting -> its display label ("lam" -> "λ")
+
+
+def use_setting_labels(labels: dict[str, str]) -> None:
+    """The display labels of the run settings (harness/settings.py's table; report.py hands them over)."""
+    _SETTING_LABELS.update(labels)
+
+
 def display(variant: str) -> str:
-    """'ses_k1' -> 'SES k=1'; 'ses_k1+every=3+lam=0.1' -> 'SES k=1 (every=3, lam=0.1)'."""
+    """'ses_k1' -> 'SES k=1'; 'ses_k1+every=3+lam=0.1' -> 'SES k=1 (k=3, λ=0.1)' (the settings' labels)."""
     config, *overrides = variant.split("+")
-    return config_name(config) + (f" ({', '.join(overrides)})" if overrides else "")
+    shown = []
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        shown.append(f"{_SETTING_LABELS.get(key, key)}={value}" if eq else override)
+    return config_name(config) + (f" ({', '.join(shown)})" if shown else "")
 
 
 def display_tex(variant: str) -> str:

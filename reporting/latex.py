@@ -36,8 +36,9 @@ def tex_escape(s: str) -> str:
             .replace("#", "\\#").replace("$", "\\$").replace("{", "\\{").replace("}", "\\}"))
 
 
-UNICODE_TEX = {"σ": "$\\sigma$", "ε": "$\\epsilon$", "β": "$\\beta$", "±": "$\\pm$", "÷": "$\\div$", "−": "$-$",
-               "°": "$^\\circ$", "Δ": "$\\Delta$", "≥": "$\\geq$", "†": "$^\\dagger$", "‡": "$^\\ddagger$"}
+UNICODE_TEX = {"σ": "$\\sigma$", "ε": "$\\epsilon$", "β": "$\\beta$", "λ": "$\\lambda$", "α": "$\\alpha$",
+               "±": "$\\pm$", "÷": "$\\div$", "−": "$-$", "°": "$^\\circ$", "Δ": "$\\Delta$", "≥": "$\\geq$",
+               "†": "$^\\dagger$", "‡": "$^\\ddagger$"}
 
 
 def to_tex(text: str) -> str:

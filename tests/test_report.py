@@ -202,6 +202,19 @@ def test_damaged_files_cost_their_run_only_with_one_line_each(tmp_path, capsys):
     assert "ses_k1_seed5 (?: failure.json is cut short or not JSON)" in md
 
 
+def test_an_override_is_shown_by_the_labels_of_the_settings_table(tmp_path):
+    """A run whose folder names an override (ses_k1+lam=0.05, every=3) is shown with the labels the
+    harness's table of run settings gives those settings, in Markdown and in LaTeX."""
+    from harness.settings import SETTINGS
+    exp = tmp_path / "exp10_periodic_ses"
+    for variant in ("baseline", "ses_k1+every=3+lam=0.05"):
+        write_run(exp, variant, 0, acc=0.7)
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    shown = f"SES k=1 ({SETTINGS.label('every')}=3, {SETTINGS.label('lam')}=0.05)"
+    assert SETTINGS.label("lam") != "lam" and shown in (tmp_path / "report.md").read_text()
+    assert "$\\lambda$=0.05" in (tmp_path / "tables.tex").read_text()
+
+
 def test_no_results_is_one_line_and_exit_1(tmp_path, capsys):
     (tmp_path / "exp10_periodic_ses").mkdir()
     with pytest.raises(SystemExit) as e:
