@@ -1,1 +1,1 @@
-"""The exact eigen-solve under the SES penalty (ses_core.py): the routes and the auto choice, and the one-call batched cuSOLVER binding."""
+"""The exact eigen-solve under the SES penalty (ses_core.py): the eigenvalues of a stack of Grams by each route, which route a process uses (decided before any run, from --preflight's record), and the one-call batched cuSOLVER binding."""
