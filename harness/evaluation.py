@@ -2,7 +2,8 @@
 
 Everything here runs the model in eval mode with the SES collector disabled (the caller pauses it).
 - evaluate: top-1 and mean CE over device tensors, in chunks of `batch_size` (no grad).
-- gaussian_noise(sigma): x + N(0, sigma^2) on [0, 1] pixels, clamped, one fixed noise seed.
+- gaussian_noise(sigma): x + N(0, sigma^2) on [0, 1] pixels, clamped; each sample's noise fixed by its
+  index (fixed_noise), the same for every model and every chunk size.
 - fgsm(eps): x + eps * sign(grad_x CE), run in chunks of `attack_batch_size` (its backward graph is
   what costs memory: ~50 MiB per 64x64 image for the CIFAR-stem ResNet-50 in bf16, twice that in
   float32). The attack always runs in IEEE float32 with autocast and TF32 off, whatever the
@@ -27,6 +28,7 @@ from ses_core import ActivationCollector, entropy_ceiling, entropy_target, spect
 from harness.training import AmpPolicy
 
 NOISE_SEED = 20_240_601
+NOISE_BLOCK = 256  # samples per noise block (fixed_noise)
 
 
 class NonFiniteActivations(RuntimeError):
@@ -37,12 +39,11 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, amp: AmpPolicy, batch_size
              perturb=None, max_batches: int | None = None) -> tuple[float, float]:
     """(top-1 accuracy, mean CE) of `model` in eval mode on device tensors x, y.
 
-    perturb(model, xb, yb, gen) -> xb' is applied per batch (noise or FGSM); gen is one
-    generator seeded identically for every call, so all models see the same noise.
+    perturb(model, xb, yb, start) -> xb' is applied per batch (noise or FGSM); start is the index in
+    x of the batch's first sample, so a perturbation can depend on the sample and not on the batching.
     """
     model.eval()
     loader = GpuLoader(x, y, batch_size, x.device, train=False)
-    gen = torch.Generator(device=x.device).manual_seed(NOISE_SEED)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     loss_sum = torch.zeros((), device=x.device)
     seen = 0
@@ -50,7 +51,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, amp: AmpPolicy, batch_size
         if max_batches is not None and i == max_batches:
             break
         if perturb is not None:
-            xb = perturb(model, xb, yb, gen)
+            xb = perturb(model, xb, yb, i * batch_size)
         with torch.no_grad(), amp.autocast():
             logits = model(xb)
         loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
@@ -59,12 +60,26 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, amp: AmpPolicy, batch_size
     return correct.item() / seen, loss_sum.item() / seen
 
 
+def fixed_noise(start: int, n: int, shape: tuple, device) -> torch.Tensor:
+    """N(0, 1) noise (n, *shape) of samples start .. start + n - 1 of an evaluated set: drawn in blocks of
+    NOISE_BLOCK samples, block b from its own generator seeded NOISE_SEED + b, so a sample's noise is
+    the same whatever the evaluation chunk size (--eval-batch-size), for every model on this device."""
+    first, last = start // NOISE_BLOCK, (start + n - 1) // NOISE_BLOCK
+    blocks = [torch.randn((NOISE_BLOCK, *shape), device=device,
+                          generator=torch.Generator(device=device).manual_seed(NOISE_SEED + b))
+              for b in range(first, last + 1)]
+    offset = start - first * NOISE_BLOCK
+    return torch.cat(blocks)[offset:offset + n]
+
+
 def gaussian_noise(sigma: float, clamp: bool = True):
-    """x + N(0, sigma^2) on [0, 1] pixels, clamped (CIFAR-C-style additive noise; sigma 0.1 ~ severity 5)."""
-    def perturb(model, x, y, gen):
-        noisy = x + sigma * torch.randn(x.shape, device=x.device, generator=gen)
+    """x + N(0, sigma^2) on [0, 1] pixels, clamped (CIFAR-C-style additive noise; sigma 0.1 ~ severity 5);
+    the same noise for a sample whatever the chunk it is evaluated in (fixed_noise)."""
+    def perturb(model, x, y, start):
+        noisy = x + sigma * fixed_noise(start, len(x), tuple(x.shape[1:]), x.device)
         return noisy.clamp(0, 1) if clamp else noisy
     return perturb
+
 
 
 def input_gradient(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -80,7 +95,7 @@ def input_gradient(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def fgsm(eps: float, clamp: bool = True):
     """x + eps * sign(grad_x CE): one-step attack (Goodfellow et al.) on the model in eval mode."""
-    def perturb(model, x, y, gen):
+    def perturb(model, x, y, start):
         adv = x.detach() + eps * input_gradient(model, x, y).sign()
         return adv.clamp(0, 1) if clamp else adv
     return perturb

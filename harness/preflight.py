@@ -129,7 +129,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     print(f"preflight of {experiment} on {gpu.name(device)}"
           + (f", {total / GiB:.1f} GiB" if total else "") + ("; synthetic data" if args.synthetic else ""))
     route, measured = solver_route.settle(args, device), False  # the sweep's route; on CUDA measured below
-    rows, data_cache, base_cache, worst = [], {}, {}, 0
+    rows, data_cache, base_cache, failed, too_big = [], {}, {}, [], []
     for config in args.configs:
         cfg, _ = resolve_config(experiment, setup, grid, config, args.seeds[0], args.smoke, overrides, reg.settings)
         try:
@@ -154,7 +154,9 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
                 gpu.free_cached(device)
             else:
                 print(f"  {config}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-            worst = 1
+            failed.append(config)
+            if isinstance(e, torch.OutOfMemoryError):
+                too_big.append(config)
             if not contained(e):
                 # this rank alone failed, where the others may wait in a collective: they cannot go on in step
                 print(f"error: rank {multigpu.current().rank} failed during the preflight of {config}; under torchrun "
@@ -169,7 +171,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
         rows.append((config, m, len(args.seeds)))
         peak = max(m["peak_train"] or 0, m["peak_final"] or 0)
         if total and peak > FIT * total:
-            worst = 1
+            too_big.append(config)
     w = max([len(r[0]) for r in rows] + [8]) + 2
     print(f"{'config':<{w}}{'amp':>5}{'step ms':>9}{'img/s':>8}{'SES +%':>8}{'train GiB':>16}{'est. GiB':>9}"
           f"{'final GiB':>16}{'ckpt MB':>9}{'h/run':>7}")
@@ -180,7 +182,19 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
               f"{fmt_mem(m['peak_final'], total):>16}{m['ckpt_mb']:9.0f}"
               f"{m['run_s'] / 3600:7.2f}")
     sweep_h = sum(m["run_s"] * n for _, m, n in rows) / 3600
-    print(f"projected sweep: {sweep_h:.1f} h for {sum(n for *_, n in rows)} run(s) on this device"
-          + ("" if not total else f"; {'FITS' if not worst else 'DOES NOT FIT'} in {total / GiB:.0f} GiB "
-             f"(peaks above include tensors only; keep ~10 % headroom)"))
-    return worst
+    print(f"projected sweep: {sweep_h:.1f} h for {sum(n for *_, n in rows)} measured run(s) on this device"
+          + ("" if not total else f"; {fit_verdict(rows, too_big, total)}")
+          + (f"; not measured: {', '.join(c for c in failed if c not in too_big)} (see above)"
+             if set(failed) - set(too_big) else ""))
+    return 1 if failed or too_big else 0
+
+
+def fit_verdict(rows: list, too_big: list, total: int) -> str:
+    """FITS / DOES NOT FIT in the card's memory, from the configs measured (tensors only) and those that
+    ran out of memory; nothing to say when no config was measured and none ran out of memory."""
+    card = f"{total / GiB:.1f} GiB"
+    if too_big:
+        return f"DOES NOT FIT in {card}: {', '.join(too_big)} (peaks above {100 * FIT:.0f} % or out of memory)"
+    if not rows:
+        return f"no config measured, so no verdict on {card}"
+    return f"FITS in {card} (peaks above include tensors only; keep ~10 % headroom)"

@@ -189,5 +189,23 @@ def test_a_config_that_fails_in_the_preflight_is_one_line_the_others_are_measure
     assert len(failed) == 1 and "NonFiniteLoss: non-finite loss at epoch" in failed[0]
     header = next(i for i, line in enumerate(lines) if line.startswith("config"))
     table = [line.split()[0] for line in lines[header + 1:]]  # the table rows, then the sweep line
-    assert table == ["baseline", "projected"] and "for 1 run(s)" in out
+    assert table == ["baseline", "projected"] and "for 1 measured run(s)" in out and "not measured: blowup" in out
     assert not tmp_path.exists() or not any(tmp_path.rglob("*.json"))
+
+
+def test_a_samples_noise_and_so_rob_do_not_depend_on_the_evaluation_chunk_size():
+    """--eval-batch-size only changes how the evaluation is chunked (a run may resume with another one
+    after running out of memory): each sample's noise is fixed by its index, so accuracy and loss under
+    noise are the same for every chunk size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    x = torch.rand(600, 3, 4, 4)
+    y = torch.randint(0, 5, (600,))
+    noise = evaluation.gaussian_noise(0.3)
+    results = {bs: evaluation.evaluate(model, x, y, amp_policy("cpu"), bs, noise) for bs in (7, 256, 1000)}
+    (acc, loss), *others = results.values()
+    assert all(a == acc and abs(l_ - loss) < 1e-6 for a, l_ in others), results
+    clean = evaluation.evaluate(model, x, y, amp_policy("cpu"), 1000)
+    assert clean != (acc, loss)  # the noise is there
+    block = evaluation.fixed_noise(300, 10, (3, 4, 4), "cpu")  # samples 300..309, across no block edge
+    assert torch.equal(block, evaluation.fixed_noise(0, 600, (3, 4, 4), "cpu")[300:310])

@@ -53,6 +53,8 @@ def test_the_plain_command_and_the_preflight_reach_the_gpu(script, card, data_di
         assert code == 1 and NO_DRIVER in first_error(text), text[-3000:]
         assert gpus.set_calls and set(gpus.set_calls) == {0}  # "cuda" became the current device, cuda:0
         assert "SES solver route: float32 (" in text.split(NO_DRIVER)[0]  # decided before any run, no record here
+        if extra:  # nothing measured (every config stopped at the GPU): no memory verdict, and it says so
+            assert "no config measured" in text and "DOES NOT FIT" not in text and "FITS" not in text
         fits = "does not fit" not in text
         assert fits == (script != "exp11_resnet50_tinyimagenet" or card == "l40s"), text[-2000:]
         if not fits:  # exp11 at batch 256 on a T4: said before anything is on the GPU, with what fits
