@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from data_utils import synthetic_dataset, to_input
 from plumbing import gpu
+from harness import multigpu
 from harness.models import resolve_layers
+from harness.run_data import dataset_info, generated_sizes
 from harness.training import amp_policy, build_optimizer
 from ses_core import ActivationCollector, entropy_ceiling, entropy_target
 
@@ -183,3 +185,19 @@ def fit_warnings(cfgs: list[dict], script: str, reg, device, sizes_of, processes
         if line and f"warning: {line}" not in lines:
             lines.append(f"warning: {line}")
     return estimates, lines
+
+
+def fit_check(cfgs: list[dict], experiment: str, args, reg, device) -> dict:
+    """Before any data is on the GPU: one line for each selected config that will not fit it, with
+    what does; returns {variant: Estimate} ({} on a CPU, and on ranks other than 0
+    under torchrun, where the estimate is for one process's share of the batch)."""
+    if not multigpu.current().main or not gpu.is_cuda(device):
+        return {}
+
+    def sizes(cfg):
+        info = dataset_info(cfg, args, reg)
+        return generated_sizes(cfg, args, info) or info.get("sizes", (0, 0))
+    estimates, lines = fit_warnings(cfgs, f"{experiment}.py", reg, device, sizes, multigpu.current().size)
+    for line in lines:
+        print(line)
+    return estimates

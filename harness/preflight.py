@@ -34,7 +34,9 @@ from harness.checkpoints import save_checkpoint
 from harness.runs import build_run
 from plumbing import gpu
 from harness import solver_route
-from harness.sweep import contained, dataset_for, fit_check
+from harness.memory import fit_check
+from harness.run_data import dataset_for
+from harness.sweep import contained
 from harness.training import train_epoch
 
 GiB = 2 ** 30

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from data_utils import Data, DataError, load_data
+from data_utils import DataError
 from harness import multigpu
 from harness.claims import ClaimLost, acquire, describe
 from harness.config import resolve_config, run_name
-from harness.memory import fit_warnings
+from harness.memory import fit_check
+from harness.run_data import data_kind, dataset_for
 from harness.registry import Registry
 from harness.runs import RunError, build_run, check_final_stage, environment, save_code, train_run
 from harness.settings import SETTINGS
@@ -98,7 +99,7 @@ def record_failure(run_dir: Path, stage: str, err: BaseException) -> str:
     return msg
 
 
-def decide(run_dir: Path, cfg: dict, table: Table = SETTINGS) -> tuple[str, str]:
+def folder_verdict(run_dir: Path, cfg: dict, table: Table = SETTINGS) -> tuple[str, str]:
     """What the run folder says before anything is built: ("skip", line) finished, ("bad", why)
     settings that differ from the stored ones or cannot be read, ("go", "") otherwise. Read by
     rank 0 alone."""
@@ -134,49 +135,6 @@ def claim_run(run_dir: Path, since: float) -> tuple[object | None, str, str]:
     return claim, "go", ""
 
 
-def dataset_for(cfg: dict, args, reg: Registry, datasets: dict, device) -> Data:
-    """The run's dataset on the device, loaded once per sweep (one dataset on the device at a time).
-    Every process loads it itself; the first to need a download or a decode does it under the data
-    folder's lock while the others wait for it outside any collective, then read its cache."""
-    if cfg["dataset"] not in datasets:
-        datasets.clear()
-        info = dataset_info(cfg, args, reg)
-        datasets[cfg["dataset"]] = multigpu.agree(load_data, cfg["dataset"], info, device, args.data_dir,
-                                                  not args.no_download, generated_sizes(cfg, args, info), reg.datasets)
-    return datasets[cfg["dataset"]]
-
-
-def dataset_info(cfg: dict, args, reg: Registry) -> dict:
-    """The run's dataset entry; a --smoke run's images are smaller (the code path the same)."""
-    info = dict(reg.datasets[cfg["dataset"]])
-    if args.smoke and "image_size" in info:
-        info["image_size"] = cfg["smoke_sizes"]["image_size"]
-    return info
-
-
-def generated_sizes(cfg: dict, args, info: dict) -> tuple[int, int] | None:
-    """(n_train, n_test) of the data a run generates (--smoke, --synthetic), None for the real files."""
-    if args.smoke:
-        return cfg["smoke_sizes"]["n_train"], cfg["smoke_sizes"]["n_test"]
-    return info.get("sizes") if args.synthetic else None
-
-
-def fit_check(cfgs: list[dict], experiment: str, args, reg: Registry, device) -> dict:
-    """Before any data is on the GPU: one line for each selected config that will not fit it, with
-    what does; returns {variant: harness.memory.Estimate} ({} on a CPU, and on ranks other than 0
-    under torchrun, where the estimate is for one process's share of the batch)."""
-    if not multigpu.current().main or not gpu.is_cuda(device):
-        return {}
-
-    def sizes(cfg):
-        info = dataset_info(cfg, args, reg)
-        return generated_sizes(cfg, args, info) or info.get("sizes", (0, 0))
-    estimates, lines = fit_warnings(cfgs, f"{experiment}.py", reg, device, sizes, multigpu.current().size)
-    for line in lines:
-        print(line)
-    return estimates
-
-
 def contained(err: BaseException) -> bool:
     """Whether a failure can end its run alone: always in one process; under torchrun only when
     every rank knows of it (agreed, or a non-finite loss, which the training loop all-reduces)."""
@@ -197,7 +155,7 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
     route: the SES solver route of the sweep (solver_route.settle)."""
     run_dir = exp_dir / run_name(cfg)
     world = multigpu.current()
-    verdict, line = multigpu.broadcast(decide(run_dir, cfg, reg.settings) if world.main else None)
+    verdict, line = multigpu.broadcast(folder_verdict(run_dir, cfg, reg.settings) if world.main else None)
     if verdict == "skip":
         print(line)
         return "skipped"
@@ -235,7 +193,8 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
         multigpu.agree(check_final_stage, run)
         result = train_run(run, run_dir, reg, stage, tensorboard=getattr(args, "tensorboard", False), claim=claim)
         result.update(variant=cfg["variant"], overrides=cfg["overrides"], processes=world.size,
-                      compiled=getattr(args, "compile", None))
+                      compiled=getattr(args, "compile", None), data=data_kind(args),
+                      setting_labels={k: reg.settings.label(k) for k in cfg["overrides"]})
         add_overhead(result, exp_dir)
         multigpu.agree(finish_run, run_dir, result, args.smoke, claim)
         return "done"
