@@ -193,8 +193,9 @@ def run_workers(parser, experiment: str, grid: dict, args, argv, cfgs: list[dict
             print(f"error: {e}", file=sys.stderr)
             return 1
     base = strip_flags(list(sys.argv[1:] if argv is None else argv), {"--devices": True, "--device": True, "--force": False})
-    procs = [subprocess.Popen([sys.executable, sys.argv[0], *base, "--device", dev], env={**os.environ, **env})
-             for _, dev, env in devices]
+    unbuffered = {"PYTHONUNBUFFERED": "1"}  # the workers share one terminal: whole lines, as they are printed
+    procs = [subprocess.Popen([sys.executable, sys.argv[0], *base, "--device", dev],
+                              env={**os.environ, **env, **unbuffered}) for _, dev, env in devices]
     print(f"{len(procs)} workers on {', '.join(name for name, _, _ in devices)} share {args.out_dir}")
     interrupted = False
     while True:  # Ctrl-C reaches the workers too (one process group); wait until each has ended

@@ -128,8 +128,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     device = torch.device(args.device)
     gpu.use(device)  # an explicit --device cuda:1 never touches GPU 0
     total = gpu.total_memory(device)
-    print(f"preflight of {experiment} on {gpu.name(device)}"
-          + (f", {total / GiB:.1f} GiB" if total else "") + ("; synthetic data" if args.synthetic else ""))
+    print(f"preflight of {experiment} on {gpu.describe(device)}" + ("; synthetic data" if args.synthetic else ""))
     route, measured = solver_route.settle(args, device), False  # the sweep's route; on CUDA measured below
     rows, data_cache, base_cache, failed, too_big = [], {}, {}, [], []
     for config in args.configs:

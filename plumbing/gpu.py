@@ -6,12 +6,13 @@ stand-in for CUDA's bookkeeping (a pretend L40S and T4).
 
 Devices: `pick(spec)` turns what the user gave (None, "cuda", "cuda:1", "cpu") into the one device
 a process uses, always with an index on CUDA ("cuda" = the current device: cuda:0 until something
-sets another); `use(device)` makes it current. Every function below takes a torch.device (or a
-string) and does nothing, or returns None, on a CPU.
+sets another); `use(device)` makes it current. The functions that take a device (a torch.device or
+a string) do nothing, or return None, on a CPU.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 
 import torch
@@ -78,6 +79,17 @@ def name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def describe(device) -> str:
+    """'cuda:1 (Tesla T4, 14.7 GiB)' or 'cpu (x86_64)': the device with its index, the card and its
+    memory, and the CUDA_VISIBLE_DEVICES that maps its index to the machine's GPU where one is set."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return name(device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{device} ({name(device)}, {total_memory(device) / 2 ** 30:.1f} GiB" + \
+        (f"; CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ")")
 
 
 def capability(device) -> tuple[int, int] | None:

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fake_cuda import NO_DRIVER, PRETEND_ENV, PretendGPUs
+from fake_cuda import CARDS as CARD_FACTS, NO_DRIVER, PRETEND_ENV, PretendGPUs
 from helpers import ROOT
 from layouts import write_cifar10, write_cifar100, write_tiny_folder
 
 SCRIPTS = ["exp10_periodic_ses", "exp11_resnet50_tinyimagenet", "exp12_mixup_cutmix_cifar100", "exp13_perceiver"]
 CARDS = ["l40s", "t4"]
+CARDS_NAMES = {card: facts["name"] for card, facts in CARD_FACTS.items()}
 NCCL_NEEDS_A_GPU = "ProcessGroupNCCL is only supported with GPUs"  # torch's own, at NCCL's first GPU work
 
 
@@ -52,9 +53,12 @@ def test_the_plain_command_and_the_preflight_reach_the_gpu(script, card, data_di
         code, text = run_in_process(script, ["--data-dir", data_dir, "--out-dir", tmp_path, *extra], capsys)
         assert code == 1 and NO_DRIVER in first_error(text), text[-3000:]
         assert gpus.set_calls and set(gpus.set_calls) == {0}  # "cuda" became the current device, cuda:0
-        assert "SES solver route: float32 (" in text.split(NO_DRIVER)[0]  # decided before any run, no record here
-        if extra:  # nothing measured (every config stopped at the GPU): no memory verdict, and it says so
-            assert "no config measured" in text and "DOES NOT FIT" not in text and "FITS" not in text
+        said = text.split(NO_DRIVER)[0]
+        assert f"on cuda:0 ({CARDS_NAMES[card]}, " in said or f"device cuda:0 ({CARDS_NAMES[card]}, " in said
+        assert "SES solver route: float32 (" in said  # decided before any run, no record here
+        if extra:  # nothing measured (every config stopped at the GPU): no memory verdict
+            assert "DOES NOT FIT" not in text and "FITS in" not in text
+            assert "no config measured" in text or "ModelNet40" in text.splitlines()[-1]  # exp13: no such data here
         fits = "does not fit" not in text
         assert fits == (script != "exp11_resnet50_tinyimagenet" or card == "l40s"), text[-2000:]
         if not fits:  # exp11 at batch 256 on a T4: said before anything is on the GPU, with what fits
@@ -100,6 +104,8 @@ def test_devices_all_starts_one_worker_per_pretend_gpu_and_each_reaches_its_gpu(
     assert p.returncode == 1 and NO_DRIVER in first_error(p.stderr), p.stderr[-3000:]
     assert p.stderr.count(NO_DRIVER) >= 2  # each worker reached its own GPU
     assert "exited with code 1" in p.stderr and "Expected a torch.device" not in p.stderr
+    for physical in (0, 1):  # each worker names its GPU, and which of the machine's it is
+        assert f"device cuda:0 ({CARDS_NAMES[card]}, " in p.stdout and f"CUDA_VISIBLE_DEVICES={physical})" in p.stdout
     if script == "exp11_resnet50_tinyimagenet" and card == "t4":  # each worker trains a whole run on its T4
         assert p.stdout.count("it does not fit") == 2
 
