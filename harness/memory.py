@@ -139,14 +139,14 @@ def fit_line(est: Estimate, total: int, card: str, cfg: dict, precision: str, sc
     fits = []
     for gpus in (2, 4, 8):
         if gpus > processes and batch % gpus == 0 and est.peak(batch // gpus) <= FIT * total:
-            fits.append(f"torchrun --standalone --nproc_per_node {gpus} {script} on {gpus} such GPUs "
+            fits.append(f"torchrun --standalone --nproc_per_node {gpus} {script} <the same flags> on {gpus} such GPUs "
                         f"({batch // gpus} per GPU, {gib(est.peak(batch // gpus))} each; the same run: SES and "
                         f"BatchNorm see the whole batch of {batch})")
             break
     smaller = est.largest_batch(total) * processes
     if MIN_OFFERED <= smaller < batch:
         reach = [d for d in est.dims if entropy_target(d, smaller, cfg["beta"], cfg["ses_target"])
-                 >= entropy_ceiling(d, smaller)] if cfg.get("ses") else []
+                 >= entropy_ceiling(d, smaller)]
         fits.append(f"--batch-size {smaller} ({gib(est.peak(smaller // processes))}; another setting, in its own "
                     f"folder: SES and BatchNorm see {smaller} samples, {batch // smaller}x the steps per epoch, lr "
                     f"unchanged" + (f"; the SES target of d = {max(reach)} is then above the entropy a batch of "
@@ -168,11 +168,12 @@ _ESTIMATES: dict[str, Estimate] = {}  # one per distinct model, batch and precis
 def fit_warnings(cfgs: list[dict], script: str, reg, device, sizes_of, processes: int = 1) -> tuple[dict, list]:
     """({variant: Estimate}, 'warning: ...' lines (fit_line) for the runs that do not fit `device`),
     made before any data is on it; ({}, []) on a CPU. One estimate per distinct model, batch and
-    precision (seeds and SES settings share it); sizes_of(cfg) = the (n_train, n_test) to be loaded."""
+    precision (seeds and SES settings share it), one line per distinct verdict naming its configs;
+    sizes_of(cfg) = the (n_train, n_test) to be loaded."""
     total = gpu.total_memory(device)
     if total is None:
         return {}, []
-    lines, estimates = [], {}
+    verdicts, estimates = {}, {}
     for cfg in cfgs:
         amp = amp_policy(device, cfg["amp"])
         key = repr(sorted((k, repr(v)) for k, v in cfg.items() if k not in NO_MEMORY)) + amp.name + \
@@ -182,9 +183,9 @@ def fit_warnings(cfgs: list[dict], script: str, reg, device, sizes_of, processes
                                        processes)
         estimates[cfg["variant"]] = _ESTIMATES[key]
         line = fit_line(_ESTIMATES[key], total, gpu.name(device), cfg, amp.name, script, processes)
-        if line and f"warning: {line}" not in lines:
-            lines.append(f"warning: {line}")
-    return estimates, lines
+        if line:
+            verdicts.setdefault(line.split(": ", 1)[1], []).append(cfg["variant"])
+    return estimates, [f"warning: {', '.join(dict.fromkeys(names))}: {verdict}" for verdict, names in verdicts.items()]
 
 
 def fit_check(cfgs: list[dict], experiment: str, args, reg, device) -> dict:

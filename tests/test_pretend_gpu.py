@@ -63,6 +63,8 @@ def test_the_plain_command_and_the_preflight_reach_the_gpu(script, card, data_di
         assert fits == (script != "exp11_resnet50_tinyimagenet" or card == "l40s"), text[-2000:]
         if not fits:  # exp11 at batch 256 on a T4: said before anything is on the GPU, with what fits
             said = text.split(NO_DRIVER)[0]
+            named = "baseline:" if extra else "baseline, ses_k1:"  # the preflight goes config by config
+            assert said.count("does not fit") == 1 and f"warning: {named} needs about" in said  # one line
             assert "torchrun --standalone --nproc_per_node 2 exp11_resnet50_tinyimagenet.py" in said
             assert "--batch-size 128" in said
         gpus.set_calls.clear()
