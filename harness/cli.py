@@ -21,7 +21,7 @@ import torch
 
 from harness import multigpu
 from plumbing import gpu
-from harness.config import RUN_FACTS, resolve_config, run_name
+from harness.config import RUN_FACTS, applies, resolve_config, run_name
 from data_utils import DataError
 from harness.models import LayerError, resolve_layers
 from harness.registry import Registry, make_registry
@@ -71,13 +71,19 @@ def per_config(key: str, setup: dict, grid: dict, defaults: dict):
 
 
 def override_notes(grid: dict, setup: dict, configs: list, overrides: dict, table) -> list[str]:
-    """One line per command-line setting that replaces different per-config values."""
+    """One line per command-line setting that replaces different per-config values, or that leaves the
+    configs without SES alone (an SES setting)."""
     notes = []
     for key, value in overrides.items():
-        own = {c: grid[c].get(key, setup.get(key, table[key].default)) for c in configs}
+        settings = {c: {**table.defaults(), **setup, **grid[c]} for c in configs}
+        kept = [c for c in configs if not applies(table, key, settings[c])]
+        own = {c: settings[c][key] for c in configs if c not in kept}
         if len({json.dumps(v) for v in own.values()}) > 1:
             notes.append(f"note: {table[key].option} {value} replaces the per-config values "
                          + ", ".join(f"{c}: {v}" for c, v in own.items()) + " (runs named accordingly)")
+        if kept:
+            notes.append(f"note: {table[key].option} {value} applies to the SES configs only; "
+                         f"{', '.join(kept)} {'keeps its' if len(kept) == 1 else 'keep their'} own")
     return notes
 
 

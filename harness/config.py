@@ -4,7 +4,7 @@ Resolution, later entries winning:  the table's defaults (harness/settings.py, p
 entries) < the script's SETUP < the grid's config < smoke sizes (--smoke only) < command-line overrides.
 The run's name is `<config>_seed<N>`; a command-line setting that is part of the run's identity and
 differs from what the config itself would use (an override: `--every 3` on `ses_k1`) is part of the
-name (`ses_k1+every=3_seed0`), so one folder always holds one setting and the report never files a
+name (`ses_k1+every=3_seed0`); an SES setting does not apply to a config without SES (applies), so one folder always holds one setting and the report never files a
 k=3 run under k=1. A resolved config holds every setting plus the run's facts (RUN_FACTS).
 """
 from __future__ import annotations
@@ -37,12 +37,20 @@ def resolve_config(experiment: str, setup: dict, grid: dict, config: str, seed: 
     change the config (those name the run)."""
     own = {**table.defaults(), **{k: v for k, v in setup.items() if k != "smoke"}, **grid[config],
            **(smoke_settings(setup) if smoke else {})}
+    overrides = {k: v for k, v in overrides.items() if applies(table, k, own)}
     cfg = {**own, **overrides, "experiment": experiment, "config": config, "seed": seed}
     changed = {k: v for k, v in overrides.items()
                if table.identity(k) and json.dumps(own.get(k)) != json.dumps(v)}
     cfg["overrides"] = changed
     cfg["variant"] = variant_name(config, changed)
     return cfg, changed
+
+
+def applies(table: Table, key: str, own: dict) -> bool:
+    """Whether a command-line setting applies to a config with settings `own`: an SES setting (to="SES":
+    --lam, --every, ...) changes only the configs that use SES; a baseline keeps its own, its name and
+    its finished runs."""
+    return bool(own.get("ses")) or table[key].to != "SES"
 
 
 def variant_name(config: str, changed: dict) -> str:

@@ -86,6 +86,18 @@ def test_every_setting_flag_the_parser_accepts_reaches_config_json_and_identity_
             assert cfg["overrides"] == {} and name == run_name(plain), (given, name)
 
 
+def test_an_ses_setting_on_the_command_line_leaves_the_configs_without_ses_alone(tmp_path, monkeypatch, capsys):
+    """--lam / --every change the SES configs only: the baseline keeps its settings, its name and so its
+    finished runs (it would otherwise be trained again as baseline+lam=...), and a note says so."""
+    module = importlib.import_module("exp10_periodic_ses")
+    seen = captured(monkeypatch, module, ["--smoke", "--configs", "baseline", "ses_k3", "--lam", "0.05",
+                                          "--every", "2", "--out-dir", tmp_path])
+    baseline, ses = seen["cfgs"]
+    assert run_name(baseline) == "baseline_seed0" and baseline["lam"] == SETTINGS["lam"].default
+    assert run_name(ses) == "ses_k3+every=2+lam=0.05_seed0" and (ses["lam"], ses["every"]) == (0.05, 2)
+    assert "note: --lam 0.05 applies to the SES configs only; baseline keeps its own" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("grid,says", [
     ({"ses": dict(ses=True, every=0)}, "config 'ses': every (the SES period k) must be an integer >= 1, got 0"),
     ({"ses": dict(ses=True, beta=1.5)}, "config 'ses': beta must be in the open interval (0, 1), got 1.5"),
