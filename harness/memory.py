@@ -4,10 +4,11 @@ the GPU, and one line saying how to fit when it does not.
     peak ~ data + state + fixed + batch * per_sample                                  (bytes)
 
 - data: the training and test sets on the device, as the loader holds them (uint8 images: 3*H*W
-  bytes a sample; Tiny-ImageNet 110k x 12,288 = 1.35 GB), on every process of a torchrun.
+  bytes a sample; Tiny-ImageNet 110k x 12,288 = 1.35 GB), on every process of a torchrun; with a
+  validation split (val_size > 0) the training set is held twice (the split copies it).
 - state: float32 parameters and buffers, their gradients, and the optimizer's state, measured by
   building the run's optimizer on the CPU and taking one step (SGD with momentum: one tensor per
-  parameter; AdamW and LAMB: two).
+  parameter; AdamW and LAMB: two); under torchrun one more copy of the gradients (DDP's buckets).
 - per_sample, fixed: the bytes autograd saves for the backward pass in one training forward and
   loss, each storage counted once (torch.autograd.graph.saved_tensors_hooks), measured on the CPU
   at batch 1 and 2: per_sample = b2 - b1, fixed = b1 - per_sample (the autocast copies of the
@@ -114,8 +115,11 @@ def _estimate(cfg, info, reg, half, sizes, processes) -> Estimate:
     tensors = [*model.parameters(), *model.buffers(), *(p.grad for p in params),
                *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
     per_sample = max(0, b2 - b1)
-    return Estimate(data=stored[0].nelement() * stored.element_size() * sum(sizes),
-                    state=sum(t.nelement() * t.element_size() for t in tensors),
+    n_train, n_test = sizes
+    copies = n_train * (2 if cfg.get("val_size") else 1) + n_test  # a validation split copies the training set
+    grads = sum(p.nelement() * p.element_size() for p in params)
+    return Estimate(data=stored[0].nelement() * stored.element_size() * copies,
+                    state=sum(t.nelement() * t.element_size() for t in tensors) + (grads if processes > 1 else 0),
                     fixed=max(0, b1 - per_sample), per_sample=per_sample,
                     batch=cfg["batch_size"] // processes, dims=tuple(dims.values()))
 

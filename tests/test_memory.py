@@ -23,10 +23,11 @@ def features(n_train, n_test):  # float "points": the loader passes them through
 INFO = dict(num_classes=5, synthetic=features)
 
 
-def run_estimate(hidden, half, batch=32, optimizer="sgd"):
+def run_estimate(hidden, half, batch=32, optimizer="sgd", processes=1, **settings):
     reg = make_registry(models={"mlp": mlp(hidden)})
-    cfg = dict(DEFAULTS, model="mlp", layers="", batch_size=batch, optimizer=optimizer, config="c", ses=False)
-    return estimate(cfg, INFO, reg, half, sizes=(100, 20))
+    cfg = dict(DEFAULTS, model="mlp", layers="", batch_size=batch, optimizer=optimizer, config="c", ses=False,
+               **settings)
+    return estimate(cfg, INFO, reg, half, sizes=(100, 20), processes=processes)
 
 
 @pytest.mark.parametrize("half, size", [(False, 4), (True, 2)])
@@ -43,6 +44,9 @@ def test_state_counts_parameters_gradients_and_the_optimizer_buffers():
     assert run_estimate(16, False).state == n * 4 * 3  # weights, gradients, SGD momentum (float32)
     assert run_estimate(16, False, optimizer="adamw").state == n * 4 * 4 + 4 * 4  # two moments; a step count each
     assert run_estimate(16, False).data == (100 + 20) * 8 * 4  # every sample of both splits, float32
+    assert run_estimate(16, False, val_size=10).data == (2 * 100 + 20) * 8 * 4  # the split copies the training set
+    two = run_estimate(16, False, batch=32, processes=2)
+    assert two.state == n * 4 * 4 and two.batch == 16  # DDP's gradient buckets; half the batch per process
 
 
 def test_the_estimate_leaves_the_global_random_stream_alone():
