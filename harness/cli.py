@@ -136,7 +136,7 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict,
                         "with or without it")
     p.add_argument("--ses-solver", choices=SOLVERS, default="auto",
                    help="SES eigen-solver route of every run of this command (docs/solver.md); auto = the route "
-                        "--preflight measured fastest on this GPU (<out-dir>/ses_solver_routes.json), else float32 "
+                        "--preflight measured fastest on this GPU (<out-dir>/<experiment>/ses_solver_routes.json), else float32 "
                         "(torch.linalg.eigvalsh); not part of the run's name")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log every epoch to <run-dir>/tensorboard/ (tensorboard --logdir <out-dir>)")

@@ -10,7 +10,7 @@ whose estimate does not fit gets its one line saying what does first), and the p
 run; then the projected time of the whole sweep. Memory is max_memory_allocated (tensors only:
 the CUDA context and cuDNN workspaces take a few hundred MiB more), so leave ~10 % headroom.
 SES solver route: on CUDA, before the first SES config is timed, the routes are compared on that
-config's real Gram matrices and the result is recorded for this GPU in <out-dir>/ses_solver_routes.json
+config's real Gram matrices and the result is recorded for this GPU in <out-dir>/<experiment>/ses_solver_routes.json
 (harness/solver_route.py), the one file it writes; every config's steps are then timed with the
 route a sweep on this GPU will use.
 """
@@ -129,7 +129,7 @@ def preflight(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     gpu.use(device)  # an explicit --device cuda:1 never touches GPU 0
     total = gpu.total_memory(device)
     print(f"preflight of {experiment} on {gpu.describe(device)}" + ("; synthetic data" if args.synthetic else ""))
-    route, measured = solver_route.settle(args, device), False  # the sweep's route; on CUDA measured below
+    route, measured = solver_route.settle(args, device, experiment), False  # the sweep's route; on CUDA measured below
     rows, data_cache, base_cache, failed, too_big = [], {}, {}, [], []
     for config in args.configs:
         cfg, _ = resolve_config(experiment, setup, grid, config, args.seeds[0], args.smoke, overrides, reg.settings)

@@ -1,7 +1,7 @@
 """The SES solver route of a command: decided once per process before any run starts (run_sweep) and
 before any config is measured (--preflight), the same for every run; and --preflight's measurement of
 the routes on the first SES config's real Gram matrices, recorded for this GPU in
-<out-dir>/ses_solver_routes.json (ses_solvers.decision: what is decided from what, the record's format).
+<out-dir>/<experiment>/ses_solver_routes.json (ses_solvers.decision: what is decided from what, the record's format).
 
 Under torchrun rank 0 decides and broadcasts; every other rank checks that it can run the route too
 (for a batched route, its own cuSOLVER selftest, before any run); if one cannot, every rank takes
@@ -22,8 +22,10 @@ from ses_solvers.decision import RECORDS, Route, RouteError, decide, measure as 
 from ses_solvers.routes import unavailable
 
 
-def records(args) -> Path:
-    return Path(args.out_dir) / RECORDS
+def records(args, experiment: str) -> Path:
+    """<out-dir>/<experiment>/ses_solver_routes.json: one record per experiment (its Gram matrices' sizes
+    are its own), per GPU and versions inside."""
+    return Path(args.out_dir) / experiment / RECORDS
 
 
 def _agreed(error: RouteError) -> RouteError:
@@ -31,7 +33,7 @@ def _agreed(error: RouteError) -> RouteError:
     return error
 
 
-def settle(args, device: torch.device) -> Route:
+def settle(args, device: torch.device, experiment: str) -> Route:
     """The route every run of this command solves by (args.ses_solver: auto or a route), printed in one
     line. Raises RouteError (one line, on every rank) when a route the user named cannot run here."""
     requested = getattr(args, "ses_solver", None) or "auto"
@@ -39,7 +41,7 @@ def settle(args, device: torch.device) -> Route:
     mine = None
     if world.main:
         try:
-            mine = decide(device, requested, records(args))
+            mine = decide(device, requested, records(args, experiment))
         except RouteError as e:
             mine = str(e)
     decided = multigpu.broadcast(mine)
@@ -89,7 +91,7 @@ def measure(cfg: dict, data, device: torch.device, reg, args) -> Route:
     run = build_run(cfg, data, device, reg)
     try:
         grams = real_grams(run)  # every rank: SyncBatchNorm's forward is a collective
-        multigpu.agree(_record, grams, records(args), cfg)
+        multigpu.agree(_record, grams, records(args, cfg["experiment"]), cfg)
     finally:
         run.close()
-    return settle(args, device)
+    return settle(args, device, cfg["experiment"])

@@ -262,7 +262,7 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     device = torch.device(args.device)
     gpu.use(device)  # every CUDA call of this process (cuSOLVER's too) on this GPU
     print(f"device {gpu.describe(device)}", flush=True)
-    route = settle(args, device)  # one SES solver route for every run, decided before any is built
+    route = settle(args, device, experiment)  # one SES solver route for every run, decided before any is built
     exp_dir = experiment_dir(args, experiment)
     exp_dir.mkdir(parents=True, exist_ok=True)
     cfgs = selected_runs(experiment, grid, setup, args, overrides, reg.settings)

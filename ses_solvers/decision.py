@@ -18,7 +18,7 @@ routes.compare_routes (each route checked against float64 LAPACK, left out with 
 fails or cannot run; the rest timed), routes.choose_route (float32 unless another route takes at most
 90 % of its time), written into `records` under this machine's key. The file is read, the entry set,
 and the whole written to a temp file that replaces it (os.replace): a reader sees the old file or the
-new one. Its JSON, <out-dir>/ses_solver_routes.json:
+new one. Its JSON, <out-dir>/<experiment>/ses_solver_routes.json (one per experiment):
     {"<GPU name> | torch <version> | CUDA <version>": {"gpu", "torch", "cuda", "route", "date" (UTC),
      "sizes" (of the Grams), "shape" ([B, k] of their padded stack), "timings_s" (route -> seconds per
      forward + backward), "rejected" (route -> why), "margin", and the context (experiment, config, batch)}}
@@ -37,7 +37,7 @@ from plumbing.files import read_json, write_json
 from ses_solvers.routes import (ROUTES, SOLVERS, choose_route, compare_routes, describe_choice, padded_shape,
                                 unavailable)
 
-RECORDS = "ses_solver_routes.json"  # in the out-dir
+RECORDS = "ses_solver_routes.json"  # in the experiment folder of the out-dir
 ON_CPU = "torch.linalg.eigvalsh (on a CPU no other route is measured)"
 DEFAULT = "torch.linalg.eigvalsh (the default; --preflight measures the other routes on this GPU)"
 

@@ -180,13 +180,14 @@ def test_the_preflight_measures_the_first_ses_config_records_it_and_times_steps_
     out = capsys.readouterr().out
     assert code == 0, out
     (shapes,) = compared  # once, for ses_k1 alone
-    entry = json.loads((tmp_path / decision.RECORDS).read_text())[decision.machine_key(CUDA)]
+    record = tmp_path / Path(EXP10).stem / decision.RECORDS  # the experiment's own record
+    entry = json.loads(record.read_text())[decision.machine_key(CUDA)]
     assert entry["route"] == "float64" and entry["config"] == "ses_k1" and entry["batch"] == 4
     assert entry["shape"] == [len(shapes), max(s[-1] for s in shapes)]
     assert out.count("ses_k1: SES solver routes on its real Gram matrices: float64 (") == 1
     assert "SES solver route: float64 (measured by --preflight on" in out
     assert [solver for solver in built if solver] == ["float64", "float64"]  # ses_k1, ses_k2
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [decision.RECORDS]  # no run folder
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [record]  # no run folder
 
 
 def _tiny(route: Route):
@@ -228,10 +229,10 @@ def _rank(rank: int, store: str, out: str):
         solver_route.decide = decide_on_rank_0
         cusolver_batched.available = lambda device, shape=None: "" if rank == 0 else "selftest exited 1: boom"
         args = types.SimpleNamespace(out_dir=out, ses_solver="auto")
-        got["auto"] = tuple(solver_route.settle(args, torch.device("cpu")))
+        got["auto"] = tuple(solver_route.settle(args, torch.device("cpu"), "exp10_periodic_ses"))
         args.ses_solver = "batched32"
         try:
-            solver_route.settle(args, torch.device("cpu"))
+            solver_route.settle(args, torch.device("cpu"), "exp10_periodic_ses")
         except RouteError as e:
             got["named"] = (str(e), getattr(e, "agreed", False))
     finally:
