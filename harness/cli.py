@@ -233,7 +233,7 @@ def check_configs(parser, experiment, grid, setup, args, overrides, reg) -> None
         problems = reg.settings.problems(cfg, reg, RUN_FACTS)
         if problems:
             parser.error(f"config {config!r}: {problems[0]}")
-        if args.layers:
+        if "layers" in overrides:
             check_layers_flag(parser, cfg, reg)
 
 
@@ -273,7 +273,7 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, **
         parser.exit(2, f"{experiment}.py: no GPU on this machine: a real run of the full grid on the CPU would take "
                        f"days{'' if args.synthetic else ' (after downloading the data)'}. Use --smoke for the "
                        f"end-to-end test on tiny data, --preflight to measure, or --device cpu to train here anyway\n")
-    overrides = {s.name: getattr(args, s.name) for s in reg.settings.flags() if getattr(args, s.name) is not None}
+    overrides = {s.name: getattr(args, s.name) for s in reg.settings.flags() if hasattr(args, s.name)}
     check_configs(parser, experiment, grid, setup, args, overrides, reg)
     if args.devices:
         for note in override_notes(grid, setup, args.configs, overrides, reg.settings):

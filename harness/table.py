@@ -68,7 +68,7 @@ def number(low: float | None = None, above: float | None = None, below: float | 
 
 
 def optional(kind: Kind) -> Kind:
-    """None (off) or a value of `kind`."""
+    """None (off; a flag's text "none") or a value of `kind`."""
     return Kind(f"{kind.what} or none", lambda v: v is None or kind.accepts(v), kind.parse, kind.choices)
 
 
@@ -201,23 +201,26 @@ class Table(Mapping):
 
     def add_flags(self, parser: argparse.ArgumentParser, registry=None,
                   shown: Callable[[str], Any] | None = None) -> None:
-        """One flag per flag setting, dest = its name, default None (a config keeps its own value unless
-        given); the help ends with the default `shown(name)` gives (each config's, by default the table's)."""
+        """One flag per flag setting, dest = its name, absent from the parsed namespace unless given (a
+        config keeps its own value; a given value may be None: --clip-grad none); the help ends with the
+        default `shown(name)` gives (each config's, by default the table's)."""
         for s in self.flags():
             default = shown(s.name) if shown is not None else s.default
             text = f"{s.help} (default {default})".replace("%", "%%")
             names = s.choices(registry)
+            common = dict(dest=s.name, default=argparse.SUPPRESS, help=text)
             if s.kind.parse is None:
-                parser.add_argument(s.option, dest=s.name, default=None, action=argparse.BooleanOptionalAction,
-                                    help=text)
+                parser.add_argument(s.option, action=argparse.BooleanOptionalAction, **common)
             elif names is not None:
-                parser.add_argument(s.option, dest=s.name, default=None, choices=names, help=text)
+                parser.add_argument(s.option, choices=names, **common)
             else:
-                parser.add_argument(s.option, dest=s.name, default=None, type=_flag_type(s), help=text)
+                parser.add_argument(s.option, type=_flag_type(s), **common)
 
 
 def _flag_type(s: Setting):
     def parse(text: str):
+        if text.strip().lower() == "none" and s.kind.accepts(None):  # an optional setting turned off
+            return None
         try:
             value = s.kind.parse(text)
         except ValueError:

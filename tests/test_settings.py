@@ -86,6 +86,14 @@ def test_every_setting_flag_the_parser_accepts_reaches_config_json_and_identity_
             assert cfg["overrides"] == {} and name == run_name(plain), (given, name)
 
 
+def test_an_optional_setting_can_be_turned_off_from_the_command_line(tmp_path, monkeypatch):
+    """exp13 clips gradients at 10; --clip-grad none turns that off (a run of its own)."""
+    module = importlib.import_module("exp13_perceiver")
+    (cfg,) = captured(monkeypatch, module, ["--smoke", "--configs", "cifar10_fourier", "--clip-grad", "none",
+                                            "--out-dir", tmp_path])["cfgs"]
+    assert module.SETUP["clip_grad"] is not None and cfg["clip_grad"] is None and cfg["overrides"] == {"clip_grad": None}
+
+
 def test_an_ses_setting_on_the_command_line_leaves_the_configs_without_ses_alone(tmp_path, monkeypatch, capsys):
     """--lam / --every change the SES configs only: the baseline keeps its settings, its name and so its
     finished runs (it would otherwise be trained again as baseline+lam=...), and a note says so."""
@@ -203,11 +211,11 @@ def test_a_new_ses_setting_is_one_table_entry_and_its_use_in_ses_core(tmp_path):
     assert wide.returncode == 0, wide.stderr[-2000:]
     exp = out / "smoke" / "exp10_periodic_ses"
     runs = {d.name: d for d in exp.iterdir() if d.is_dir()}
-    assert set(runs) == {"baseline+epochs=1+lam=1.0_seed0", "ses_k1+epochs=1+lam=1.0_seed0",
+    assert set(runs) == {"baseline+epochs=1_seed0", "ses_k1+epochs=1+lam=1.0_seed0",  # --lam: SES configs only
                          "ses_k1+epochs=1+lam=1.0+ses_margin=1000.0_seed0"}
     config = {name: json.loads((d / "config.json").read_text())["config"] for name, d in runs.items()}
     metrics = {name: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for name, d in runs.items()}
-    base, square, margin = (metrics[n] for n in ("baseline+epochs=1+lam=1.0_seed0", "ses_k1+epochs=1+lam=1.0_seed0",
+    base, square, margin = (metrics[n] for n in ("baseline+epochs=1_seed0", "ses_k1+epochs=1+lam=1.0_seed0",
                                                 "ses_k1+epochs=1+lam=1.0+ses_margin=1000.0_seed0"))
     assert config["ses_k1+epochs=1+lam=1.0_seed0"]["ses_margin"] == 0.0
     assert config["ses_k1+epochs=1+lam=1.0+ses_margin=1000.0_seed0"]["ses_margin"] == 1000.0
