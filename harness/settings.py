@@ -4,7 +4,8 @@ From this table come harness.config.DEFAULTS, the setting flags of every script'
 checks, the check of every run's resolved settings (a bad value or an unknown key in a grid is one line
 and exit 2), config.json (the resolved settings), the folder name of an override (identity settings
 only), the keyword arguments of ses_core.SES (the entries with to="SES"), and the labels of tables and
-figures (label()). A script adds its own entries (exp13_perceiver.py: SETTINGS, passed as
+figures (SETTINGS.label; report.py hands them to the report, and each run's result.json keeps the
+labels of its overridden settings). A script adds its own entries (exp13_perceiver.py: SETTINGS, passed as
 run_experiment(..., settings=SETTINGS)). A new SES option is one entry here plus its use in ses_core.py
 (docs/architecture.md, "Change the method").
 
@@ -76,8 +77,3 @@ SETTINGS = Table([
             to="evaluation"),
     Setting("baseline_config", "baseline", TEXT, "the config this one is compared with (its twin)", to="report"),
 ])
-
-
-def label(name: str) -> str:
-    """The display name of a setting for tables and figures ('λ' for lam), or the name itself."""
-    return SETTINGS.label(name)
