@@ -13,9 +13,14 @@ its twin's − 1, with its range and the device and precision it was measured on
 numbers only: nothing is selected on the test set. macros.tex holds one \newcommand per headline
 number; runs.csv one row per run; plots/ the figures (PDF + PNG, text width and one column).
 
+Each run says what it trained on (result.json's `data`; for older runs config.json's smoke sizes or
+command line, else the smoke/ or synthetic/ folder the scripts write it under): an experiment of
+smoke or synthetic runs is marked so in every table, caption, macro comment and figure, and never
+shows the paper's figures; one of real runs leaves its generated runs out, one line each.
+
 Whatever the folder holds (any seeds, files cut short, NaN or null values, failed or unfinished
 runs), the report makes every table and figure it can and prints one line per thing it left out;
-exit 0. Exit 1: nothing to report under RESULTS_DIR; exit 2: a bad argument.
+exit 0. Exit 1: nothing to report under RESULTS_DIR; exit 2: a bad argument (one line).
 """
 from __future__ import annotations
 
@@ -23,16 +28,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_utils import DATASETS
+from harness.settings import SETTINGS
+from perceiver.modelnet40 import MODELNET40
 from plumbing.files import write_text_atomic as write_text
 from reporting.csvout import runs_csv
 from reporting.figures import figures_md, make_figures
-from harness.settings import SETTINGS
-from reporting.labels import KIND_NOTE, use_setting_labels
+from reporting.labels import KIND_NOTE, use_input_kinds, use_setting_labels
 from reporting.macros import macros
 from reporting.read import load_json, read_results
 from reporting.rows import summarize
 from reporting.style import WIDTHS_IN, Look
 from reporting.tables import latex, markdown, tables_of
+
+POINT_CLOUDS = {"modelnet40": MODELNET40}  # the name exp13_perceiver.py registers its dataset under
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "results" / "paper_reference.json"
 
@@ -63,7 +72,7 @@ def reference_numbers(path: Path) -> tuple[dict, str]:
     return ref, source.split(":", 1)[1].split(".")[0].strip() if ":" in source else path.name
 
 
-def figures(args, experiments, rows_of, kind) -> str:
+def figures(args, look: Look, experiments, rows_of) -> str:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -71,11 +80,10 @@ def figures(args, experiments, rows_of, kind) -> str:
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib, or -r requirements-dev.txt)")
         return ""
-    look = Look(args.venue)
     plots = args.results_dir / "plots"
     plots.mkdir(exist_ok=True)
-    written, captions, problems = make_figures(plt, experiments, rows_of, plots, kind, look, args.widths,
-                                               args.formats, args.dpi)
+    written, captions, problems = make_figures(plt, experiments, rows_of, plots, look, args.widths, args.formats,
+                                               args.dpi)
     if look.note:
         print(look.note)
     for line in problems:
@@ -90,9 +98,14 @@ def main(argv=None) -> int:
         p.exit(2, f"report.py: error: {args.results_dir} is not a folder; pass the --out-dir of a sweep\n")
     if args.dpi < 10:
         p.exit(2, "report.py: error: --dpi must be at least 10\n")
-    use_setting_labels({name: SETTINGS.label(name) for name in SETTINGS})
+    try:
+        look = Look(args.venue)
+    except ValueError as e:
+        p.exit(2, f"report.py: error: {e}\n")
     experiments, skipped = read_results(args.results_dir)
-    kind = args.results_dir.resolve().name if args.results_dir.resolve().name in KIND_NOTE else None
+    use_setting_labels({name: SETTINGS.label(name) for name in SETTINGS},
+                       {v: labels for e in experiments.values() for v, labels in e["setting_labels"].items()})
+    use_input_kinds({name: info.get("kind", "image") for name, info in {**DATASETS, **POINT_CLOUDS}.items()})
     if not experiments:
         elsewhere = [str(args.results_dir / k) for k in KIND_NOTE
                      if (args.results_dir / k).is_dir() and read_results(args.results_dir / k)[0]]
@@ -101,14 +114,14 @@ def main(argv=None) -> int:
     for line in skipped:
         print(f"left out: {line}")
     reference, source = reference_numbers(args.reference)
-    rows_of = {exp: summarize(d, reference.get(exp, {}) if isinstance(reference.get(exp), dict) else {}, kind)
-               for exp, d in experiments.items()}
-    tables = {exp: tables_of(exp, rows, experiments[exp], source) for exp, rows in rows_of.items()}
-    write_text(args.results_dir / "tables.tex", latex(experiments, tables, kind))
-    write_text(args.results_dir / "macros.tex", macros(experiments, rows_of, kind))
-    write_text(args.results_dir / "runs.csv", runs_csv(experiments, kind))
-    figures_text = "" if args.no_figures else figures(args, experiments, rows_of, kind)
-    write_text(args.results_dir / "report.md", markdown(experiments, tables, skipped, kind, figures_text))
+    paper = {exp: reference[exp] for exp in experiments if isinstance(reference.get(exp), dict)}
+    rows_of = {exp: summarize(d, paper.get(exp, {})) for exp, d in experiments.items()}
+    tables = {exp: tables_of(exp, rows, experiments[exp], source, exp in paper) for exp, rows in rows_of.items()}
+    write_text(args.results_dir / "tables.tex", latex(experiments, tables))
+    write_text(args.results_dir / "macros.tex", macros(experiments, rows_of))
+    write_text(args.results_dir / "runs.csv", runs_csv(experiments))
+    figures_text = "" if args.no_figures else figures(args, look, experiments, rows_of)
+    write_text(args.results_dir / "report.md", markdown(experiments, tables, skipped, figures_text))
     print(f"wrote {args.results_dir / 'report.md'}, tables.tex, macros.tex and runs.csv")
     return 0
 

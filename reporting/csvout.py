@@ -1,7 +1,8 @@
 """runs.csv: one row per run folder, tidy, for pandas (`pandas.read_csv("runs.csv")` as it is).
 
 Columns: experiment, variant, config, seed, status (finished | failed | unfinished | unreadable),
-twin (the variant its Δ is taken against), kind (smoke | synthetic | empty for real runs); then
+twin (the variant its Δ is taken against), kind (what the run trained on: smoke | synthetic | empty
+for real data; a finished run of another kind than its experiment's is in the CSV, not in the tables); then
 every metric of a finished run's result.json as recorded (fractions, not percent): acc, rob, gap,
 train_acc, val_acc, overhead, epoch_time_s, images_per_s, peak_mem_bytes, peak_mem_final_bytes,
 device_mem_bytes, ses_steps, total_steps, epochs, one `robustness.<key>` column per perturbation and
@@ -27,10 +28,10 @@ def cell(v) -> str:
     return f"{v:g}" if isinstance(v, float) and v.is_integer() and abs(v) < 1e15 else str(v)
 
 
-def runs_csv(experiments: dict, kind: str | None) -> str:
+def runs_csv(experiments: dict) -> str:
     """The CSV text of every run folder of every experiment."""
-    results = {(exp, r["variant"], r["seed"]): r for exp, e in experiments.items() for rs in e["runs"].values()
-               for r in rs}
+    results = {(exp, r["variant"], r["seed"]): r for exp, e in experiments.items()
+               for r in [r for rs in e["runs"].values() for r in rs] + e["set_aside"]}
     suite = robustness_order(k for r in results.values() for k in r["robustness"])
     layers = list(dict.fromkeys(k for r in results.values() for k in r["entropy"]))
     metrics = [m for m in RESULT_NUMBERS if m != "processes"]
@@ -48,7 +49,9 @@ def runs_csv(experiments: dict, kind: str | None) -> str:
             variant, _, seed = name.rpartition("_seed")
             r = results.get((exp, variant, int(seed)), {})
             twin = e["twin"].get(variant)
-            row = [exp, variant, r.get("config") or variant.split("+")[0], seed, status, twin, kind]
+            kind = e["data"].get(name)
+            row = [exp, variant, r.get("config") or variant.split("+")[0], seed, status, twin,
+                   None if kind == "real" else kind]
             row += [r.get(m) for m in metrics] + [r.get("robustness", {}).get(k) for k in suite]
             row += [r.get("entropy", {}).get(k) for k in layers] + [r.get(key) for _, key in TAIL]
             w.writerow([cell(v) for v in row])

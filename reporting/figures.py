@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from reporting.labels import display, experiment_name, styles
-from reporting.plots import attention_figure, curves_figure, entropy_figure
-from reporting.questions import final_entropy_figure, gain_figure, interaction_figure, robustness_figure
+from reporting.plots import attention_figure, curves_figure, entropy_figure, fit_ylabels
+from reporting.questions import final_entropy_figure, gain_figure, interaction_figure, paper_points, robustness_figure
 from reporting.rows import interactions
 from reporting.style import WIDTHS_IN, Look, mark_kind, save
 
@@ -46,23 +46,24 @@ def jobs(plt, exp: str, data: dict, rows: list[dict]):
             (f"{exp}_robustness", lambda w: robustness_figure(plt, w, rows, style),
              f"{name}: test accuracy against the strength of each perturbation (0: clean); error bar ± one std over "
              f"seeds, clipped to [0, 100] %."),
-            (f"{exp}_gain", lambda w: gain_figure(plt, w, rows),
+            (f"{exp}_gain", lambda w: gain_figure(plt, w, rows, style),
              f"{name}: SES's gain over its twin against the period k and against the measured overhead (median "
-             f"over seeds, bar: range); {CI}. Hollow grey: the paper's own figures."),
+             f"over seeds, bar: range); {CI}. Each k in its own colour; circle: Δ acc, square: Δ rob."
+             + (" Hollow grey: the paper's own figures." if paper_points(rows) else "")),
             (f"{exp}_interaction", lambda w: interaction_figure(plt, w, interactions(data, rows)),
              f"{name}: SES's gain over its twin with each augmentation (left) and that gain minus SES's gain "
              f"without augmentation, paired by seed (right); {CI}.")]
     for run, path in data["attention"].items():
-        out.append((f"{exp}_attention_{run}", lambda w, run=run, path=path: attention_figure(
-            plt, f"{name} {run}", path, 3 if w == "text" else 1),
+        out.append((f"{exp}_attention_{run}", lambda w, path=path: attention_figure(plt, path, 3 if w == "text" else 1),
             f"{name} {run}: cross-attention weights of the first cross-attend for four fixed test samples, every "
             f"map on one colour scale."))
     return out
 
 
-def make_figures(plt, experiments: dict, rows_of: dict, out_dir: Path, kind: str | None, look: Look,
+def make_figures(plt, experiments: dict, rows_of: dict, out_dir: Path, look: Look,
                  widths=("text", "column"), formats=("pdf", "png"), dpi: int = 300):
-    """(written paths, [(stem, caption)], [one line per figure not drawn])."""
+    """(written paths, [(stem, caption)], [one line per figure not drawn]); the figures of an
+    experiment of generated data (its `kind`) say so on the figure."""
     written, captions, problems = [], [], []
     for exp, data in experiments.items():
         if not data["runs"]:
@@ -75,7 +76,8 @@ def make_figures(plt, experiments: dict, rows_of: dict, out_dir: Path, kind: str
                         fig = make(w)
                         if fig is None:
                             break
-                        mark_kind(fig, kind)
+                        mark_kind(fig, data["kind"])
+                        fit_ylabels(fig)
                         written += save(fig, plt, out_dir / (stem if w == "text" else stem + "_col"), formats, dpi)
                         drawn = True
                 except Exception as e:  # noqa: BLE001  one figure's failure costs that figure alone

@@ -4,9 +4,12 @@ each config is drawn.
 - `EXPERIMENTS`: experiment id -> (short name, caption sentence, plain text).
 - `CONFIGS`: config id -> display name. A config `<x>_ses` not listed is "<name of x> + SES"
   (`mixup_ses` -> "Mixup + SES"); a run whose settings were overridden on the command line
-  (`ses_k1+every=3`) is "SES k=1 (k=3)", each setting by its label in the harness's table of run
-  settings (harness/settings.py, handed over by report.py: `use_setting_labels`); an unknown id is
-  shown as it is.
+  (`ses_k1+every=3`) shows each override as a change, "SES k=1 (k→3)", each setting by its label:
+  the one the run's own result.json gives (`setting_labels`, from the settings table the run used,
+  a script's own entries included), else the harness's table of run settings (harness/settings.py),
+  else its name; report.py hands both over (`use_setting_labels`). An unknown id is shown as it is.
+- `input_kind`: a dataset's kind of input, "image" or "points" (report.py hands the datasets'
+  entries over: `use_input_kinds`); what the robustness suite perturbs depends on it.
 - `METRICS`: the headline metrics (key in result.json, column title); `robustness_label` names a
   key of result.json's robustness suite (`gauss_0.05` -> "σ=0.05", `fgsm_1/255` -> "FGSM 1/255").
 - `styles`: variant -> Style(colour, linestyle, marker). An SES config and its twin share a colour,
@@ -63,21 +66,39 @@ def config_name(config: str) -> str:
     return config
 
 
-_SETTING_LABELS: dict[str, str] = {}  # run setting -> its display label ("lam" -> "λ")
+_SETTING_LABELS: dict[str, str] = {}          # run setting -> its display label ("lam" -> "λ")
+_RUN_LABELS: dict[str, dict[str, str]] = {}   # variant -> the labels its runs' result.json gives
+_INPUT_KINDS: dict[str, str] = {}             # dataset -> "image" | "points"
 
 
-def use_setting_labels(labels: dict[str, str]) -> None:
-    """The display labels of the run settings (harness/settings.py's table; report.py hands them over)."""
-    _SETTING_LABELS.update(labels)
+def use_setting_labels(table: dict[str, str], runs: dict[str, dict[str, str]] | None = None) -> None:
+    """The display labels of the run settings: the harness's table (setting -> label) and the runs'
+    own (variant -> {setting -> label}), which come first. Replaces what was handed over before."""
+    _SETTING_LABELS.clear()
+    _SETTING_LABELS.update(table)
+    _RUN_LABELS.clear()
+    _RUN_LABELS.update(runs or {})
+
+
+def use_input_kinds(kinds: dict[str, str]) -> None:
+    """dataset -> "image" | "points" (report.py hands over the datasets' entries)."""
+    _INPUT_KINDS.clear()
+    _INPUT_KINDS.update(kinds)
+
+
+def input_kind(dataset) -> str:
+    """A dataset's kind of input: "points" for a point-cloud dataset, else "image"."""
+    return "points" if _INPUT_KINDS.get(dataset) == "points" else "image"
 
 
 def display(variant: str) -> str:
-    """'ses_k1' -> 'SES k=1'; 'ses_k1+every=3+lam=0.1' -> 'SES k=1 (k=3, λ=0.1)' (the settings' labels)."""
+    """'ses_k1' -> 'SES k=1'; 'ses_k1+every=3+lam=0.1' -> 'SES k=1 (k→3, λ→0.1)' (the settings' labels)."""
     config, *overrides = variant.split("+")
+    own = _RUN_LABELS.get(variant, {})
     shown = []
     for override in overrides:
         key, eq, value = override.partition("=")
-        shown.append(f"{_SETTING_LABELS.get(key, key)}={value}" if eq else override)
+        shown.append(f"{own.get(key) or _SETTING_LABELS.get(key, key)}→{value}" if eq else override)
     return config_name(config) + (f" ({', '.join(shown)})" if shown else "")
 
 

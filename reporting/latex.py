@@ -25,7 +25,8 @@ SMALL = 7.0 * 1.14 / (8.0 * 1.06)   # {\scriptsize ...}: cmr7, ~14 % wider per e
 # Computer Modern (cmr10/cmmi10/cmsy10) advance widths in em, for the characters our cells use.
 _EM = {**dict.fromkeys("0123456789", 0.5), ".": 0.2778, ",": 0.2778, "+": 0.7778, "-": 0.7778, "±": 0.7778,
        "%": 0.8333, "_": 0.5, " ": 0.3333, "(": 0.3889, ")": 0.3889, "[": 0.2778, "]": 0.2778, "/": 0.5,
-       "=": 0.7778, "Δ": 0.8333, "∘": 0.5, "†": 0.4444, "‡": 0.4444, "≥": 0.7778, "thin": 0.1667, "quad": 1.0,
+       "=": 0.7778, "→": 1.0, "Δ": 0.8333, "∘": 0.5, "†": 0.4444, "‡": 0.4444, "≥": 0.7778, "thin": 0.1667,
+       "quad": 1.0,
        **dict(zip("abcdefghijklmnopqrstuvwxyz", (0.5, 0.5556, 0.4444, 0.5556, 0.4444, 0.3056, 0.5, 0.5556, 0.2778,
                                                 0.3056, 0.5278, 0.2778, 0.8333, 0.5556, 0.5, 0.5556, 0.5278, 0.3917,
                                                 0.3944, 0.3889, 0.5556, 0.5278, 0.7222, 0.5278, 0.5278, 0.4444)))}
@@ -38,7 +39,7 @@ def tex_escape(s: str) -> str:
 
 UNICODE_TEX = {"σ": "$\\sigma$", "ε": "$\\epsilon$", "β": "$\\beta$", "λ": "$\\lambda$", "α": "$\\alpha$",
                "±": "$\\pm$", "÷": "$\\div$", "−": "$-$", "°": "$^\\circ$", "Δ": "$\\Delta$", "≥": "$\\geq$",
-               "†": "$^\\dagger$", "‡": "$^\\ddagger$"}
+               "†": "$^\\dagger$", "‡": "$^\\ddagger$", "→": "$\\to$"}
 
 
 def to_tex(text: str) -> str:
@@ -64,6 +65,7 @@ def text_width_pt(cell: str, font_pt: float = FONT_PT) -> float:
     s = re.sub(r"\\(raggedright|allowbreak\{\}|textit|hfill|centering)\s?", "", cell)
     s = s.replace("\\_", "_").replace("\\%", "%").replace("\\pm ", "±").replace("\\Delta", "Δ").replace("\\ ", " ")
     s = s.replace("\\dagger", "†").replace("\\ddagger", "‡").replace("\\geq ", "≥").replace("\\circ", "∘")
+    s = s.replace("\\to", "→")
     small = re.findall(r"\{\\scriptsize ([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}", s)
     s = re.sub(r"\{\\scriptsize [^{}]*(?:\{[^{}]*\}[^{}]*)*\}", "", s)
     subs = re.findall(r"_\{([^}]*)\}", s)

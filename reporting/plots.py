@@ -160,17 +160,43 @@ def slots_to_image(weights, perm, h: int, w: int):
     return out.view(h, w).numpy()
 
 
-def flush_left(title):
-    """A title that starts at its axes' left edge (a long first-column title is not cut off at the figure's)."""
-    title.set_horizontalalignment("left")
-    title.set_x(0.0)
+def text_width_in(text: str, size_pt: float) -> float:
+    """The printed width of one line of text in the current font, from the font's own metrics."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+    return TextToPath().get_text_width_height_descent(text, FontProperties(size=size_pt), ismath=False)[0] / 72
 
 
-def attention_figure(plt, title: str, path, n_latents: int = 3):
+def two_lines(text: str) -> str:
+    """text broken at the space nearest its middle."""
+    if " " not in text:
+        return text
+    cut = min((i for i, ch in enumerate(text) if ch == " "), key=lambda i: abs(i - len(text) / 2))
+    return text[:cut] + "\n" + text[cut + 1:]
+
+
+def fit(text: str, width_in: float, size_pt: float) -> str:
+    """text on two lines where one line would be wider than width_in at size_pt, so that
+    neighbouring titles never meet."""
+    return text if text_width_in(text, size_pt) <= width_in else two_lines(text)
+
+
+def fit_ylabels(fig) -> None:
+    """A y-label longer than its axes is tall takes two lines, so the labels of stacked panels never meet."""
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        label = ax.yaxis.label
+        if label.get_text() and "\n" not in label.get_text() and \
+                label.get_window_extent().height > ax.get_window_extent().height:
+            label.set_text(two_lines(label.get_text()))
+
+
+def attention_figure(plt, path, n_latents: int = 3):
     """Cross-attention of the first cross-attend for the saved test samples: one row per sample.
     Images: input | mean over latents | overlay | single latents (mapped back to pixel positions
     when the pixels were permuted). Point clouds: x-y projection coloured by attention. Every map
-    shares one colour scale [0, the largest weight shown], with one colour bar."""
+    shares one colour scale [0, the largest weight shown], with one colour bar under the grid (the
+    panels keep the whole width); a title wider than its panel takes two lines."""
     import torch
     d = torch.load(path, map_location="cpu", weights_only=False)
     maps = d["maps"][:, 0].float()                        # (S, M, N): first cross-attend
@@ -178,9 +204,15 @@ def attention_figure(plt, title: str, path, n_latents: int = 3):
     is_image = x.dtype == torch.uint8
     cols = 3 + n_latents if is_image else 1 + n_latents
     vmax = max(float(maps[:, :n_latents].max()), float(maps.mean(1).max()))
-    panel = plt.rcParams["figure.figsize"][0] / (cols + 0.4)
-    fig, axes = plt.subplots(len(x), cols, figsize=(plt.rcParams["figure.figsize"][0], panel * len(x) + 0.3),
-                             squeeze=False, layout="constrained")
+    width = plt.rcParams["figure.figsize"][0]
+    panel = width / (cols + 0.4)
+    fig, axes = plt.subplots(len(x), cols, figsize=(width, panel * len(x) + 0.75), squeeze=False, layout="constrained")
+    size = plt.rcParams["axes.titlesize"]
+    size = size if isinstance(size, (int, float)) else FONT_PT["base"]
+    usable = width / cols - 0.06  # each panel's share of the width, less the layout's padding
+
+    def title(ax, text):
+        ax.set_title(fit(text, 0.95 * usable, size))
     shown = None
     for i in range(len(x)):
         heads = [("mean over latents", maps[i].mean(0))] + [(f"latent {j}", maps[i, j]) for j in range(n_latents)]
@@ -189,27 +221,20 @@ def attention_figure(plt, title: str, path, n_latents: int = 3):
             perm = d.get("pixel_perm")
             img = x[i].permute(1, 2, 0).numpy()
             axes[i][0].imshow(img)
-            flush_left(axes[i][0].set_title(f"input (label {int(labels[i])})"))
+            title(axes[i][0], f"input (label {int(labels[i])})")
             axes[i][2].imshow(img)
             axes[i][2].imshow(slots_to_image(heads[0][1], perm, h, w), cmap="viridis", alpha=0.6, vmin=0, vmax=vmax)
-            axes[i][2].set_title("overlay")
+            title(axes[i][2], "overlay")
             for k, (name, wts) in zip([1] + list(range(3, cols)), heads):
                 shown = axes[i][k].imshow(slots_to_image(wts, perm, h, w), cmap="viridis", vmin=0, vmax=vmax)
-                axes[i][k].set_title(name)
+                title(axes[i][k], name)
         else:
             for k, (name, wts) in enumerate(heads):
                 shown = axes[i][k].scatter(x[i, :, 0], x[i, :, 1], c=wts.numpy(), s=0.5, cmap="viridis", vmin=0,
                                            vmax=vmax, linewidths=0)
-                sep = " " if (plt.rcParams["figure.figsize"][0] - 0.8) / cols >= 1.3 else "\n"  # room for one line?
-                title = axes[i][k].set_title(f"{name}{sep}(label {int(labels[i])})" if k == 0 else name)
-                if k == 0 and sep == " ":
-                    flush_left(title)
+                title(axes[i][k], f"{name} (label {int(labels[i])})" if k == 0 else name)
                 axes[i][k].set_aspect("equal")
         for ax in axes[i]:
             ax.set_axis_off()
-    cax = axes[0][-1].inset_axes([1.1, 0.0, 0.1, 1.0])  # beside the first row, outside the grid
-    cax.set_in_layout(False)
-    fig.colorbar(shown, cax=cax).set_label("weight")
-    fig.get_layout_engine().set(rect=(0, 0, 1 - 0.8 / plt.rcParams["figure.figsize"][0], 1))
-    fig.set_label(f"{title}, epoch {d['epoch']}")  # the caption's words (report.md)
+    fig.colorbar(shown, ax=axes, location="bottom", shrink=0.5, aspect=25, label="attention weight")
     return fig

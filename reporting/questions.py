@@ -3,7 +3,8 @@
 - gain_figure (Exp 10: several SES configs of different k against one twin): Δ acc and Δ rob
   (percentage points, the per-seed difference against the twin; error bar: its 95 % t-interval)
   against k, and against the measured overhead (median over seeds; horizontal bar: min to max).
-  Hollow grey markers: the paper's own figures, where the report shows them (real runs only).
+  Each k in its config's colour, Δ acc a circle, Δ rob a square, named in the legend. Hollow grey
+  markers: the paper's own figures, where the report shows them (real runs only: paper_points).
 - robustness_figure: accuracy (%) against the perturbation's strength, Gaussian noise σ and FGSM ε
   (strength 0 = clean), one line per config, error bar ± one std over seeds clipped to [0, 100].
 - interaction_figure (Exp 12): SES's gain (Δ with its 95 % interval) with each augmentation, and
@@ -37,40 +38,44 @@ def periodic_rows(rows: list[dict]) -> list[dict]:
     return sorted(best, key=lambda r: r["every"]) if len({r["every"] for r in best}) > 1 else []
 
 
-def gain_figure(plt, width: str, rows: list[dict]):
+def paper_points(rows: list[dict]) -> bool:
+    """Whether the gain figure draws any of the paper's own figures."""
+    return any(paper_delta(rows, r, m) is not None for r in periodic_rows(rows) for m in ("acc", "rob"))
+
+
+def gain_figure(plt, width: str, rows: list[dict], styles: dict):
+    """Each k in its config's colour (styles: the same as in the other figures), each metric by its
+    marker; a legend names both, so no point needs a label of its own."""
+    from matplotlib.lines import Line2D
     ses = periodic_rows(rows)
     if not ses:
         return None
     timed = [r for r in ses if r["overhead"] is not None]
     column = width == "column"
     n = 2 if timed else 1
-    fig, axes = new_figure(plt, 2.0 * n + 0.5 if column else 2.5, n if column else 1, 1 if column else n, sharey=True)
+    fig, axes = new_figure(plt, 2.0 * n + 0.7 if column else 2.6, n if column else 1, 1 if column else n, sharey=True)
     ax_k = axes.flat[0]
     ks = [r["every"] for r in ses]
     for j, m in enumerate(("acc", "rob")):
-        label, colour, marker = METRIC_LOOK[m]
+        _, _, marker = METRIC_LOOK[m]
         shift = 0.94 if j == 0 else 1.06
         for r in ses:
-            d = r[f"d_{m}"]
+            d, colour = r[f"d_{m}"], styles[r["variant"]].colour
             if d is not None:
                 ax_k.errorbar(r["every"] * shift, d.mean, yerr=yerr(d), color=colour, marker=marker, ls="none",
-                              capsize=2, lw=0.8, label=label)
+                              capsize=2, lw=0.8)
             p = paper_delta(rows, r, m)
             if p is not None:
-                ax_k.plot(r["every"] * shift, p, marker=marker, label="paper", **PAPER)
-        if timed:
-            for r in timed:
-                d = r[f"d_{m}"]
-                med, lo, hi = (100 * v for v in r["overhead"][:3])
-                if d is not None:
-                    axes.flat[1].errorbar(med, d.mean, xerr=[[med - lo], [hi - med]], yerr=yerr(d), color=colour,
-                                          marker=marker, ls="none", capsize=2, lw=0.8)
-                    if j == 0:
-                        axes.flat[1].annotate(f"k={r['every']}", (med, d.mean), xytext=(3, 3),
-                                              textcoords="offset points", fontsize=7)
-                p, p_over = paper_delta(rows, r, m), (r["paper"] or {}).get("overhead")
-                if p is not None and isinstance(p_over, (int, float)):
-                    axes.flat[1].plot(100 * p_over, p, marker=marker, **PAPER)
+                ax_k.plot(r["every"] * shift, p, marker=marker, **PAPER)
+        for r in timed:
+            d, colour = r[f"d_{m}"], styles[r["variant"]].colour
+            med, lo, hi = (100 * v for v in r["overhead"][:3])
+            if d is not None:
+                axes.flat[1].errorbar(med, d.mean, xerr=[[med - lo], [hi - med]], yerr=yerr(d), color=colour,
+                                      marker=marker, ls="none", capsize=2, lw=0.8)
+            p, p_over = paper_delta(rows, r, m), (r["paper"] or {}).get("overhead")
+            if p is not None and isinstance(p_over, (int, float)):
+                axes.flat[1].plot(100 * p_over, p, marker=marker, **PAPER)
     ax_k.set_xscale("log")
     ax_k.set_xticks(ks, [str(k) for k in ks])
     ax_k.minorticks_off()
@@ -83,9 +88,16 @@ def gain_figure(plt, width: str, rows: list[dict]):
         axes.flat[1].set_xlabel("overhead (%): median, range over seeds")
         if column:
             axes.flat[1].set_ylabel(f"Δ vs. {display(ses[0]['twin'])} (pp)")
-    handles, labels = ax_k.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    legend_below(fig, list(unique.values()), [k + (" (95 % CI)" if k.startswith("Δ") else "") for k in unique])
+    handles = [Line2D([], [], color=styles[r["variant"]].colour, lw=2.5) for r in ses]
+    names = [display(r["variant"]) for r in ses]
+    for m in ("acc", "rob"):
+        label, _, marker = METRIC_LOOK[m]
+        handles.append(Line2D([], [], color="0.25", marker=marker, ls="none"))
+        names.append(label + " (95 % CI)")
+    if paper_points(rows):
+        handles.append(Line2D([], [], marker="o", **PAPER))
+        names.append("paper")
+    legend_below(fig, handles, names, (len(names) + 1) // 2)  # two rows where they fit: the k, then the marks
     return fig
 
 

@@ -15,8 +15,14 @@ synthetic/ part). Per experiment (a dict):
     ses        variant -> whether it trains with SES (config.json's `ses`, else SES steps in result.json)
     attention  run name -> the latest saved attention maps, of each variant's lowest seed
     status     run name -> finished | failed | unfinished | unreadable (every run folder)
+    data       run name -> what the run trained on, real | synthetic | smoke (every run folder; data_kind)
+    kind       None when the runs above trained on the real dataset, else "synthetic" or "smoke"
+    set_aside  the finished results of another kind than `kind` (left out of runs, curves and attention)
+    setting_labels   variant -> {setting: display label} its runs' result.json gives its overrides
     failed, unfinished   lines naming those runs (failed with stage and message)
-Nothing here raises on what a folder holds: a file that is missing, cut short, not JSON, or of the
+One experiment's runs are of one kind, never averaged across kinds: of the kinds its finished runs
+have, the most real (real, then synthetic, then smoke); a finished run of another kind is set aside
+with one line. Nothing here raises on what a folder holds: a file that is missing, cut short, not JSON, or of the
 wrong shape costs what depends on it, and `skipped` says so in one line per run.
 """
 from __future__ import annotations
@@ -34,6 +40,7 @@ RESULT_TEXT = ("amp", "device", "ses_solver", "ses_target", "baseline_config", "
 ROW_NUMBERS = ("train_loss", "test_acc", "test_loss", "val_acc", "val_loss", "epoch_time_s", "images_per_s", "lr")
 ROW_MAPS = ("entropy", "ses_entropy")
 NOT_EXPERIMENTS = ("plots", "smoke", "synthetic")
+KINDS = ("real", "synthetic", "smoke")  # what a run trained on, most real first
 
 
 def load_json(path: Path) -> tuple[object, str | None]:
@@ -65,6 +72,30 @@ def clean_result(raw: dict, variant: str, seed: int) -> tuple[dict, list[str]]:
     return r, problems
 
 
+def data_kind(raw, cfg, exp_dir: Path) -> str:
+    """What a run trained on: result.json's `data` where it says; else config.json (`smoke_sizes`:
+    smoke; --smoke or --synthetic in its command line); else the folder the scripts write generated
+    runs under (<out-dir>/smoke/, <out-dir>/synthetic/); else real."""
+    said = raw.get("data") if isinstance(raw, dict) else None
+    if said in KINDS:
+        return said
+    cfg = cfg if isinstance(cfg, dict) else {}
+    if isinstance(cfg.get("config"), dict) and "smoke_sizes" in cfg["config"]:
+        return "smoke"
+    argv = cfg["environment"].get("argv") if isinstance(cfg.get("environment"), dict) else None
+    for flag, kind in (("--smoke", "smoke"), ("--synthetic", "synthetic")):
+        if isinstance(argv, list) and flag in argv:
+            return kind
+    parent = exp_dir.resolve().parent.name
+    return parent if parent in KINDS else "real"
+
+
+def labels_of(raw: dict) -> dict[str, str]:
+    """result.json's `setting_labels` (setting -> display label), its text entries only."""
+    given = raw.get("setting_labels")
+    return {str(k): v for k, v in given.items() if isinstance(v, str)} if isinstance(given, dict) else {}
+
+
 def read_metrics(path: Path) -> tuple[list[dict], str | None]:
     """metrics.jsonl's readable rows (by epoch) and, if some are not, what was lost."""
     try:
@@ -73,6 +104,8 @@ def read_metrics(path: Path) -> tuple[list[dict], str | None]:
         return [], "metrics.jsonl is missing (no curves)"
     except (OSError, UnicodeDecodeError):
         return [], "metrics.jsonl cannot be read (no curves)"
+    if not lines:
+        return [], "metrics.jsonl is empty (no curves)"
     rows, bad = {}, 0
     for line in lines:
         try:
@@ -96,7 +129,9 @@ def split_name(name: str) -> tuple[str, int] | None:
 
 
 def read_experiment(exp_dir: Path, skipped: list[str]) -> dict:
-    exp = dict(runs={}, curves={}, settings={}, twin={}, ses={}, attention={}, status={}, failed=[], unfinished=[])
+    exp = dict(runs={}, curves={}, settings={}, twin={}, ses={}, attention={}, status={}, data={}, kind=None,
+               set_aside=[], setting_labels={}, failed=[], unfinished=[])
+    finished = []  # (where, result, curves, attention maps) of each finished run, in seed order
     folders = [p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name]
     for run_dir in sorted(folders, key=lambda p: split_name(p.name) or (p.name, -1)):  # seed 2 before seed 10
         where = f"{exp_dir.name}/{run_dir.name}"
@@ -112,6 +147,7 @@ def read_experiment(exp_dir: Path, skipped: list[str]) -> dict:
         twin = settings.get("baseline_config") if settings else None
         has_result = (run_dir / "result.json").exists()
         raw, why = load_json(run_dir / "result.json") if has_result else (None, None)
+        exp["data"][run_dir.name] = data_kind(raw, cfg, exp_dir)
         if has_result and not isinstance(raw, dict):
             exp["status"][run_dir.name] = "unreadable"
             skipped.append(f"{where}: {why or 'result.json is not a JSON object'}; run left out")
@@ -138,21 +174,31 @@ def read_experiment(exp_dir: Path, skipped: list[str]) -> dict:
             skipped.append(f"{where}: result.json has no finite acc; run left out")
             continue
         exp["status"][run_dir.name] = "finished"
+        result.update(data=exp["data"][run_dir.name], setting_labels=labels_of(raw))
         twin = result["baseline_config"] or twin
         if isinstance(twin, str):
             exp["twin"].setdefault(variant, variant.replace(result["config"], twin, 1))
-        exp["runs"].setdefault(variant, []).append(result)
         rows, note = read_metrics(run_dir / "metrics.jsonl")
-        if rows:
-            exp["curves"].setdefault(variant, []).append(rows)
-        maps = sorted((run_dir / "attention").glob("epoch_*.pt"))
-        if maps and not any(split_name(r)[0] == variant for r in exp["attention"]):
-            exp["attention"][run_dir.name] = maps[-1]
         problems += [note] if note else []
+        finished.append((where, result, rows, sorted((run_dir / "attention").glob("epoch_*.pt")), problems))
+    kinds = {result["data"] for _, result, *_ in finished} or set(exp["data"].values())
+    kind = next((k for k in KINDS if k in kinds), "real")
+    exp["kind"] = None if kind == "real" else kind
+    for where, result, rows, maps, problems in finished:
+        variant = result["variant"]
+        if result["data"] != kind:
+            exp["set_aside"].append(result)
+            skipped.append(f"{where}: trained on {result['data']} data, not averaged in with the {kind} runs")
+            continue
         if problems:
             skipped.append(f"{where}: {'; '.join(problems)} (left out of what needs it)")
+        exp["runs"].setdefault(variant, []).append(result)
+        exp["setting_labels"].setdefault(variant, {}).update(result["setting_labels"])
+        if rows:
+            exp["curves"].setdefault(variant, []).append(rows)
+        if maps and not any(split_name(r)[0] == variant for r in exp["attention"]):
+            exp["attention"][where.split("/", 1)[1]] = maps[-1]
     for variant, results in exp["runs"].items():
-        results.sort(key=lambda r: r["seed"])
         exp["twin"].setdefault(variant, None)
         flag = exp["settings"].get(variant, {}).get("ses")
         exp["ses"][variant] = flag if isinstance(flag, bool) else any((r["ses_steps"] or 0) > 0 for r in results)

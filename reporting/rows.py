@@ -1,15 +1,15 @@
 """What the tables, macros and figures print, computed once per experiment from reporting.read's dict.
 
-summarize(exp, reference, kind) -> one row per variant (grid order):
+summarize(exp, reference) -> one row per variant (grid order):
     variant, config, twin (the variant its Δ is taken against, present in the folder, else None), n
     (finished runs), seeds, ses (whether it trains with SES); acc, rob, gap and robustness[key] as Spread(mean, std, n) in percent
     (gap in percentage points); d_acc, d_rob: Delta of the per-seed differences against the twin in
-    percentage points (reporting.stats.paired); overhead: (median, min, max, n) of the runs' own
-    per-seed ratios epoch_time / the same seed's twin's - 1 (result.json's `overhead`, recorded
-    only where both ran on the same device, precision and process count); setting: how the runs
+    percentage points (reporting.stats.paired); overhead: (median, min, max, n) over seeds of
+    overheads(): epoch_time / the same seed's twin's - 1; setting: how the runs
     ran ('fp16 on Tesla T4'); mixed / pair_mixed: where the runs, or the seed pairs, ran
-    differently; every: the SES period k of an SES config; paper: the paper's figures for a real run whose settings
-    are the config's own (never for smoke or synthetic results).
+    differently; every: the SES period k of an SES config; input: "image" or "points" (its dataset's
+    kind of input, reporting.labels.input_kind); paper: the paper's figures for a real run whose settings
+    are the config's own (never for smoke or synthetic results: exp["kind"]).
 interactions(rows) -> where an experiment has a plain SES pair (twin `baseline`) and other pairs
     (exp12's Mixup/CutMix), per other pair: SES's gain with that augmentation (its d_acc, d_rob)
     and the interaction: per seed (X_ses - X) - (ses - baseline), paired over the seeds all four
@@ -17,7 +17,7 @@ interactions(rows) -> where an experiment has a plain SES pair (twin `baseline`)
 """
 from __future__ import annotations
 
-from reporting.labels import METRICS, robustness_order
+from reporting.labels import METRICS, input_kind, robustness_order
 from reporting.stats import mean_std, median_range, paired
 
 
@@ -48,7 +48,22 @@ def pair_mix(results: list[dict], twin: list[dict]) -> str | None:
     return "; ".join(diffs) or None
 
 
-def summarize(exp: dict, reference: dict, kind: str | None = None) -> list[dict]:
+def overheads(results: list[dict], twin: list[dict] | None) -> list[float | None]:
+    """Per seed, epoch_time_s / the same seed's twin's - 1 where both ran alike (same device, precision
+    and process count: setting()); none where they did not; where the twin has no run of that seed
+    here, the run's result.json `overhead` (written when its twin had finished before it)."""
+    by_seed = {t["seed"]: t for t in twin or []}
+    out = []
+    for r in results:
+        t = by_seed.get(r["seed"])
+        if t is None:
+            out.append(r["overhead"])
+        elif setting(r) == setting(t) and r["epoch_time_s"] and (t["epoch_time_s"] or 0) > 0:
+            out.append(r["epoch_time_s"] / t["epoch_time_s"] - 1)
+    return out
+
+
+def summarize(exp: dict, reference: dict) -> list[dict]:
     rows = []
     runs = exp["runs"]
     for variant, results in runs.items():
@@ -63,14 +78,15 @@ def summarize(exp: dict, reference: dict, kind: str | None = None) -> list[dict]
         for m in ("acc", "rob"):
             row[f"d_{m}"] = (paired(pct(results, lambda r: r[m]), pct(twin_runs, lambda r: r[m]))
                              if twin_runs else None)
-        row["overhead"] = median_range(r["overhead"] for r in results)
+        row["overhead"] = median_range(overheads(results, twin_runs))
         row["setting"] = ", ".join(sorted({setting(r) for r in results}))
         row["mixed"] = mix_of(results)
         row["pair_mixed"] = pair_mix(results, twin_runs) if twin_runs else None
         row["ses"] = exp["ses"].get(variant, False)
+        row["input"] = input_kind(exp["settings"].get(variant, {}).get("dataset"))
         every = exp["settings"].get(variant, {}).get("every")
         row["every"] = every if isinstance(every, int) and not isinstance(every, bool) and row["ses"] else None
-        paper = reference.get(row["config"]) if kind is None and variant == row["config"] else None
+        paper = reference.get(row["config"]) if exp["kind"] is None and variant == row["config"] else None
         row["paper"] = paper if isinstance(paper, dict) else None
         rows.append(row)
     return rows

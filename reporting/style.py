@@ -27,20 +27,35 @@ FONT_KEYS = ("font.size", "axes.titlesize", "axes.labelsize", "legend.fontsize",
 KIND_MARK = {"smoke": "SMOKE: tiny generated data, not results", "synthetic": "SYNTHETIC: generated data, not results"}
 
 
+def venues() -> list[str] | None:
+    """The venue styles there are: plain and tueplots' bundles; None without tueplots."""
+    try:
+        from tueplots import bundles
+    except ImportError:
+        return None
+    import inspect
+    return ["plain"] + [name for name, f in inspect.getmembers(bundles, inspect.isfunction)
+                        if f.__module__ == bundles.__name__ and not name.startswith("_")]
+
+
 class Look:
-    """The rcParams and widths of one venue style; `rc(width, nrows, ncols, height)` for one figure."""
+    """The rcParams and widths of one venue style; `rc(width, height)` for one figure. A venue that
+    tueplots does not have is a ValueError (one line naming those it has); without tueplots, any
+    venue is the plain style, with a note."""
 
     def __init__(self, venue: str = "plain"):
         self.venue, self.note = venue, None
         self.bundle = None
         if venue != "plain":
-            try:
+            known = venues()
+            if known is None:
+                self.venue = "plain"
+                self.note = f"figures: venue {venue} needs tueplots (pip install tueplots); plain style used"
+            elif venue not in known:
+                raise ValueError(f"--venue {venue}: no such venue; there are {', '.join(known)}")
+            else:
                 from tueplots import bundles
                 self.bundle = getattr(bundles, venue)
-            except ImportError:
-                self.venue, self.note = "plain", f"figures: venue {venue} needs tueplots (pip install tueplots); plain style used"
-            except AttributeError:
-                self.venue, self.note = "plain", f"figures: tueplots has no venue {venue}; plain style used"
 
     def venue_rc(self, width: str) -> dict:
         import inspect

@@ -11,7 +11,11 @@ Per experiment (rows from reporting.rows):
 - interaction (exp12): SES's gain with each augmentation and, paired by seed, its difference from
   SES's gain without one.
 A cell is a (Markdown, LaTeX) pair. Marks: ° an interval or range contains 0; † a row averages
-runs of different precision, device or process count; ‡ a row's runs and its twin's differ so.
+runs of different precision, device or process count; ‡ a row's runs and its twin's differ so;
+"(n=2)" after a name (brief and robustness tables, which have no n column): a row averages fewer
+seeds than the table's n, after a value: that value has fewer seeds than its row. An experiment of
+generated data (reporting.read's `kind`: smoke, synthetic) is marked in its heading and every
+caption, and its brief table has no paper columns.
 """
 from __future__ import annotations
 
@@ -45,15 +49,22 @@ def signed(v: float, digits: int) -> str:
     return "+" + text[1:] if float(text) == 0 else text
 
 
+def few(n: int, of: int | None) -> tuple[str, str]:
+    """' (n=2)' where n seeds stand behind something of `of`, else nothing."""
+    if of is None or n >= of:
+        return "", ""
+    return f" (n={n})", f"{{\\scriptsize ($n{{=}}{n}$)}}"
+
+
 def spread(s, digits: int = 2, n: int | None = None) -> tuple[str, str]:
     """mean ± std: '72.00 ± 2.00' and $72.00_{\\pm 2.0}$; '(n=2)' where fewer runs than the row's have it."""
     if s is None or s.mean is None:
         return DASH
-    few = s.n if n is not None and s.n < n else None
     md, tex = f"{s.mean:.{digits}f}", f"${s.mean:.{digits}f}"
     if s.std is not None:
         md, tex = md + f" ± {s.std:.{digits}f}", tex + f"_{{\\pm {s.std:.1f}}}"
-    return md + (f" (n={few})" if few else ""), tex + "$" + (f"{{\\scriptsize ($n{{=}}{few}$)}}" if few else "")
+    mark = few(s.n, n)
+    return md + mark[0], tex + "$" + mark[1]
 
 
 def delta(d) -> tuple[str, str]:
@@ -67,12 +78,18 @@ def delta(d) -> tuple[str, str]:
             f"${signed(d.mean, 2)}_{{\\pm {d.half:.1f}}}" + ("^\\circ$" if ring else "$"))
 
 
-def seeds(d) -> tuple[str, str]:
+def seeds_math(d) -> str | None:
+    """The seeds Δ's interval needs, as LaTeX math: '3', or '\\geq 100' at the cap (not within reach)."""
     if d is None or d.seeds_needed is None:
+        return None
+    return f"\\geq {SEEDS_CAP}" if d.seeds_needed >= SEEDS_CAP else str(d.seeds_needed)
+
+
+def seeds(d) -> tuple[str, str]:
+    math = seeds_math(d)
+    if math is None:
         return DASH
-    if d.seeds_needed >= SEEDS_CAP:
-        return f"≥{SEEDS_CAP}", f"$\\geq {SEEDS_CAP}$"
-    return str(d.seeds_needed), str(d.seeds_needed)
+    return (f"≥{SEEDS_CAP}", f"${math}$") if math.startswith("\\geq") else (math, math)
 
 
 def overhead(o) -> tuple[str, str]:
@@ -100,10 +117,13 @@ def marks(r: dict) -> tuple[str, str]:
     return md, to_tex(md.replace(" ", ""))
 
 
-def name_cell(r: dict, with_twin: bool = False) -> tuple[str, str]:
+def name_cell(r: dict, with_twin: bool = False, of: int | None = None) -> tuple[str, str]:
+    """The row's display name and marks; with `of` (a table without an n column), '(n=2)' where the
+    row averages fewer seeds than that."""
     md, tex = marks(r)
+    n_md, n_tex = few(r["n"], of)
     twin = f"\\newline{{\\scriptsize vs.\\ {display_tex(r['twin'])}}}" if with_twin and r["twin"] else ""
-    return display(r["variant"]) + md, display_tex(r["variant"]) + tex + twin
+    return display(r["variant"]) + n_md + md, display_tex(r["variant"]) + n_tex + tex + twin
 
 
 def notes_of(rows: list[dict], settings: bool = False) -> list[tuple[str, str]]:
@@ -122,10 +142,19 @@ def notes_of(rows: list[dict], settings: bool = False) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- tables
-def seeds_phrase(rows: list[dict]) -> str:
+def seeds_phrase(rows: list[dict], named: bool = False) -> str:
+    """How many seeds each mean holds; `named`: a row with fewer says so after its name (n=2)."""
     ns = sorted({r["n"] for r in rows})
-    return "one seed (no spread)" if ns == [1] else (f"mean ± std over n = {ns[0]} seeds" if len(ns) == 1
-                                                      else "mean ± std over the n seeds of each row")
+    if ns == [1]:
+        return "one seed (no spread)"
+    if len(ns) == 1:
+        return f"mean ± std over n = {ns[0]} seeds"
+    return (f"mean ± std over n = {ns[-1]} seeds, fewer where a row's name says (n=…)" if named
+            else "mean ± std over the n seeds of each row")
+
+
+def most_seeds(rows: list[dict]) -> int:
+    return max(r["n"] for r in rows)
 
 
 def twins_phrase(rows: list[dict]) -> str:
@@ -139,24 +168,27 @@ def twins_phrase(rows: list[dict]) -> str:
     return "; ".join(f"{t} for {', '.join(vs)}" for t, vs in by_twin.items()) or "the config without SES"
 
 
-def brief_table(exp: str, rows: list[dict], reference_source: str) -> Table:
+def brief_table(exp: str, rows: list[dict], reference_source: str, in_paper: bool = False) -> Table:
+    """in_paper: the paper has figures for this experiment (its title then names it the paper's table)."""
     paper = any(r["paper"] for r in rows)
     header = [("Config", "Config"), ("Acc (%)", "Acc (\\%)"), ("Rob (%)", "Rob (\\%)"), ("Overhead", "Overhead")]
-    body = [[name_cell(r), spread(r["acc"], n=r["n"]), spread(r["rob"], n=r["n"]), overhead(r["overhead"])]
-            for r in rows]
+    body = [[name_cell(r, of=most_seeds(rows)), spread(r["acc"], n=r["n"]), spread(r["rob"], n=r["n"]),
+             overhead(r["overhead"])] for r in rows]
     if paper:
         header += [("Paper acc (%)", "Acc (\\%)"), ("Paper rob (%)", "Rob (\\%)"), ("Paper overhead", "Overhead")]
         for cells, r in zip(body, rows):
             cells += [paper_cell(r["paper"], k) for k in ("acc", "rob", "overhead")]
     settings = sorted({r["setting"] for r in rows if r["overhead"]})
     where = f", measured in {settings[0]}" if len(settings) == 1 else " (where each was measured: below the table)"
-    text = (f"Final-epoch test accuracy (Acc) and accuracy under Gaussian noise σ = 0.1 (Rob), {seeds_phrase(rows)}. "
+    text = (f"Final-epoch test accuracy (Acc) and accuracy under Gaussian noise σ = 0.1 (Rob), "
+            f"{seeds_phrase(rows, named=True)}. "
             f"Overhead: the median over seeds of each seed's training time per epoch ÷ that of the same seed's twin "
             f"({twins_phrase(rows)}) − 1, [min, max] over seeds{where}; ° marks a range that contains 0 (a cost "
             f"within timing noise).")
     if paper:
         text += f" Paper: the paper's own figures ({reference_source}), not measured here."
-    return Table("", f"{experiment_name(exp)}: the paper's table", to_tex(experiment_caption(exp) + " " + text), text,
+    title = "the paper's table" if in_paper else "accuracy, robustness and overhead"
+    return Table("", f"{experiment_name(exp)}: {title}", to_tex(experiment_caption(exp) + " " + text), text,
                  header, body, notes_of(rows, settings=True), [(3, "This report"), (3, "Paper")] if paper else None)
 
 
@@ -186,17 +218,31 @@ def full_table(exp: str, rows: list[dict]) -> Table:
                  notes_of(rows), md=(md_header, md_rows))
 
 
+PERTURBED = {"image": "[0, 1] pixels, clamped to [0, 1]",
+             "points": "the xyz coordinates of the points (in the unit sphere), not clamped"}
+
+
+def perturbations(rows: list[dict]) -> str:
+    """What the suite perturbs, for each kind of input the rows have (images, point clouds)."""
+    kinds = list(dict.fromkeys(r["input"] for r in rows))
+    what = {k: f"additive Gaussian noise of std σ (the same for every model) and FGSM of step ε (one "
+               f"signed-gradient step, float32), both on {PERTURBED[k]}" for k in kinds}
+    if len(kinds) == 1:
+        return what[kinds[0]]
+    return "; ".join(f"{'images' if k == 'image' else 'point clouds'} "
+                     f"({', '.join(display(r['variant']) for r in rows if r['input'] == k)}): {what[k]}" for k in kinds)
+
+
 def robustness_table(exp: str, rows: list[dict]) -> Table | None:
     keys = list(dict.fromkeys(k for r in rows for k in r["robustness"]))
     if not keys:
         return None
     header = [("Config", "Config"), ("Clean", "Clean")] + [(robustness_label(k), to_tex(robustness_label(k)))
                                                             for k in keys]
-    body = [[name_cell(r), spread(r["acc"], n=r["n"])] + [spread(r["robustness"].get(k), n=r["n"]) for k in keys]
-            for r in rows]
-    text = (f"Test accuracy (%) under the robustness suite, {seeds_phrase(rows)}: clean; additive Gaussian noise "
-            f"of std σ on [0, 1] pixels, clamped, one fixed noise seed; FGSM of step ε (one signed-gradient step, "
-            f"float32).")
+    body = [[name_cell(r, of=most_seeds(rows)), spread(r["acc"], n=r["n"])]
+            + [spread(r["robustness"].get(k), n=r["n"]) for k in keys] for r in rows]
+    text = (f"Test accuracy (%) under the robustness suite, {seeds_phrase(rows, named=True)}: clean; "
+            f"{perturbations(rows)}.")
     return Table("robustness", f"{experiment_name(exp)}: robustness suite",
                  to_tex(experiment_caption(exp) + " " + text), text, header, body, notes_of(rows))
 
@@ -220,10 +266,11 @@ def interaction_table(exp: str, items: list[dict]) -> Table | None:
                  to_tex(experiment_caption(exp) + " " + text), text, header, body, [])
 
 
-def tables_of(exp: str, rows: list[dict], experiment: dict, reference_source: str) -> list[Table]:
+def tables_of(exp: str, rows: list[dict], experiment: dict, reference_source: str,
+              in_paper: bool = False) -> list[Table]:
     if not rows:
         return []
-    made = [brief_table(exp, rows, reference_source), full_table(exp, rows), robustness_table(exp, rows),
+    made = [brief_table(exp, rows, reference_source, in_paper), full_table(exp, rows), robustness_table(exp, rows),
             interaction_table(exp, interactions(experiment, rows))]
     return [t for t in made if t is not None]
 
@@ -236,14 +283,31 @@ def md_table(t: Table) -> list[str]:
     return out + ([""] + [n[0] for n in t.notes] if t.notes else [])
 
 
-def markdown(experiments: dict, tables: dict, skipped: list[str], kind: str | None, figures: str = "") -> str:
-    out = ["# SES results" + (f" ({kind.upper()}: not paper numbers)" if kind else ""), ""]
-    out += [f"**{KIND_NOTE[kind]}**", ""] if kind else []
-    out += ["Final-epoch numbers only; nothing is selected on the test set. acc = clean test top-1; rob = top-1 under "
-            "additive Gaussian noise σ = 0.1 on [0, 1] pixels (on point coordinates for ModelNet40), clamped, fixed "
-            "noise seed (the paper's notes do not define their rob; this is the suite's definition).", ""]
+ROB = (f"acc = clean test top-1; rob = top-1 under additive Gaussian noise σ = 0.1, the same for every model: on "
+       f"{PERTURBED['image']}, for images; on {PERTURBED['points']}, for point clouds (ModelNet40). The paper's notes "
+       f"do not define their rob; this is the suite's definition.")
+
+
+def kind_title(experiments: dict) -> tuple[str, str | None]:
+    """The report's title mark, and the one kind of generated data every experiment has (else None)."""
+    kinds = {e["kind"] for e in experiments.values()}
+    if len(kinds) == 1 and None not in kinds:
+        kind = next(iter(kinds))
+        return f" ({kind.upper()}: not paper numbers)", kind
+    generated = sorted(k.upper() for k in kinds if k)
+    return (f" (some experiments {' and '.join(generated)}: marked)" if generated else ""), None
+
+
+def markdown(experiments: dict, tables: dict, skipped: list[str], figures: str = "") -> str:
+    mark, everywhere = kind_title(experiments)
+    out = ["# SES results" + mark, ""]
+    out += [f"**{KIND_NOTE[everywhere]}**", ""] if everywhere else []
+    out += ["Final-epoch numbers only; nothing is selected on the test set. " + ROB, ""]
     for exp, ts in tables.items():
-        out += [f"## {experiment_name(exp)} (`{exp}`)", "", experiment_caption(exp), ""]
+        kind = experiments[exp]["kind"]
+        out += [f"## {experiment_name(exp)} (`{exp}`)" + (f": {kind.upper()}" if kind else ""), ""]
+        out += [f"**{KIND_NOTE[kind]}**", ""] if kind and not everywhere else []
+        out += [experiment_caption(exp), ""]
         for t in ts:
             out += [f"### {t.title}", "", t.caption_md, ""] + md_table(t) + [""]
         if experiments[exp]["unfinished"]:
@@ -257,10 +321,11 @@ def markdown(experiments: dict, tables: dict, skipped: list[str], kind: str | No
     return "\n".join(out + ([figures] if figures else []))
 
 
-def latex(experiments: dict, tables: dict, kind: str | None) -> str:
+def latex(experiments: dict, tables: dict) -> str:
     out = ["% Generated by report.py; needs \\usepackage{booktabs}. \\input{tables.tex} in the paper.",
            "% A table* spans both columns of a two-column article; in a one-column article it is a plain table."]
     for exp, ts in tables.items():
+        kind = experiments[exp]["kind"]
         for t in ts:
             label = f"tab:{exp}" + (f"-{t.key}" if t.key else "")
             caption = (f"{kind.upper()} RESULTS, NOT PAPER NUMBERS. " if kind else "") + t.caption

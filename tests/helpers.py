@@ -109,3 +109,24 @@ def learnable_exp10(tmp: Path, n_train=2000, n_test=500, image_size=16, epochs=1
     path.write_text(LEARNABLE.format(root=str(ROOT), image_size=image_size, n_train=n_train, n_test=n_test,
                                      epochs=epochs, milestones=milestones, batch_size=batch_size))
     return path
+
+
+def overlapping_texts(fig) -> list[tuple[str, str]]:
+    """The pairs of texts a figure prints on top of each other: the boxes of every text drawn (tick
+    labels, titles, axis labels, annotations, legend), compared pairwise with 1 px of slack. A text
+    turned by other than a right angle is left out (its box is not its outline)."""
+    import itertools
+    from matplotlib.text import Text
+    drawn, draw = [], Text.draw
+
+    def record(self, renderer):
+        draw(self, renderer)
+        if self.get_visible() and self.get_text().strip() and self.get_rotation() % 90 == 0:
+            drawn.append((self.get_text(), self.get_window_extent(renderer)))
+    Text.draw = record
+    try:
+        fig.canvas.draw()
+    finally:
+        Text.draw = draw
+    return [(a, b) for (a, p), (b, q) in itertools.combinations(drawn, 2)
+            if p.x0 < q.x1 - 1 and q.x0 < p.x1 - 1 and p.y0 < q.y1 - 1 and q.y0 < p.y1 - 1]

@@ -1,6 +1,8 @@
 """report.py on results folders written here with known numbers: the statistics against hand
 computations, the tables, macros and CSV, the label table's styles, the LaTeX layouts."""
+import contextlib
 import csv
+import io
 import json
 import math
 import random
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ACC = {"baseline": [0.70, 0.72, 0.74], "ses_k1": [0.75, 0.76, 0.80]}
 ROB = {"baseline": [0.40, 0.41, 0.45], "ses_k1": [0.46, 0.47, 0.48]}
 GAP = {"baseline": [0.10, 0.12, 0.14], "ses_k1": [0.05, 0.05, 0.08]}
-OVERHEAD = [1.0, 1.2, 1.1]
+EPOCH_S = {"baseline": [10.0, 20.0, 40.0], "ses_k1": [20.0, 44.0, 84.0]}  # per seed: +100, +120, +110 % over the twin
 LAYERS = {"layer4.1": 512, "avgpool": 512}
 
 
@@ -50,7 +52,7 @@ def write_results(root: Path):
                       entropy={k: 3.0 for k in LAYERS},
                       entropy_target={k: 0.7 * math.log(v) for k, v in LAYERS.items()},
                       ses_steps=0 if config == "baseline" else 30, total_steps=30, epochs=3,
-                      **({"overhead": OVERHEAD[seed]} if config == "ses_k1" else {}))
+                      epoch_time_s=EPOCH_S[config][seed])
     unfinished = exp / "ses_k1_seed3"
     unfinished.mkdir()
     (unfinished / "config.json").write_text(json.dumps({"config": {"ses": True}}))
@@ -74,7 +76,8 @@ def test_tables_hold_hand_computed_statistics(tmp_path, capsys):
                                     "+5.00 [+2.52, +7.48]", "+5.00 [+0.70, +9.30]", "3 / 3"]
     assert md_row(md, "baseline")[:7] == ["baseline", "Baseline", "—", "3", "72.00 ± 2.00", "42.00 ± 2.65",
                                           "12.00 ± 2.00"]
-    # the paper's table: median overhead of 1.0, 1.2, 1.1 is +110 %, range [+100, +120]; the paper's figures beside
+    # the paper's table: median of the per-seed overheads +100, +120, +110 % is +110 %, range [+100, +120]; the
+    # paper's figures beside
     assert md_row(md, "SES k=1") == ["SES k=1", "77.00 ± 2.65", "47.00 ± 1.00", "+110 % [+100, +120]", "76.11",
                                      "47.70", "+195 %"]
     assert md_row(md, "Baseline")[:4] == ["Baseline", "72.00 ± 2.00", "42.00 ± 2.65", "—"]
@@ -202,17 +205,150 @@ def test_damaged_files_cost_their_run_only_with_one_line_each(tmp_path, capsys):
     assert "ses_k1_seed5 (?: failure.json is cut short or not JSON)" in md
 
 
-def test_an_override_is_shown_by_the_labels_of_the_settings_table(tmp_path):
-    """A run whose folder names an override (ses_k1+lam=0.05, every=3) is shown with the labels the
-    harness's table of run settings gives those settings, in Markdown and in LaTeX."""
+def test_an_override_is_shown_as_a_change_by_the_runs_own_labels_then_the_settings_table(tmp_path):
+    """A run whose folder names an override (ses_k1+lam=0.05, every=3) shows each as a change (→), by
+    the label its result.json gives the setting, else by the harness's table's, in Markdown and LaTeX."""
     from harness.settings import SETTINGS
     exp = tmp_path / "exp10_periodic_ses"
-    for variant in ("baseline", "ses_k1+every=3+lam=0.05"):
-        write_run(exp, variant, 0, acc=0.7)
+    write_run(exp, "baseline", 0, acc=0.7)
+    write_run(exp, "ses_k1+every=3+lam=0.05", 0, acc=0.7)                     # older runs: no labels of their own
+    write_run(exp, "ses_k3+every=5+num_latents=8", 0, acc=0.7, setting_labels={"num_latents": "latents M"})
     assert report.main([str(tmp_path), "--no-figures"]) == 0
-    shown = f"SES k=1 ({SETTINGS.label('every')}=3, {SETTINGS.label('lam')}=0.05)"
-    assert SETTINGS.label("lam") != "lam" and shown in (tmp_path / "report.md").read_text()
-    assert "$\\lambda$=0.05" in (tmp_path / "tables.tex").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert SETTINGS.label("lam") != "lam" and "num_latents" not in SETTINGS
+    assert f"SES k=1 ({SETTINGS.label('every')}→3, {SETTINGS.label('lam')}→0.05)" in md
+    assert f"SES k=3 ({SETTINGS.label('every')}→5, latents M→8)" in md
+    tex = (tmp_path / "tables.tex").read_text()
+    assert "$\\lambda$$\\to$0.05" in tex and "latents M$\\to$8" in tex
+
+
+def test_overhead_is_each_seeds_epoch_time_over_its_twins_when_both_ran_alike(tmp_path):
+    """The twin finished after the SES run (no stored overhead), a stale stored figure, a seed whose twin
+    ran elsewhere, a seed without its twin: the report times each seed against the same-seed twin itself."""
+    exp = tmp_path / "exp10_periodic_ses"
+    twin_s = {0: 10.0, 1: 20.0, 2: 10.0, 3: 10.0}
+    ses_s = {0: 12.0, 1: 30.0, 2: 11.0, 3: 99.0, 4: 13.0}
+    for seed, t in twin_s.items():
+        write_run(exp, "baseline", seed, dict(ses=False), acc=0.7, epoch_time_s=t,
+                  **(dict(device="Tesla T4", amp="fp16") if seed == 3 else {}))
+    for seed, t in ses_s.items():  # seed 0: a stale stored overhead; seed 4: no twin run, its stored one counts
+        stored = {0: dict(overhead=5.0), 4: dict(overhead=0.4)}.get(seed, {})
+        write_run(exp, "ses_k1", seed, dict(ses=True, every=1), acc=0.7, epoch_time_s=t, **stored)
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    # seeds 0, 1, 2 against their twins: +20, +50, +10 %; seed 3 ran on another machine than its twin: none;
+    # seed 4 has no twin here: its own +40 %. Median of 10, 20, 40, 50 = 30, range [10, 50].
+    assert md_row((tmp_path / "report.md").read_text(), "SES k=1 ‡")[3] == "+30 % [+10, +50]"  # ‡: seed 3's pair
+
+
+def test_smoke_or_synthetic_runs_are_marked_whatever_the_folder_is_called_and_never_mixed_with_real(tmp_path):
+    smoke_cfg = dict(smoke_sizes=dict(n_train=8, n_test=4, image_size=16))
+    copied = tmp_path / "copied_somewhere"          # a smoke folder copied under another name
+    for config in ("baseline", "ses_k1"):
+        for seed in range(2):
+            write_run(copied / "exp10_periodic_ses", config, seed, dict(smoke_cfg, ses=config != "baseline"), acc=0.5)
+    assert report.main([str(copied), "--no-figures"]) == 0
+    md, tex = (copied / "report.md").read_text(), (copied / "tables.tex").read_text()
+    assert md.startswith("# SES results (SMOKE") and "Paper" not in md
+    assert "Acc (\\%) & Rob (\\%) & Overhead \\\\" in tex  # no paper columns
+    assert tex.count("SMOKE RESULTS, NOT PAPER NUMBERS") == tex.count("\\caption{")
+    assert "% exp10_periodic_ses: SMOKE" in (copied / "macros.tex").read_text()
+    with open(copied / "runs.csv", newline="") as f:
+        assert {r["kind"] for r in csv.DictReader(f)} == {"smoke"}
+
+    mixed = tmp_path / "results"                   # real runs, and generated ones beside them
+    write_results(mixed)
+    exp = mixed / "exp10_periodic_ses"
+    write_run(exp, "ses_k1", 7, dict(smoke_cfg, ses=True), acc=0.01)                     # config.json: smoke sizes
+    write_run(exp, "baseline", 7, acc=0.01, data="synthetic")                            # result.json says
+    d = write_run(exp, "baseline", 8, acc=0.01)
+    (d / "config.json").write_text(json.dumps({"config": {}, "environment": {"argv": ["exp10.py", "--synthetic"]}}))
+    write_run(mixed / "exp11_resnet50_tinyimagenet", "ses_k1", 0, acc=0.5, data="smoke")  # exp11: real and smoke
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert report.main([str(mixed), "--no-figures"]) == 0
+    left = out.getvalue()
+    for run in ("exp10_periodic_ses/ses_k1_seed7", "exp10_periodic_ses/baseline_seed7",
+                "exp10_periodic_ses/baseline_seed8", "exp11_resnet50_tinyimagenet/ses_k1_seed0"):
+        assert len([line for line in left.splitlines() if line.startswith(f"left out: {run}: ")]) == 1, (run, left)
+    md = (mixed / "report.md").read_text()
+    assert "SMOKE" not in md.split("## Left out")[0] and "SYNTHETIC" not in md.split("## Left out")[0]
+    assert md_row(md, "ses_k1")[3] == "3" and md_row(md, "SES k=1")[4:] == ["76.11", "47.70", "+195 %"]
+
+    only_synthetic = tmp_path / "only"              # result.json's `data` wins over the folder it sits in
+    write_run(only_synthetic / "exp11_resnet50_tinyimagenet", "baseline", 0, acc=0.5, data="synthetic")
+    assert report.main([str(only_synthetic), "--no-figures"]) == 0
+    assert "## Exp 11 (`exp11_resnet50_tinyimagenet`): SYNTHETIC" in (only_synthetic / "report.md").read_text()
+
+
+def test_a_row_of_fewer_seeds_says_so_in_the_tables_without_an_n_column(tmp_path):
+    write_results(tmp_path)
+    shutil.rmtree(tmp_path / "exp10_periodic_ses" / "ses_k1_seed2")
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    md = (tmp_path / "report.md").read_text().split("## Exp 11")[0]
+    brief, robust = (md_row(md.split(f"### Exp 10: {t}")[1], "SES k=1 (n=2)")
+                     for t in ("the paper's table", "robustness suite"))
+    assert brief and robust and not re.search(r"\| Baseline \(n=", md)   # Baseline has all three seeds
+    assert "over n = 3 seeds" in md.split("### Exp 10: the paper's table")[1].split("|")[0]
+    tex = (tmp_path / "tables.tex").read_text()
+    for label in ("tab:exp10_periodic_ses}", "tab:exp10_periodic_ses-robustness}"):
+        table = tex.split(label)[1].split("\\end{table")[0]
+        assert "SES $k{=}1${\\scriptsize ($n{=}2$)}" in table and "Baseline{\\scriptsize" not in table
+
+
+def test_the_seeds_a_delta_needs_read_the_same_in_tables_and_macros_at_the_cap(tmp_path):
+    exp = tmp_path / "exp10_periodic_ses"
+    for seed, (a, b) in enumerate([(0.50, 0.49), (0.50, 0.52), (0.50, 0.491)]):  # Δ acc per seed -1, +2, -0.9 pp
+        write_run(exp, "baseline", seed, dict(ses=False), acc=a)
+        write_run(exp, "ses_k1", seed, dict(ses=True, every=1), acc=b)
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    # mean 0.033, sd 1.70: t * sd / sqrt(n) < 0.033 needs n > (1.96 * 1.70 / 0.033)^2, about 10 000: beyond the cap
+    cell = md_row((tmp_path / "report.md").read_text(), "ses_k1")[9]
+    defs = dict(re.findall(r"\\newcommand\{\\([A-Za-z]+)\}\{\\ensuremath\{([^}]*)\}\}",
+                           (tmp_path / "macros.tex").read_text()))
+    assert cell.startswith(f"≥{stats.SEEDS_CAP}")
+    assert defs["sesExpTenSesKOneDeltaAccSeeds"] == f"\\geq {stats.SEEDS_CAP}"
+
+
+def test_an_empty_metrics_file_is_left_out_in_one_line(tmp_path, capsys):
+    write_results(tmp_path)
+    (tmp_path / "exp10_periodic_ses" / "ses_k1_seed1" / "metrics.jsonl").write_text("")
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    left = [line for line in capsys.readouterr().out.splitlines() if "ses_k1_seed1" in line]
+    assert len(left) == 1 and left[0].startswith("left out: ") and "metrics.jsonl" in left[0]
+
+
+def test_the_gain_figure_tells_each_k_apart_without_overprinting_when_overheads_are_close(tmp_path):
+    """Four k whose overheads and gains lie within a fraction of a percent of each other: each k is
+    told by its own colour, named once in the legend, and no text of the figure sits on another."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from helpers import overlapping_texts
+    from reporting.questions import gain_figure
+    from reporting.read import read_results
+    from reporting.rows import summarize
+    from reporting.style import Look
+    exp = tmp_path / "exp10_periodic_ses"
+    ks = (1, 3, 5, 10)
+    for seed, (gain, cost) in enumerate([(0.05, 0.0), (-0.05, 0.5), (0.15, 1.0)]):  # wide intervals and ranges
+        write_run(exp, "baseline", seed, dict(ses=False), acc=0.6 + seed / 10, epoch_time_s=10.0)
+        for i, k in enumerate(ks):
+            write_run(exp, f"ses_k{k}", seed, dict(ses=True, every=k), acc=0.6 + seed / 10 + gain + i / 1000,
+                      epoch_time_s=10.0 * (1 + cost + i / 1000))
+    experiments, _ = read_results(tmp_path)
+    data = experiments["exp10_periodic_ses"]
+    style = labels.styles(list(data["runs"]), data["twin"], data["ses"])
+    for width in ("text", "column"):
+        with plt.rc_context(Look("plain").rc(width, 2.5)):
+            fig = gain_figure(plt, width, summarize(data, {}), style)
+        assert not overlapping_texts(fig), (width, overlapping_texts(fig))
+        legend = dict(zip([t.get_text() for t in fig.legends[0].get_texts()], fig.legends[0].legend_handles))
+        colours = [legend[f"SES k={k}"].get_color() for k in ks]
+        assert len(set(colours)) == len(ks)
+        for ax in fig.axes:  # every point of a k is drawn in that k's colour
+            drawn = {line.get_color() for line in ax.get_lines() if line.get_marker() not in (None, "None", "")}
+            assert drawn == set(colours), (width, drawn)
+        plt.close(fig)
 
 
 def test_no_results_is_one_line_and_exit_1(tmp_path, capsys):
@@ -251,7 +387,10 @@ def test_no_two_configs_share_a_style_and_each_ses_config_shares_its_twins_colou
                 if len(kids) == 1:
                     assert style[kids[0]].colour == style[t].colour
         assert all(labels.display(c) != c for c in grid)  # every config of the grids has a display name
-    assert labels.display("ses_k1+every=3") == "SES k=1 (every=3)" and labels.display("mixup_ses") == "Mixup + SES"
+    labels.use_setting_labels({"every": "k"})
+    assert labels.display("ses_k1+every=3") == "SES k=1 (k→3)" and labels.display("mixup_ses") == "Mixup + SES"
+    labels.use_setting_labels({"every": "k"}, {"ses_k1+every=3": {"every": "period"}})  # the run's own label first
+    assert labels.display("ses_k1+every=3") == "SES k=1 (period→3)"
 
 
 # ----------------------------------------------------------------------------- LaTeX that drops in
@@ -259,11 +398,14 @@ def worst_rows(grid):
     """Rows as wide as real ones get: 3 seeds, 3-digit and negative values, an override, marks, a paper row."""
     s = stats.Spread(100.0, 10.55, 3)
     d = stats.Delta(-10.25, 5.0, 3, -22.22, 1.72, 1000)
-    return [dict(variant=c + "+every=10", config=c, twin="baseline+every=10", n=3, seeds=[0, 1, 2], ses=True,
+    return [dict(variant=c + "+every=10", config=c, twin="baseline+every=10", n=2 if i == 0 else 3, seeds=[0, 1, 2],
+                 ses=True,
                  acc=s, rob=s, gap=stats.Spread(-10.25, 10.5, 3), robustness={k: s for k in ("gauss_0.05", "gauss_0.1",
                                                                                           "fgsm_1/255", "fgsm_2/255")},
-                 d_acc=d, d_rob=d, overhead=(12.34, -0.5, 19.95, 3), setting="fp16 on Tesla T4", mixed="x",
-                 pair_mixed="y", every=10, paper=dict(acc=99.99, rob=99.99, overhead=19.95)) for c in grid]
+                 d_acc=d._replace(n=2) if i == 0 else d, d_rob=d._replace(n=2) if i == 0 else d,
+                 overhead=(12.34, -0.5, 19.95, 3), setting="fp16 on Tesla T4", mixed="x",
+                 pair_mixed="y", every=10, paper=dict(acc=99.99, rob=99.99, overhead=19.95),
+                 input="points" if i % 2 else "image") for i, c in enumerate(grid)]
 
 
 def test_every_table_fits_the_text_width_and_a_column_table_fits_a_column():
@@ -293,14 +435,15 @@ def test_tables_compile_without_an_overfull_box(tmp_path, layout):
     write_results(tmp_path)
     exp = tmp_path / "exp12_mixup_cutmix_cifar100"  # rows and pairs that mix machines (marks, notes), an interaction
     for seed in range(3):
-        for config in ("baseline", "ses", "mixup", "mixup_ses"):
+        for config in ("baseline", "ses", "mixup", "mixup_ses")[:4 if seed < 2 else 2]:  # Mixup rows: n = 2 (marked)
             write_run(exp, config, seed, dict(ses=config.endswith("ses")), acc=0.7 - seed / 100 + len(config) / 1000,
-                      baseline_config="mixup" if config == "mixup_ses" else "baseline", overhead=-0.01 * seed,
+                      baseline_config="mixup" if config == "mixup_ses" else "baseline",
+                      epoch_time_s=10.0 - 0.1 * seed * config.endswith("ses"),
                       robustness={"gauss_0.05": 0.5, "fgsm_2/255": 0.1},
                       **(dict(amp="fp16", device="Tesla T4") if seed and config == "ses" else {}))
     assert report.main([str(tmp_path), "--no-figures"]) == 0
     tex = (tmp_path / "tables.tex").read_text()
-    assert "\\dagger" in tex and "\\begin{table*}" in tex
+    assert "\\dagger" in tex and "\\begin{table*}" in tex and "($n{=}2$)" in tex
     (tmp_path / "paper.tex").write_text(f"\\documentclass[{layout}]{{article}}\\usepackage{{booktabs}}\\input{{macros.tex}}"
                                         "\\begin{document}\\input{tables.tex}\\sesExpTenSesKOneAcc\\end{document}\n")
     p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "paper.tex"], cwd=tmp_path, capture_output=True,
@@ -322,7 +465,22 @@ def test_a_venue_style_keeps_its_widths_and_7_to_9_pt_text_and_without_tueplots_
         assert icml.rc("text", 2.0)["figure.figsize"][0] == pytest.approx(6.75, abs=0.01)
         assert all(7 <= icml.rc("column", 2.0)[k] <= 9 for k in FONT_KEYS)  # ICML's 6 pt ticks raised to 7
         assert not icml.rc("text", 2.0)["text.usetex"]
-        assert "no venue" in Look("nosuchvenue2099").note
+        with pytest.raises(ValueError, match="icml2024"):  # names the venues there are
+            Look("nosuchvenue2099")
     monkeypatch.setitem(sys.modules, "tueplots", None)  # import tueplots -> ImportError
     bare = Look("icml2024")
     assert bare.venue == "plain" and "pip install tueplots" in bare.note
+
+
+def test_an_unknown_venue_is_one_line_and_exit_2_and_without_tueplots_the_plain_style(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tueplots")
+    write_results(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path), "--venue", "nosuch", "--no-figures"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "icml2024" in err[0] and "neurips2024" in err[0]
+    assert not (tmp_path / "report.md").exists()
+    monkeypatch.setitem(sys.modules, "tueplots", None)
+    assert report.main([str(tmp_path), "--venue", "nosuch", "--widths", "column", "--formats", "png",
+                        "--dpi", "20"]) == 0
+    assert "plain style used" in capsys.readouterr().out

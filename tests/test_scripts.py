@@ -90,9 +90,10 @@ def check_attention_figures(smoke, configs):
         assert stem.with_name(stem.name + ".png").read_bytes()[:4] == b"\x89PNG"
     for run, cols, first in (("cifar10_permuted_learned_seed0", 6, "input (label"),
                              ("modelnet40_fourier_seed0", 4, "mean over latents (label")):
-        fig = plots.attention_figure(plt, run, smoke / "exp13_perceiver" / run / "attention" / "epoch_002.pt")
-        assert len(fig.axes) == 4 * cols  # a row per saved sample: input, mean, overlay, 3 latents; or 1 + 3 clouds
-        assert fig.axes[0].get_title().startswith(first) and fig.axes[cols - 1].get_title() == "latent 2"
+        fig = plots.attention_figure(plt, smoke / "exp13_perceiver" / run / "attention" / "epoch_002.pt")
+        assert len(fig.axes) == 4 * cols + 1  # a row per saved sample (input, mean, overlay, 3 latents; or 1 + 3
+        titles = [ax.get_title().replace("\n", " ") for ax in fig.axes]  # clouds), and the colour bar
+        assert titles[0].startswith(first) and titles[cols - 1] == "latent 2"
         plt.close(fig)
 
 
