@@ -46,6 +46,17 @@ def resolve_config(experiment: str, setup: dict, grid: dict, config: str, seed: 
     return cfg, changed
 
 
+def twin_variant(experiment: str, setup: dict, grid: dict, cfg: dict, smoke: bool, overrides: dict,
+                 table: Table = SETTINGS) -> str | None:
+    """The folder name (variant) of the run `cfg` is compared with: its `baseline_config` under the same
+    command-line overrides, as far as they apply to it (`ses_k1+every=3` -> `baseline`); None when the
+    config is its own twin or the grid has no such config. result.json records it as `twin`."""
+    twin = cfg.get("baseline_config")
+    if twin == cfg["config"] or twin not in grid:
+        return None
+    return resolve_config(experiment, setup, grid, twin, cfg["seed"], smoke, overrides, table)[0]["variant"]
+
+
 def applies(table: Table, key: str, own: dict) -> bool:
     """Whether a command-line setting applies to a config with settings `own`: an SES setting (to="SES":
     --lam, --every, ...) changes only the configs that use SES; a baseline keeps its own, its name and

@@ -14,10 +14,11 @@ from plumbing.files import read_json
 
 
 def twin_result(result: dict, exp_dir: Path) -> dict | None:
-    """The same-seed result of the run's twin (its `baseline_config`, same overrides), if readable."""
+    """The same-seed result of the run's twin (result["twin"], its folder name; in results written before
+    that field, its `baseline_config` under the same overrides), if readable."""
     if result["config"] == result["baseline_config"]:
         return None
-    twin = result["variant"].replace(result["config"], result["baseline_config"], 1)
+    twin = result.get("twin") or result["variant"].replace(result["config"], result["baseline_config"], 1)
     return read_json(exp_dir / f"{twin}_seed{result['seed']}" / "result.json")
 
 

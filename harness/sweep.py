@@ -25,7 +25,7 @@ import torch
 from data_utils import DataError
 from harness import multigpu
 from harness.claims import ClaimLost, acquire, describe
-from harness.config import resolve_config, run_name
+from harness.config import resolve_config, run_name, twin_variant
 from harness.memory import fit_check
 from harness.run_data import data_kind, dataset_for
 from harness.registry import Registry
@@ -149,7 +149,7 @@ def end_job(world, what: str, args) -> None:
 
 
 def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, device, since: float = 0.0,
-            route=None) -> str:
+            route=None, twin: str | None = None) -> str:
     """Train one run to its result; returns 'done', 'skipped' or 'failed'. Under torchrun every
     decision about the run folder is rank 0's, broadcast, so all ranks take the same path.
     route: the SES solver route of the sweep (solver_route.settle)."""
@@ -194,7 +194,7 @@ def run_one(cfg: dict, exp_dir: Path, args, reg: Registry, datasets: dict, devic
         result = train_run(run, run_dir, reg, stage, tensorboard=getattr(args, "tensorboard", False), claim=claim)
         result.update(variant=cfg["variant"], overrides=cfg["overrides"], processes=world.size,
                       compiled=getattr(args, "compile", None), data=data_kind(args),
-                      setting_labels={k: reg.settings.label(k) for k in cfg["overrides"]})
+                      setting_labels={k: reg.settings.label(k) for k in cfg["overrides"]}, twin=twin)
         add_overhead(result, exp_dir)
         multigpu.agree(finish_run, run_dir, result, args.smoke, claim)
         return "done"
@@ -274,7 +274,8 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     failed = []
     try:
         for cfg in cfgs:
-            if run_one(cfg, exp_dir, args, reg, datasets, device, started, route) == "failed":
+            twin = twin_variant(experiment, setup, grid, cfg, args.smoke, overrides, reg.settings)
+            if run_one(cfg, exp_dir, args, reg, datasets, device, started, route, twin) == "failed":
                 failed.append(run_name(cfg))
     finally:
         summary = summarize(exp_dir, list(grid))

@@ -10,8 +10,9 @@ synthetic/ part). Per experiment (a dict):
                order; its numbers finite or None (a periodic-SES epoch without an SES step has no
                `ses_entropy`)
     settings   variant -> the `config` object of a config.json of that variant ({} if none is readable)
-    twin       variant -> the twin variant its Δ is taken against (result.json's or config.json's
-               `baseline_config`: itself for the baseline, None where neither file says)
+    twin       variant -> the twin variant its Δ is taken against (result.json's `twin`, the folder the
+               harness names; else result.json's or config.json's `baseline_config` under the same
+               overrides: itself for the baseline, None where neither file says)
     ses        variant -> whether it trains with SES (config.json's `ses`, else SES steps in result.json)
     attention  run name -> the latest saved attention maps, of each variant's lowest seed
     status     run name -> finished | failed | unfinished | unreadable (every run folder)
@@ -176,7 +177,9 @@ def read_experiment(exp_dir: Path, skipped: list[str]) -> dict:
         exp["status"][run_dir.name] = "finished"
         result.update(data=exp["data"][run_dir.name], setting_labels=labels_of(raw))
         twin = result["baseline_config"] or twin
-        if isinstance(twin, str):
+        if isinstance(raw.get("twin"), str):  # the harness names the twin's folder (an SES override leaves it alone)
+            exp["twin"].setdefault(variant, raw["twin"])
+        elif isinstance(twin, str):
             exp["twin"].setdefault(variant, variant.replace(result["config"], twin, 1))
         rows, note = read_metrics(run_dir / "metrics.jsonl")
         problems += [note] if note else []

@@ -106,6 +106,23 @@ def test_an_ses_setting_on_the_command_line_leaves_the_configs_without_ses_alone
     assert "note: --lam 0.05 applies to the SES configs only; baseline keeps its own" in capsys.readouterr().out
 
 
+def test_an_ses_override_is_compared_with_the_baseline_it_left_alone(tmp_path):
+    """ses_k1 with --every 3 is compared with the plain baseline (its twin, which --every does not
+    change): result.json names that twin, the overhead is taken against it, and the report's Δ too."""
+    p = run([EXP10, "--smoke", "--configs", "baseline", "ses_k1", "--every", "3", "--out-dir", tmp_path], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    exp = tmp_path / "smoke" / "exp10_periodic_ses"
+    result = json.loads((exp / "ses_k1+every=3_seed0" / "result.json").read_text())
+    assert result["twin"] == "baseline" and (exp / "baseline_seed0" / "result.json").is_file()
+    assert "overhead" in result
+    import report
+    assert report.main([str(tmp_path / "smoke"), "--no-figures"]) == 0
+    row = next(line for line in (tmp_path / "smoke" / "report.md").read_text().splitlines()
+               if line.startswith("| ses_k1+every=3 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2] == "Baseline" and cells[7] != "—"  # vs, Δ acc
+
+
 @pytest.mark.parametrize("grid,says", [
     ({"ses": dict(ses=True, every=0)}, "config 'ses': every (the SES period k) must be an integer >= 1, got 0"),
     ({"ses": dict(ses=True, beta=1.5)}, "config 'ses': beta must be in the open interval (0, 1), got 1.5"),
