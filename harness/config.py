@@ -61,7 +61,7 @@ def applies(table: Table, key: str, own: dict) -> bool:
     """Whether a command-line setting applies to a config with settings `own`: an SES setting (to="SES":
     --lam, --every, ...) changes only the configs that use SES; a baseline keeps its own, its name and
     its finished runs."""
-    return bool(own.get("ses")) or table[key].to != "SES"
+    return bool(own.get("ses")) or key not in table or table[key].to != "SES"
 
 
 def variant_name(config: str, changed: dict) -> str:

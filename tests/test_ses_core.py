@@ -301,6 +301,7 @@ def test_compiled_forward_runs_the_hooks_without_a_graph_break_and_equals_eager(
         model = build_resnet(cfg, DATASETS["cifar100"])
         return model, SES(model, resolve_layers(cfg, model), lam=1.0, beta=0.7, every=2, solver="float64")
 
+    torch.manual_seed(4)  # fixed inputs: of seeds 0-11, seed 4 gives the largest compiled-vs-eager gap
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 100, (8,))
     torch.manual_seed(0)
     twin = build_resnet(dict(DEFAULTS, layers="all"), DATASETS["cifar100"])  # a sweep's baseline before the SES run:
@@ -320,7 +321,9 @@ def test_compiled_forward_runs_the_hooks_without_a_graph_break_and_equals_eager(
         runs.append(steps)
     for (due, l1, g1), (_, l2, g2) in zip(*runs):
         assert l1 == pytest.approx(l2, rel=1e-5)
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
+        # the compiled graph sums in float32 in another order: for seeds 4, 8 and 10 of 0-11 some gradients
+        # differ by up to 3e-7 more than rtol 1e-4 + atol 1e-6 allows; atol 1e-5 holds for all twelve
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(g1, g2))
     model, ses = make()
     ses.begin_step()
     explained = torch._dynamo.explain(model)(x)
