@@ -163,15 +163,15 @@ _TARGETS: dict[tuple, torch.Tensor] = {}
 
 
 def _penalty_terms(acts: Sequence[torch.Tensor], beta: float, solver: str = "float32", target: str = "logd"):
-    """(R, (L,) stacked H_l) for a list of L (n, d_l) tensors. The (L,) targets are copied to the
-    device once per shape set (that first copy waits for the device; later steps reuse it)."""
+    """(R, (L,) stacked H_l) for a list of L (n, d_l) tensors. The (L,) targets are computed on the host
+    each call and copied to the device once per distinct set of values (that first copy waits for the
+    device; later steps reuse it)."""
     if not acts:
         raise ValueError("no activations to penalise: is the collector enabled and hooked?")
     hs = torch.stack(spectral_entropies(acts, solver))
-    key = (tuple(tuple(a.shape) for a in acts), beta, target, str(hs.device))
-    if key not in _TARGETS:
-        _TARGETS[key] = torch.tensor([entropy_target(a.shape[1], a.shape[0], beta, target) for a in acts],
-                                     device=hs.device)
+    key = (tuple(entropy_target(a.shape[1], a.shape[0], beta, target) for a in acts), str(hs.device))
+    if key not in _TARGETS:  # keyed by the target values themselves: whatever decides them, never a stale one
+        _TARGETS[key] = torch.tensor(key[0], device=hs.device)
     gap = hs - _TARGETS[key]  # H_l - t_l
     return (gap ** 2).sum(), hs
 

@@ -44,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import records  # noqa: E402  (bench/records.py, beside this file)
 from ses_solvers import cusolver_batched  # noqa: E402
 from harness.config import DEFAULTS  # noqa: E402
-from data_utils import DATASETS, GpuLoader, random_crop_flip, synthetic_dataset  # noqa: E402
+from harness.settings import SETTINGS  # noqa: E402
+from batches import GpuLoader, random_crop_flip  # noqa: E402
+from data_utils import DATASETS, synthetic_dataset  # noqa: E402
 from plumbing.files import write_json  # noqa: E402
 from harness.models import build_resnet, compile_model, resolve_layers  # noqa: E402
 from ses_core import SES, _centred_gram, entropy_of_spectrum  # noqa: E402
@@ -88,7 +90,8 @@ def make_variant(setup, k, device, amp, compile_backend=None, solver="float32"):
     cfg = dict(DEFAULTS, model=setup["model"], layers=setup["layers"])
     model = build_resnet(cfg, DATASETS[setup["dataset"]]).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    ses = SES(model, resolve_layers(cfg, model), 0.01, 0.7, k, solver=solver) if k else None
+    ses = SES(model, resolve_layers(cfg, model), solver=solver, **SETTINGS.arguments("SES", dict(cfg, every=k))) \
+        if k else None
     if compile_backend:  # hooks stay on the plain modules; the compiled forward runs them without a graph break
         model = compile_model(model, compile_backend)
     return dict(model=model, opt=opt, ses=ses, scaler=amp.scaler(), k=k, matrices=None)

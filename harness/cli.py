@@ -25,6 +25,7 @@ from harness.config import RUN_FACTS, applies, resolve_config, run_name
 from data_utils import DataError
 from harness.models import LayerError, resolve_layers
 from harness.registry import Registry, make_registry
+from harness.table import flag_type, integer
 from harness.preflight import preflight
 from plumbing.files import write_json
 from harness.runs import RunError
@@ -40,18 +41,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _checked(kind, test, what):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not test(v):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return v
-    return parse
-
-
 def default_out_dir() -> str:
     return "/kaggle/working/results" if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "results"
 
@@ -60,9 +49,9 @@ def default_data_dir() -> str:
     return "/kaggle/working/data" if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else "data"
 
 
-def per_config(key: str, setup: dict, grid: dict, defaults: dict):
+def per_config(experiment: str, key: str, setup: dict, grid: dict, table):
     """The default of a setting as --help should show it: one value, or 'a (x) / b (y)' per config."""
-    own = {name: cfg.get(key, setup.get(key, defaults[key])) for name, cfg in grid.items()}
+    own = {name: resolve_config(experiment, setup, grid, name, 0, False, {}, table)[0][key] for name in grid}
     values = list(dict.fromkeys(json.dumps(v) for v in own.values()))
     shown = {v: "none" if json.loads(v) is None else json.loads(v) for v in values}
     if len(values) == 1:
@@ -70,17 +59,18 @@ def per_config(key: str, setup: dict, grid: dict, defaults: dict):
     return " / ".join(f"{shown[v]} ({', '.join(n for n in own if json.dumps(own[n]) == v)})" for v in values)
 
 
-def override_notes(grid: dict, setup: dict, configs: list, overrides: dict, table) -> list[str]:
+def override_notes(experiment: str, grid: dict, setup: dict, args, overrides: dict, table) -> list[str]:
     """One line per command-line setting that replaces different per-config values, or that leaves the
     configs without SES alone (an SES setting)."""
+    own = {c: resolve_config(experiment, setup, grid, c, 0, args.smoke, {}, table)[0] for c in args.configs}
     notes = []
     for key, value in overrides.items():
-        settings = {c: {**table.defaults(), **setup, **grid[c]} for c in configs}
-        kept = [c for c in configs if not applies(table, key, settings[c])]
-        own = {c: settings[c][key] for c in configs if c not in kept}
-        if len({json.dumps(v) for v in own.values()}) > 1:
+        kept = [c for c in own if not applies(table, key, own[c])]
+        values = {c: cfg[key] for c, cfg in own.items() if c not in kept}
+        if len({json.dumps(v) for v in values.values()}) > 1:
             notes.append(f"note: {table[key].option} {value} replaces the per-config values "
-                         + ", ".join(f"{c}: {v}" for c, v in own.items()) + " (runs named accordingly)")
+                         + ", ".join(f"{c}: {v}" for c, v in values.items())
+                         + (" (runs named accordingly)" if table.identity(key) else ""))
         if kept:
             notes.append(f"note: {table[key].option} {value} applies to the SES configs only; "
                          f"{', '.join(kept)} {'keeps its' if len(kept) == 1 else 'keep their'} own")
@@ -118,10 +108,9 @@ def build_parser(experiment: str, doc: str, grid: dict, setup: dict,
                         "<out-dir>/synthetic/ and are never mistaken for real results")
     p.add_argument("--configs", nargs="+", metavar="NAME", default=list(grid),
                    help=f"configs to run (default: all: {' '.join(grid)})")
-    p.add_argument("--seeds", nargs="+", type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+    p.add_argument("--seeds", nargs="+", type=flag_type(integer(0), "a seed"),
                    default=[0], metavar="N", help="seeds (default: 0)")
-    defaults = reg.settings.defaults()
-    reg.settings.add_flags(p, reg, lambda key: per_config(key, setup, grid, defaults))
+    reg.settings.add_flags(p, reg, lambda key: per_config(experiment, key, setup, grid, reg.settings))
     p.add_argument("--data-dir", default=default_data_dir(), help="datasets and caches (default %(default)s)")
     p.add_argument("--out-dir", default=default_out_dir(), help="results root (default %(default)s)")
     p.add_argument("--device", help="cuda (the current GPU, cuda:0), cuda:1, cpu (default: the current GPU if there is "
@@ -226,28 +215,34 @@ def run_workers(parser, experiment: str, grid: dict, args, argv, cfgs: list[dict
 
 def check_configs(parser, experiment, grid, setup, args, overrides, reg) -> None:
     """Every selected config's resolved settings: each key a setting of the table, each value one its
-    setting accepts (a bad value in a grid is one line, like a bad flag); with --layers, that it names
-    modules of every selected config's model."""
+    setting accepts, a baseline_config other than the default one of the grid's configs, and hooked
+    layers that name modules of the config's model (a bad value in a grid is one line, like a bad flag)."""
     for config in args.configs:
         cfg, _ = resolve_config(experiment, setup, grid, config, 0, args.smoke, overrides, reg.settings)
         problems = reg.settings.problems(cfg, reg, RUN_FACTS)
+        twin = cfg["baseline_config"]
+        if twin not in grid and twin != reg.settings["baseline_config"].default:
+            problems.append(f"baseline_config {twin!r} is no config of this script; use one of {', '.join(grid)}")
         if problems:
             parser.error(f"config {config!r}: {problems[0]}")
-        if "layers" in overrides:
-            check_layers_flag(parser, cfg, reg)
+        why = layers_problem(cfg, reg)
+        if why:
+            parser.error(f"argument --layers: {why}" if "layers" in overrides else f"config {config!r}: {why}")
 
 
-def check_layers_flag(parser, cfg: dict, reg) -> None:
-    """--layers names modules of the config's model (built on the meta device: no memory)."""
+def layers_problem(cfg: dict, reg) -> str:
+    """What is wrong with the config's hooked layers for its model ('' if nothing; built on the meta
+    device: no memory)."""
     try:
         with torch.device("meta"):
             model = reg.models[cfg["model"]](cfg, dict(reg.datasets[cfg["dataset"]]))
     except Exception:  # noqa: BLE001 - a builder that cannot run on meta: checked when the run starts
-        return
+        return ""
     try:
         resolve_layers(cfg, model, reg.presets)
     except LayerError as e:
-        parser.error(f"argument --layers: {e}")
+        return str(e)
+    return ""
 
 
 def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, **registry) -> int:
@@ -276,7 +271,7 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, **
     overrides = {s.name: getattr(args, s.name) for s in reg.settings.flags() if hasattr(args, s.name)}
     check_configs(parser, experiment, grid, setup, args, overrides, reg)
     if args.devices:
-        for note in override_notes(grid, setup, args.configs, overrides, reg.settings):
+        for note in override_notes(experiment, grid, setup, args, overrides, reg.settings):
             print(note)
         cfgs = selected_runs(experiment, grid, setup, args, overrides, reg.settings)
         return run_workers(parser, experiment, grid, args, argv, cfgs)
@@ -292,7 +287,7 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, **
         return 1
     if not world.main:  # under torchrun, rank 0 alone prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
-    for note in override_notes(grid, setup, args.configs, overrides, reg.settings):
+    for note in override_notes(experiment, grid, setup, args, overrides, reg.settings):
         print(note)
     clean = False
     try:

@@ -2,10 +2,11 @@
 
 Resolution, later entries winning:  the table's defaults (harness/settings.py, plus a script's own
 entries) < the script's SETUP < the grid's config < smoke sizes (--smoke only) < command-line overrides.
-The run's name is `<config>_seed<N>`; a command-line setting that is part of the run's identity and
-differs from what the config itself would use (an override: `--every 3` on `ses_k1`) is part of the
-name (`ses_k1+every=3_seed0`); an SES setting does not apply to a config without SES (applies), so one folder always holds one setting and the report never files a
-k=3 run under k=1. A resolved config holds every setting plus the run's facts (RUN_FACTS).
+The run's name is `<config>_seed<N>`. A command-line setting that is part of the run's identity and
+differs from what the config itself would use is an override, and names the run (`--every 3` on
+`ses_k1`: `ses_k1+every=3_seed0`). An SES setting does not apply to a config without SES (applies): the
+baseline keeps its name and its finished runs. So one folder holds one setting, and the report never
+files a k=3 run under k=1. A resolved config holds every setting plus the run's facts (RUN_FACTS).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from data_utils import GpuLoader
+from batches import GpuLoader
 from plumbing import gpu
 from ses_core import ActivationCollector, entropy_ceiling, entropy_target, spectral_entropies
 from harness.training import AmpPolicy
@@ -137,6 +137,13 @@ def measure_entropy(model, layers: list[str], x: torch.Tensor, amp: AmpPolicy) -
     return ({n: h.item() for n, h in zip(acts, hs)}, {n: a.shape[1] for n, a in acts.items()})
 
 
+def ses_targets(cfg: dict, dims: dict, n: int) -> dict[str, float]:
+    """{layer: t_l} for layers of widths `dims` ({layer: d_l}) at batch n under the run's SES settings: the
+    one place the harness turns a config into targets (the probe's H is reported against them, the
+    first-epoch warning and the memory advice compare them with the ceiling)."""
+    return {layer: entropy_target(d, n, cfg["beta"], cfg["ses_target"]) for layer, d in dims.items()}
+
+
 def final_stage_check(model, data, cfg: dict, amp: AmpPolicy, layers, probe_x, paused=nullcontext) -> None:
     """One chunk of every end-of-run stage at its real batch size (eval, noise, FGSM, train
     accuracy, entropy probe). Raises torch.OutOfMemoryError exactly where the full stage would."""
@@ -162,8 +169,7 @@ def final_metrics(cfg, model, data, amp, layers, probe_x, history, ses) -> dict:
         experiment=cfg["experiment"], config=cfg["config"], seed=cfg["seed"], baseline_config=cfg["baseline_config"],
         acc=acc, rob=suite[f"gauss_{cfg['rob_sigma']:g}"], robustness=suite, **extra,
         train_acc=train_acc, gap=train_acc - acc,
-        entropy=entropy, entropy_target={n: entropy_target(d, len(probe_x), cfg["beta"], cfg["ses_target"])
-                                         for n, d in dims.items()},
+        entropy=entropy, entropy_target=ses_targets(cfg, dims, len(probe_x)),
         entropy_max={n: entropy_ceiling(d, len(probe_x)) for n, d in dims.items()}, ses_target=cfg["ses_target"],
         ses_steps=ses.applied_steps if ses else 0, total_steps=sum(h["steps"] for h in history),
         ses_solver=ses.solver if ses else None, ses_solver_changes=ses.solver_changes if ses else None,

@@ -29,13 +29,15 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from data_utils import synthetic_dataset, to_input
+from batches import to_input
+from data_utils import synthetic_dataset
 from plumbing import gpu
 from harness import multigpu
 from harness.models import resolve_layers
+from harness.evaluation import ses_targets
 from harness.run_data import dataset_info, generated_sizes
 from harness.training import amp_policy, build_optimizer
-from ses_core import ActivationCollector, entropy_ceiling, entropy_target
+from ses_core import ActivationCollector, entropy_ceiling
 
 GiB = 2 ** 30
 FIT = 0.9  # a run fits when its estimate (or --preflight's measured peak) stays under this share
@@ -149,8 +151,8 @@ def fit_line(est: Estimate, total: int, card: str, cfg: dict, precision: str, sc
             break
     smaller = est.largest_batch(total) * processes
     if MIN_OFFERED <= smaller < batch:
-        reach = [d for d in est.dims if entropy_target(d, smaller, cfg["beta"], cfg["ses_target"])
-                 >= entropy_ceiling(d, smaller)]
+        targets = ses_targets(cfg, dict(enumerate(est.dims)), smaller)
+        reach = [d for i, d in enumerate(est.dims) if targets[i] >= entropy_ceiling(d, smaller)]
         fits.append(f"--batch-size {smaller} ({gib(est.peak(smaller // processes))}; another setting, in its own "
                     f"folder: SES and BatchNorm see {smaller} samples, {batch // smaller}x the steps per epoch, lr "
                     f"unchanged" + (f"; the SES target of d = {max(reach)} is then above the entropy a batch of "
@@ -160,10 +162,9 @@ def fit_line(est: Estimate, total: int, card: str, cfg: dict, precision: str, sc
                    f" Nor does any batch of {MIN_OFFERED} or more on one such GPU") + "."
 
 
-
-# settings that change neither the model, nor the batch, nor the optimizer's state
-NO_MEMORY = {"seed", "config", "variant", "overrides", "ses", "lam", "beta", "every", "ses_target", "mix", "mix_alpha",
-             "lr", "epochs", "milestones", "gamma", "noise_sigmas", "fgsm_eps", "rob_sigma"}
+# the readers (harness.table.READERS) whose settings can change the training peak: the model, its input, the
+# batch, the optimizer; an estimate is made once per distinct value of these (seeds and SES settings share one)
+MEMORY_READERS = ("data", "model", "hooks", "training")
 
 
 _ESTIMATES: dict[str, Estimate] = {}  # one per distinct model, batch and precision in a process
@@ -180,8 +181,9 @@ def fit_warnings(cfgs: list[dict], script: str, reg, device, sizes_of, processes
     verdicts, estimates = {}, {}
     for cfg in cfgs:
         amp = amp_policy(device, cfg["amp"])
-        key = repr(sorted((k, repr(v)) for k, v in cfg.items() if k not in NO_MEMORY)) + amp.name + \
-            repr((sizes_of(cfg), processes))
+        key = repr((cfg["experiment"], sorted((k, repr(v)) for k, v in cfg.items()  # its registry's models
+                                              if k in reg.settings and reg.settings[k].to in MEMORY_READERS),
+                    amp.name, sizes_of(cfg), processes))
         if key not in _ESTIMATES:
             _ESTIMATES[key] = estimate(cfg, reg.datasets[cfg["dataset"]], reg, amp.dtype is not None, sizes_of(cfg),
                                        processes)

@@ -23,7 +23,7 @@ SyncBatchNorm. torch has no SyncBatchNorm on the CPU, so gloo runs (the tests) k
 
 Randomness: the model is initialised from the run's seed on every rank (DDP also broadcasts rank 0's
 weights), batch order and augmentation come from the loader's own (seed, epoch) generator, and
-Mixup/CutMix draw from a generator of their own (data_utils.SeededMixer): all identical on every
+Mixup/CutMix draw from a generator of their own (batches.SeededMixer): all identical on every
 rank. The global RNGs (CPU and CUDA), which dropout draws from, get one stream per rank
 (seed_rank: rank 0 keeps the single-process stream), so the shards draw independent dropout masks,
 as one process drawing for the whole batch would; every rank's RNG state is checkpointed.

@@ -4,7 +4,7 @@ callbacks and run settings, merged over the built-in ones into one read-only Reg
     run_experiment(__file__, SETUP, GRID, __doc__, models={"perceiver": build_perceiver},
                    presets={"perceiver": {"latents": latent_taps}}, datasets={"modelnet40": MODELNET40},
                    optimizers={"lamb": make_lamb}, epoch_callbacks=[save_attention_maps],
-                   settings=[Setting("pooling", "mean", choice(POOLINGS), "output pooling", flag=True), ...])
+                   settings=[Setting("pooling", "mean", choice(POOLINGS), "output pooling", flag=True, to="model"), ...])
 
 An epoch callback is called as cb(model, data, run_dir, epoch, cfg) after each epoch's evaluation,
 in eval mode with the SES collector paused (exp13 saves its attention maps this way).

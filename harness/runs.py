@@ -32,14 +32,15 @@ import numpy as np
 import torch
 
 from harness import multigpu
-from data_utils import Data, GpuLoader, make_mixer, random_crop_flip
-from harness.evaluation import evaluate, final_metrics, final_stage_check, measure_entropy
+from batches import GpuLoader, make_mixer, random_crop_flip
+from data_utils import Data
+from harness.evaluation import evaluate, final_metrics, final_stage_check, measure_entropy, ses_targets
 from harness.checkpoints import checkpoint_state, resume
 from plumbing import gpu
 from plumbing.files import atomic_torch_save, write_jsonl
 from harness.models import compile_model, resolve_layers
 from harness.registry import Registry
-from ses_core import SES, entropy_ceiling, entropy_target
+from ses_core import SES, entropy_ceiling
 from ses_solvers.decision import Route, decide
 from harness.tensorboard_log import TensorBoard
 from harness.training import AmpPolicy, amp_policy, build_optimizer, build_scheduler, train_epoch
@@ -194,9 +195,10 @@ def layer_targets(run: Run, warn: bool) -> dict[str, float]:
     """Each hooked layer's SES target; with warn, one line per layer whose target is at or above
     the entropy a batch can reach."""
     _, dims = measure_entropy(run.model, run.layers, run.probe_x, run.amp)
-    n, targets = run.cfg["batch_size"], {}
+    n = run.cfg["batch_size"]
+    targets = ses_targets(run.cfg, dims, n)
     for layer, d in dims.items():
-        targets[layer] = target = entropy_target(d, n, run.cfg["beta"], run.cfg["ses_target"])
+        target = targets[layer]
         if warn and target >= entropy_ceiling(d, n) - 1e-9:
             print(f"warning: {layer}: SES target {target:.2f} >= the ceiling log(min(n-1, d)) = "
                   f"{entropy_ceiling(d, n):.2f} at batch {n}, d = {d}: SES can only push towards a flat spectrum "

@@ -13,7 +13,7 @@ The defaults are the paper's CIFAR-100 setup; scripts change them per setup and 
 """
 from __future__ import annotations
 
-from data_utils import MIXES
+from batches import MIXES
 from harness.table import BOOLEAN, TEXT, Setting, Table, choice, integer, integers, number, numbers, optional
 from harness.training import AMP_MODES, SCHEDULERS
 from ses_core import TARGETS, check_beta, check_every, check_lam

@@ -3,12 +3,12 @@ derives everything it does with them: the defaults, the command line's setting f
 the check of every run's resolved settings, which settings name a run's folder and are compared on
 resume, the keyword arguments of a component (SES), and display labels.
 
-    Setting(name, default, kind, help, check=None, flag=False, identity=True, label="", to="", arg="")
+    Setting(name, default, kind, help, check=None, flag=False, identity=True, label="", to=<reader>, arg="")
 
 name      the key in a run's config and in its config.json
 default   the value when neither the script's setup, the grid, --smoke nor the command line sets one
-kind      what a value must be (Kind: integer(), number(), choice(), ...): checks grid and flag values
-          alike and turns a flag's text into a value
+kind      what a value must be (Kind: integer(), number(), choice(), integers(), ...): checks grid and
+          flag values alike and turns a flag's text into a value (a list's flag takes one or more)
 help      what it does; a flag's help adds the default of each config ("(default 1 (ses_k1) / 3 ...)")
 check     the owner's own check, raising ValueError that names what is wrong (ses_core.check_beta)
 flag      a command-line flag: True spells it --name-with-dashes, a string gives another spelling
@@ -16,8 +16,9 @@ identity  part of the run's identity: an override names the run's folder (<confi
           and a resumed run must have the stored value; False for what only changes how a result is
           computed, not the result (chunk sizes): changing it resumes the same run
 label     a short display name for tables and figures ("λ"); the name when empty
-to        the component that reads it ("SES": passed to ses_core.SES(...) by keyword; the other values
-          say where it is read: "data", "model", "hooks", "training", "evaluation", "report", "run")
+to        the component that reads it, one of READERS ("SES": passed to ses_core.SES(...) by keyword; the
+          others say where it is read: "data", "model", "hooks", "training", "evaluation", "callback" (a
+          script's epoch callback), "report", "run"); a name outside READERS is refused when the table loads
 arg       that keyword, when it is not the name
 
 The harness's table is harness/settings.py; a script adds entries of its own (exp13_perceiver.py), which
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Kind", "Setting", "Table", "integer", "number", "optional", "choice", "integers", "numbers",
-           "BOOLEAN", "TEXT"]
+           "BOOLEAN", "TEXT", "READERS", "flag_type"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Kind:
     accepts: Callable[[Any], bool]               # whether a value (from a grid, a setup or a flag) is one
     parse: Callable[[str], Any] | None = None    # a flag's text -> value; None: --name / --no-name (true/false)
     choices: tuple | Callable | None = None      # the allowed values, or registry -> them
+    item: "Kind | None" = None                   # a list's items (a flag then takes one or more values)
 
 
 def _is_int(v) -> bool:
@@ -78,21 +80,22 @@ def choice(names: tuple | Callable) -> Kind:
 
 
 def integers(low: int | None = None) -> Kind:
-    """A list of integers (>= low); not a flag."""
+    """A list of integers (>= low); as a flag, one or more values (--milestones 25 40 52)."""
     item = integer(low)
     return Kind("a list of integers" + item.what[len("an integer"):],
-                lambda v: isinstance(v, list) and all(item.accepts(x) for x in v))
+                lambda v: isinstance(v, list) and all(item.accepts(x) for x in v), item=item)
 
 
 def numbers(low: float | None = None) -> Kind:
-    """A list of finite numbers (>= low); not a flag."""
+    """A list of finite numbers (>= low); as a flag, one or more values (--noise-sigmas 0.05 0.1)."""
     item = number(low)
     return Kind("a list of finite numbers" + item.what[len("a finite number"):],
-                lambda v: isinstance(v, list) and all(item.accepts(x) for x in v))
+                lambda v: isinstance(v, list) and all(item.accepts(x) for x in v), item=item)
 
 
 BOOLEAN = Kind("true or false", lambda v: isinstance(v, bool))
 TEXT = Kind("a non-empty text", lambda v: isinstance(v, str) and v != "", str)
+READERS = ("SES", "data", "model", "hooks", "training", "evaluation", "callback", "report", "run")  # what `to` names
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,14 @@ class Setting:
     label: str = ""
     to: str = ""
     arg: str = ""
+
+    def __post_init__(self):
+        """A typo in `to` would parse a setting and never pass it on; a flag needs a kind it can parse."""
+        if self.to not in READERS:
+            raise ValueError(f"setting {self.name!r}: to={self.to!r} names no reader; use one of {', '.join(READERS)}")
+        if self.flag and self.kind.parse is None and self.kind.item is None and self.kind is not BOOLEAN:
+            raise ValueError(f"setting {self.name!r}: a flag of {self.kind.what} cannot be parsed from the command "
+                             f"line; give its Kind a parse")
 
     @property
     def option(self) -> str:
@@ -209,23 +220,28 @@ class Table(Mapping):
             text = f"{s.help} (default {default})".replace("%", "%%")
             names = s.choices(registry)
             common = dict(dest=s.name, default=argparse.SUPPRESS, help=text)
-            if s.kind.parse is None:
+            if s.kind.item is not None:  # a list: one or more values, each checked as the list's item
+                parser.add_argument(s.option, nargs="+", metavar="V", type=flag_type(s.kind.item, s.name), **common)
+            elif s.kind.parse is None:
                 parser.add_argument(s.option, action=argparse.BooleanOptionalAction, **common)
             elif names is not None:
                 parser.add_argument(s.option, choices=names, **common)
             else:
-                parser.add_argument(s.option, type=_flag_type(s), **common)
+                parser.add_argument(s.option, type=flag_type(s.kind, s.name, s.problem), **common)
 
 
-def _flag_type(s: Setting):
+def flag_type(kind: Kind, name: str, problem: Callable[[Any], str] | None = None):
+    """argparse `type` for a flag of `kind`: its text parsed, then checked (problem(value): what is wrong,
+    '' if nothing; default: the kind's own test); an optional kind takes "none"."""
     def parse(text: str):
-        if text.strip().lower() == "none" and s.kind.accepts(None):  # an optional setting turned off
+        if text.strip().lower() == "none" and kind.accepts(None):  # an optional setting turned off
             return None
         try:
-            value = s.kind.parse(text)
+            value = kind.parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {s.kind.parse.__name__}") from None
-        why = s.problem(value)
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.parse.__name__}") from None
+        why = problem(value) if problem is not None else ("" if kind.accepts(value) else
+                                                          f"{name} must be {kind.what}, got {value!r}")
         if why:
             raise argparse.ArgumentTypeError(why)
         return value

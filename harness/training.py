@@ -21,7 +21,7 @@ from plumbing.progress import tqdm
 
 from harness import multigpu
 from plumbing import gpu
-from data_utils import GpuLoader
+from batches import GpuLoader
 from ses_core import SES
 
 AMP_MODES = gpu.AMP_MODES  # the precision modes plumbing.gpu.amp_dtype knows
@@ -44,7 +44,7 @@ class AmpPolicy:
 
     @property
     def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return next(mode for mode, dtype in gpu.FORCED_PRECISION.items() if dtype == self.dtype)
 
     def autocast(self):
         if self.dtype is None:

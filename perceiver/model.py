@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_utils import GpuLoader
+from batches import GpuLoader
 from plumbing.files import atomic_torch_save
 
 WEIGHT_SHARING = ("paper", "port", "none")  # what the repeats of cross-attend and latent transformer share

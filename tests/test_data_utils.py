@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import batches
 import data_utils as du
 from layouts import WNIDS, colour, write_cifar10, write_cifar100, write_tiny_folder, write_tiny_zip
 
@@ -278,8 +279,8 @@ def test_an_os_error_while_extracting_is_one_line_and_leaves_nothing(tmp_path, m
 def make_loader(train=True, seed=0, n=50, bs=16):
     x = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 8, 8).contiguous()
     y = torch.arange(n)
-    aug = (lambda xb, g: du.random_crop_flip(xb, g, pad=2)) if train else None
-    return du.GpuLoader(x, y, bs, "cpu", train=train, augment=aug, seed=seed)
+    aug = (lambda xb, g: batches.random_crop_flip(xb, g, pad=2)) if train else None
+    return batches.GpuLoader(x, y, bs, "cpu", train=train, augment=aug, seed=seed)
 
 
 def test_loader_is_deterministic_per_seed_and_epoch():
@@ -303,7 +304,7 @@ def test_loader_shapes_drop_last_and_eval_coverage():
 def test_random_crop_flip_is_a_padded_crop_or_its_mirror():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8)
-    out = du.random_crop_flip(x, g, pad=2)
+    out = batches.random_crop_flip(x, g, pad=2)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     flips = 0
     for i in range(len(x)):
@@ -318,12 +319,12 @@ def test_random_crop_flip_is_a_padded_crop_or_its_mirror():
 @pytest.mark.parametrize("kind", ["mixup", "cutmix"])
 def test_mixers_give_soft_targets(kind):
     torch.manual_seed(0)
-    mix = du.make_mixer(kind, 10)
+    mix = batches.make_mixer(kind, 10)
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
     xm, t = mix(x, y)
     assert xm.shape == x.shape and t.shape == (8, 10)
     assert torch.allclose(t.sum(1), torch.ones(8))
-    assert du.make_mixer("none", 10) is None
+    assert batches.make_mixer("none", 10) is None
 
 
 def test_synthetic_set_is_learnable_by_nearest_prototype():

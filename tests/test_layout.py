@@ -15,7 +15,8 @@ FLOORS = {
     "ses_solvers": 1,   # the exact eigen-solve under the penalty: eigenvalues of a stack of Grams
     "ses_hooks": 1,     # the activation collector: forward hooks that pool a layer's output
     "ses_core": 2,      # the method: entropy, targets, penalty, periodic SES (the collector re-exported)
-    "data_utils": 2,    # datasets, the GPU-resident loader, Mixup/CutMix
+    "data_utils": 2,    # datasets, a dataset on the device
+    "batches": 2,       # the GPU-resident loader, batched augmentation, Mixup/CutMix
     "reporting": 2,     # the report's tables and figures
     "harness": 3,       # the machinery every experiment script shares
     "perceiver": 3,     # Exp 13's model, optimizer and ModelNet40
@@ -24,7 +25,7 @@ FLOORS = {
     "bench": 6,         # benchmarks and the GPU check
     "tools": 6,         # the one-file bundler
 }
-ROOT_FILES = {"ses_core.py", "data_utils.py", "report.py"}  # besides the expNN_*.py scripts
+ROOT_FILES = {"ses_core.py", "data_utils.py", "batches.py", "report.py"}  # besides the expNN_*.py scripts
 MAX_LINES = 360  # "no module over about 350 lines"
 
 

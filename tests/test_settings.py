@@ -2,9 +2,11 @@
 the run's config and, when it is part of the run's identity, its folder name; a bad value or an unknown key
 in a grid is one line; a run stored before a setting existed resumes at its default; no list of setting
 keys is typed in harness/ and no choice list twice; and a researcher adds an SES option in two files."""
+import argparse
 import ast
 import importlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from harness import cli, sweep
 from harness.config import run_name
 from harness.models import resolve_layers
 from harness.settings import SETTINGS
+from harness.table import Kind, Setting, Table, number, numbers
 from helpers import EXP10, ROOT, run
 from test_layout import FLOORS
 
@@ -46,6 +49,8 @@ def other_value(setting, own, cfg: dict, reg):
     names = setting.choices(reg)
     if names is not None:
         return next(n for n in names if n != own)
+    if setting.kind.item is not None:  # a list: one more item, its last repeated
+        return list(own) + [own[-1]] if own else [1]
     if setting.kind.parse is None:  # true / false
         return not own
     if setting.kind.parse is int:
@@ -69,11 +74,17 @@ def test_every_setting_flag_the_parser_accepts_reaches_config_json_and_identity_
     flags = [a for a in parser._actions if a.dest in reg.settings and reg.settings[a.dest].flag]
     outside = [a.option_strings[0] for a in parser._actions if a.dest in plain and a not in flags]
     assert not outside, f"flags named like a run setting that the table does not make (parsed, then dropped): {outside}"
+    harness = "\n".join(p.read_text() for p in sorted((ROOT / "harness").glob("*.py")))
+    unread = [a.option_strings[0] for a in parser._actions if a not in flags and a.dest != "help"
+              and not re.search(rf"\bargs\.{a.dest}\b|getattr\(args, \"{a.dest}\"", harness)]
+    assert not unread, f"options the table does not make and the harness never reads (parsed, then dropped): {unread}"
     assert {a.dest for a in flags} == {s.name for s in reg.settings.flags()} and len(flags) >= 10
     for action in flags:
         setting = reg.settings[action.dest]
         value = other_value(setting, plain[action.dest], plain, reg)
-        if setting.kind.parse is None:
+        if setting.kind.item is not None:
+            given = [action.option_strings[0], *value]
+        elif setting.kind.parse is None:
             given = [action.option_strings[0 if value else 1]]
         else:
             given = [action.option_strings[0], value]
@@ -129,6 +140,8 @@ def test_an_ses_override_is_compared_with_the_baseline_it_left_alone(tmp_path):
     ({"ses": dict(ses=True, evrey=3)}, "config 'ses': unknown setting 'evrey' (did you mean every?)"),
     ({"ses": dict(ses=True, mix="mixop")}, "config 'ses': mix must be one of none, mixup, cutmix, got 'mixop'"),
     ({"ses": dict(ses=True, model="resnet81")}, "config 'ses': model must be one of"),
+    ({"ses": dict(ses=True, layers="alll")}, "config 'ses': unknown layer name 'alll'; presets for resnet18: all"),
+    ({"ses": dict(ses=True, baseline_config="baselin")}, "config 'ses': baseline_config 'baselin' is no config"),
 ])
 def test_a_bad_value_or_an_unknown_key_in_a_grid_is_one_line_and_exit_2(grid, says, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -136,6 +149,27 @@ def test_a_bad_value_or_an_unknown_key_in_a_grid_is_one_line_and_exit_2(grid, sa
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_list_setting_is_a_flag_of_one_or_more_values_each_checked():
+    """A per-layer weight is a list; its flag takes one or more values, and a bad one is one line."""
+    table = Table([Setting("ses_weights", [1.0], numbers(0), "per-layer SES weights", flag=True, to="SES")])
+    parser = argparse.ArgumentParser()
+    table.add_flags(parser)
+    assert parser.parse_args(["--ses-weights", "1", "0.5"]).ses_weights == [1.0, 0.5]
+    assert not hasattr(parser.parse_args([]), "ses_weights")  # absent unless given: the config keeps its own
+    item = next(a for a in parser._actions if a.dest == "ses_weights").type  # what argparse calls per value
+    with pytest.raises(argparse.ArgumentTypeError, match="ses_weights must be a finite number >= 0, got -1.0"):
+        item("-1")
+
+
+def test_a_setting_is_refused_when_it_names_no_reader_or_its_flag_cannot_be_parsed():
+    with pytest.raises(ValueError, match="to='ses' names no reader; use one of SES, "):
+        Setting("margin", 0.0, number(), "dead zone", flag=True, to="ses")
+    bare = Kind("a set of layers", lambda v: isinstance(v, set))
+    with pytest.raises(ValueError, match="a flag of a set of layers cannot be parsed from the command line"):
+        Setting("layer_set", set(), bare, "layers", flag=True, to="hooks")
+    Setting("layer_set", set(), bare, "layers", to="hooks")  # without a flag it is fine
 
 
 def test_a_run_stored_before_a_setting_existed_resumes_at_its_default_and_chunk_sizes_may_change(tmp_path):
@@ -156,9 +190,10 @@ def _literals(tree):
 
 
 def test_no_list_of_setting_keys_in_the_harness_and_no_choice_list_typed_twice():
+    """A literal naming two or more settings (whatever else it holds) is a hand-kept key list."""
     names = set(SETTINGS)
     keys = [f"{p.name}:{line}" for p in sorted((ROOT / "harness").glob("*.py"))
-            for line, values in _literals(ast.parse(p.read_text())) if set(values) <= names]
+            for line, values in _literals(ast.parse(p.read_text())) if len(set(values) & names) >= 2]
     assert not keys, f"setting keys typed out (take them from the table): {keys}"
     files = [p for unit in FLOORS for p in ([ROOT / f"{unit}.py"] if (ROOT / f"{unit}.py").is_file()
                                              else sorted((ROOT / unit).glob("*.py")))] + list(ROOT.glob("exp*.py"))
