@@ -279,6 +279,7 @@ def run_experiment(script: str, setup: dict, grid: dict, doc: str, argv=None, **
         multigpu.timeout()
     except ValueError as e:
         parser.error(str(e))
+    args.device = multigpu.rank_device(args.device)  # under torchrun: cuda:LOCAL_RANK
     try:
         world, args.device = multigpu.init(args.device)
     except (RuntimeError, ValueError) as e:  # e.g. NCCL without a usable GPU: one line, no traceback

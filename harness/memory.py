@@ -96,9 +96,9 @@ def _saved_bytes(model, layers, x: torch.Tensor, num_classes: int, half: bool) -
 def estimate(cfg: dict, info: dict, reg, half: bool, sizes: tuple[int, int], processes: int = 1) -> Estimate:
     """The estimate for run settings `cfg` on a dataset of `sizes` = (n_train, n_test) samples, at
     cfg's batch split over `processes` (torchrun), under 16-bit autocast when `half`. CPU only; the
-    global random stream is left as it was."""
+    global random streams are left as they were (the CPU's forked, the GPUs' untouched)."""
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.manual_seed(0)
+        torch.random.default_generator.manual_seed(0)  # torch.manual_seed would reseed every GPU's stream too
         return _estimate(cfg, info, reg, half, sizes, processes)
 
 
@@ -146,8 +146,9 @@ def fit_line(est: Estimate, total: int, card: str, cfg: dict, precision: str, sc
     for gpus in (2, 4, 8):
         if gpus > processes and batch % gpus == 0 and est.peak(batch // gpus) <= FIT * total:
             fits.append(f"torchrun --standalone --nproc_per_node {gpus} {script} <the same flags> on {gpus} such GPUs "
-                        f"({batch // gpus} per GPU, {gib(est.peak(batch // gpus))} each; the same run: SES and "
-                        f"BatchNorm see the whole batch of {batch})")
+                        f"({batch // gpus} per GPU, {gib(est.peak(batch // gpus))} each in training; the same run: SES "
+                        f"and BatchNorm see the whole batch of {batch}; each GPU still runs the whole final stage, "
+                        f"checked in the run's first minute)")
             break
     smaller = est.largest_batch(total) * processes
     if MIN_OFFERED <= smaller < batch:

@@ -72,13 +72,22 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def rank_device(device: str) -> str:
+    """The device this process uses: under torchrun, a CUDA device becomes cuda:LOCAL_RANK (one GPU a
+    rank); otherwise `device` as given."""
+    if launched() and device.startswith("cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
 def init(device: str) -> tuple[World, str]:
-    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU); the device this rank uses."""
+    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) on rank_device(device); returns the
+    world and that device."""
     if not launched():
         return World(), device
+    device = rank_device(device)
     cuda = device.startswith("cuda")
     if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         gpu.use(device)
     join("nccl" if cuda else "gloo")
     return current(), device

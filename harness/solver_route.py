@@ -49,7 +49,7 @@ def settle(args, device: torch.device, experiment: str) -> Route:
         raise _agreed(RouteError(decided))
     decided = Route(*decided)
     if world.size > 1:  # rank 0 has checked it already
-        whys = multigpu.gather_objects("" if world.main else unavailable(decided.name, device))
+        whys = multigpu.gather_objects("" if world.main else unavailable(decided.name, device, decided.shape))
         bad = "; ".join(f"rank {rank}: {why}" for rank, why in enumerate(whys) if why)
         if bad and requested != "auto":
             raise _agreed(RouteError(f"SES solver {requested} cannot run on every rank ({bad}); leave --ses-solver "

@@ -38,8 +38,11 @@ from harness.training import NonFiniteLoss
 from plumbing import gpu
 from plumbing.files import read_json, write_json
 
-OOM_HINT = {"build": "--batch-size", "final-stage check": "--attack-batch-size (FGSM chunk) or --eval-batch-size",
-            "final metrics": "--attack-batch-size (FGSM chunk) or --eval-batch-size"}
+# what to change after an out-of-memory error in a stage: the chunk sizes change no result; the batch does
+# (torchrun over several GPUs keeps it, a smaller --batch-size is another setting in its own folder)
+TRAINING_OOM = "split the batch over GPUs with torchrun (the same run) or lower --batch-size (another setting)"
+OOM_HINT = {"final-stage check": "lower --attack-batch-size (FGSM chunk) or --eval-batch-size (no result changes)",
+            "final metrics": "lower --attack-batch-size (FGSM chunk) or --eval-batch-size (no result changes)"}
 
 
 class Followed:
@@ -86,7 +89,7 @@ def check_same_settings(run_dir: Path, cfg: dict, table: Table = SETTINGS) -> No
 def one_line(err: BaseException, stage: str) -> str:
     msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, torch.OutOfMemoryError):
-        msg = f"out of GPU memory during {stage}; lower {OOM_HINT.get(stage, '--batch-size')} and rerun"
+        msg = f"out of GPU memory during {stage}; {OOM_HINT.get(stage, TRAINING_OOM)}, and rerun"
     return msg
 
 
@@ -269,7 +272,8 @@ def run_sweep(experiment: str, grid: dict, setup: dict, args, overrides: dict, r
     if args.force:
         multigpu.agree(force_restart, exp_dir, [run_name(cfg) for cfg in cfgs])
     cfgs = retried_last(exp_dir, cfgs)
-    fit_check(cfgs, experiment, args, reg, device)
+    fit_check([c for c in cfgs if not (exp_dir / run_name(c) / "result.json").is_file()], experiment, args, reg,
+              device)  # the runs still to train
     datasets: dict = {}
     failed = []
     try:

@@ -153,18 +153,28 @@ def timing_event():
     return torch.cuda.Event(enable_timing=True)
 
 
+def _float32_switches() -> list[tuple[object, str, object]]:
+    """(object, attribute, its IEEE value) of each float32 switch: torch >= 2.9's fp32_precision settings
+    (once they are set, reading the legacy allow_tf32 flags raises), else the allow_tf32 flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (torch.backends.cudnn.conv, "fp32_precision", "ieee")]
+    return [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+
+
 @contextlib.contextmanager
 def strict_float32():
-    """Inside: float32 matmuls and convolutions in full IEEE float32 (TF32 off, on Ampere and newer
-    cuBLAS/cuDNN use TF32 by default), so a 'float32' computation is the same on an L40S and a T4."""
-    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
-    saved = [getattr(obj, attr) for obj, attr in flags]
+    """Inside: float32 matmuls and convolutions in IEEE float32, TF32 off (on Ampere and newer cuBLAS and
+    cuDNN use TF32 for float32 by default), so an L40S computes in the T4's precision; the switches are
+    put back after. The results then agree to float32 round-off, not bit for bit: cuDNN still picks
+    its algorithms per card."""
+    switches = _float32_switches()
+    saved = [getattr(obj, attr) for obj, attr, _ in switches]
     try:
-        for obj, attr in flags:
-            setattr(obj, attr, False)
+        for obj, attr, ieee in switches:
+            setattr(obj, attr, ieee)
         yield
     finally:
-        for (obj, attr), value in zip(flags, saved):
+        for (obj, attr, _), value in zip(switches, saved):
             setattr(obj, attr, value)
 
 

@@ -1,7 +1,7 @@
 """Which SES solver route a process trains with, decided once before its first training step, and the
 record of what --preflight measured on a GPU.
 
-decide(device, requested="auto", records=None) -> Route(name, source); it times nothing:
+decide(device, requested="auto", records=None) -> Route(name, source, shape); it times nothing:
     a route the user names   that route if it can run on `device` (routes.unavailable: for a batched
                              route, cusolver_batched's selftest in a child process, once per device),
                              else RouteError with one line
@@ -22,7 +22,9 @@ new one. Its JSON, <out-dir>/<experiment>/ses_solver_routes.json (one per experi
     {"<GPU name> | torch <version> | CUDA <version>": {"gpu", "torch", "cuda", "route", "date" (UTC),
      "sizes" (of the Grams), "shape" ([B, k] of their padded stack), "timings_s" (route -> seconds per
      forward + backward), "rejected" (route -> why), "margin", and the context (experiment, config, batch)}}
-Host syncs: decide makes none; measure waits for the device (to read its timing events and H).
+Host syncs: both run before any training step. decide, for a batched cuSOLVER route, checks it where it
+would run (cusolver_batched's selftest: device work it waits for, and a child process the first time);
+for float32 and host it touches no device. measure waits for the device (its timing events and H).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ DEFAULT = "torch.linalg.eigvalsh (the default; --preflight measures the other ro
 class Route(NamedTuple):
     name: str    # one of ROUTES
     source: str  # where it comes from, in one line
+    shape: tuple[int, int] | None = None  # the (B, k) a recorded batched route was checked at (other ranks too)
 
 
 class RouteError(ValueError):
@@ -106,10 +109,11 @@ def decide(device, requested: str = "auto", records=None) -> Route:
     if entry is None:
         return Route("float32", DEFAULT)
     shape = entry.get("shape")
-    why = unavailable(entry["route"], device, tuple(shape) if isinstance(shape, list) and len(shape) == 2 else None)
+    shape = tuple(shape) if isinstance(shape, list) and len(shape) == 2 else None
+    why = unavailable(entry["route"], device, shape)
     if why:
         return Route("float32", f"torch.linalg.eigvalsh: {entry['route']}, {summary(entry)}, cannot run here ({why})")
-    return Route(entry["route"], summary(entry))
+    return Route(entry["route"], summary(entry), shape)
 
 
 def measure(grams, records, of_spectrum, **context) -> str:

@@ -42,6 +42,8 @@ class PretendGPUs:
         return self.props
 
     def set_device(self, index: int) -> None:
+        if not 0 <= index < self.count:
+            raise RuntimeError("CUDA error: invalid device ordinal")  # the driver's answer
         self.set_calls.append(index)
         self.current, self.initialized = index, True  # the driver call initialises CUDA
 

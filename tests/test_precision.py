@@ -74,8 +74,14 @@ def test_fgsm_input_gradient_is_float32_and_not_zeroed_under_fp16():
     assert ((adv - x).abs() - 1 / 255).abs().max() < 1e-6  # every pixel moved by eps
 
 
+NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # torch >= 2.9; the legacy flags before
+SWITCHES = ((torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision")) if NEW_API \
+    else ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"))
+TF32, IEEE = ("tf32", "ieee") if NEW_API else (True, False)
+
+
 def tf32_flags():
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    return tuple(getattr(obj, attr) for obj, attr in SWITCHES)
 
 
 class RecordsTF32(torch.autograd.Function):
@@ -96,16 +102,16 @@ class RecordsTF32(torch.autograd.Function):
 def test_fgsm_runs_in_ieee_float32_with_tf32_off_and_puts_the_switches_back(monkeypatch):
     """On Ampere and newer cuBLAS and cuDNN default to TF32 for float32; the attack turns it off for its
     forward and backward (so an L40S computes the T4's attack) and restores the user's switches after."""
-    for obj in (torch.backends.cuda.matmul, torch.backends.cudnn):
-        monkeypatch.setattr(obj, "allow_tf32", True)
+    for obj, attr in SWITCHES:
+        monkeypatch.setattr(obj, attr, TF32)
     RecordsTF32.seen.clear()
     model = confident()
     spy = nn.Sequential(nn.Identity(), model)
     spy[0].forward = RecordsTF32.apply
     x, y = torch.full((3, 1, 2, 2), 0.5), torch.zeros(3, dtype=torch.long)
     evaluation.fgsm(1 / 255)(spy, x, y, None)
-    assert RecordsTF32.seen == [("forward", (False, False)), ("backward", (False, False))]
-    assert tf32_flags() == (True, True)
+    assert RecordsTF32.seen == [("forward", (IEEE, IEEE)), ("backward", (IEEE, IEEE))]
+    assert tf32_flags() == (TF32, TF32)
 
 
 def test_fgsm_runs_in_chunks_of_attack_batch_size():

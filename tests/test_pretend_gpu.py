@@ -122,10 +122,11 @@ def test_a_torchrun_rank_takes_its_local_gpu_and_stops_at_nccl(data_dir, tmp_pat
         procs.append(subprocess.Popen([sys.executable, ROOT / "exp11_resnet50_tinyimagenet.py", "--data-dir", data_dir,
                                        "--out-dir", tmp_path], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    for p in procs:
+    for rank, p in enumerate(procs):
         out, err = p.communicate(timeout=120)
         assert p.returncode == 1 and NCCL_NEEDS_A_GPU in first_error(err), err[-3000:]
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert f"cannot join torchrun's process group on cuda:{rank}:" in err  # each rank on its own GPU
 
 
 @pytest.mark.parametrize("card", CARDS)

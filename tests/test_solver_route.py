@@ -47,8 +47,8 @@ def _grams(sizes=(8, 16, 16)):
 
 
 def test_auto_is_float32_on_a_cpu_and_a_named_route_is_checked_where_it_would_run():
-    assert decide("cpu") == ("float32", decision.ON_CPU)
-    assert decide("cpu", "float64") == ("float64", "named by --ses-solver")
+    assert decide("cpu")[:2] == ("float32", decision.ON_CPU)
+    assert decide("cpu", "float64")[:2] == ("float64", "named by --ses-solver")
     with pytest.raises(RouteError, match="SES solver batched32 cannot run on .*: not a CUDA device"):
         decide("cpu", "batched32")
 
@@ -56,31 +56,31 @@ def test_auto_is_float32_on_a_cpu_and_a_named_route_is_checked_where_it_would_ru
 def test_auto_on_cuda_takes_the_preflights_record_for_this_gpu_and_versions_else_float32(tmp_path, monkeypatch, l40s):
     why, asked = l40s
     records = tmp_path / decision.RECORDS
-    assert decide(CUDA, "auto", records) == ("float32", decision.DEFAULT)  # no record yet
+    assert decide(CUDA, "auto", records)[:2] == ("float32", decision.DEFAULT)  # no record yet
     _timed(monkeypatch, {"float32": 0.030, "batched32": 0.012, "padded": 0.020})
     decision.measure(_grams(), records, entropy_of_spectrum, experiment="exp11", config="ses_k1", batch=256)
     monkeypatch.setattr(routes, "time_route", lambda *a, **k: pytest.fail("decide timed a route"))
-    route, source = decide(CUDA, "auto", records)
-    assert route == "batched32" and asked[-1] == (3, 16)  # checked at the recorded stack's shape
+    route, source, shape = decide(CUDA, "auto", records)
+    assert route == "batched32" and asked[-1] == shape == (3, 16)  # checked at the recorded stack's shape
     assert source.startswith("measured by --preflight on 20") and "batched32 12.0 ms vs float32 30.0 ms" in source
-    assert decide(CUDA, "auto", records) == (route, source)  # the same inputs, the same route: every run alike
+    assert decide(CUDA, "auto", records) == (route, source, shape)  # the same inputs, the same route: every run alike
     why[0] = "selftest exited 1: boom"
-    route, source = decide(CUDA, "auto", records)
+    route, source, _ = decide(CUDA, "auto", records)
     assert route == "float32" and "batched32" in source and "boom" in source
     with pytest.raises(RouteError, match="boom"):
         decide(CUDA, "batched32", records)  # a named route that cannot run: refused, never replaced
     monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch: the record is not this machine's
-    assert decide(CUDA, "auto", records) == ("float32", decision.DEFAULT)
+    assert decide(CUDA, "auto", records)[:2] == ("float32", decision.DEFAULT)
 
 
 def test_a_record_that_keeps_float32_or_cannot_be_read_gives_float32(tmp_path, monkeypatch, l40s):
     records = tmp_path / decision.RECORDS
     _timed(monkeypatch, {"float32": 0.010, "padded": 0.0095})  # 5 % faster: not enough to leave float32
     decision.measure(_grams(), records, entropy_of_spectrum)
-    route, source = decide(CUDA, "auto", records)
+    route, source, _ = decide(CUDA, "auto", records)
     assert route == "float32" and source.startswith("measured by --preflight") and "kept" in source
     records.write_text('{"NVIDIA L40S | torch')  # a copy cut short
-    assert decide(CUDA, "auto", records) == ("float32", decision.DEFAULT)
+    assert decide(CUDA, "auto", records)[:2] == ("float32", decision.DEFAULT)
 
 
 def test_the_record_is_written_to_a_temp_file_that_replaces_the_old_one_and_keeps_other_machines(tmp_path, monkeypatch,
@@ -142,7 +142,7 @@ def test_a_sweep_decides_once_and_its_runs_start_no_process_and_time_no_route(tm
     assert set(results) == {"baseline_seed0", "ses_k1_seed0", "ses_k2_seed0"}
     for name in ("ses_k1_seed0", "ses_k2_seed0"):
         r = results[name]
-        assert (r["ses_solver"], r["ses_solver_source"], r["ses_solver_changes"]) == (*decided, [])
+        assert (r["ses_solver"], r["ses_solver_source"], r["ses_solver_changes"]) == (decided.name, decided.source, [])
         assert not {"ses_solver_timings_s", "ses_solver_rejected", "ses_solver_margin", "ses_solver_ranks"} & set(r)
     assert results["baseline_seed0"]["ses_solver"] is None and results["baseline_seed0"]["ses_solver_source"] is None
 
@@ -225,9 +225,14 @@ def _rank(rank: int, store: str, out: str):
         def decide_on_rank_0(device, requested, records):
             assert multigpu.current().main, "a rank other than 0 decided"
             return decide(device, requested, records) if requested != "auto" else \
-                Route("batched32", "measured by --preflight on 2026-12-07")
+                Route("batched32", "measured by --preflight on 2026-12-07", (9, 256))
         solver_route.decide = decide_on_rank_0
-        cusolver_batched.available = lambda device, shape=None: "" if rank == 0 else "selftest exited 1: boom"
+        shapes = got.setdefault("shapes", [])
+
+        def available(device, shape=None):
+            shapes.append(shape)
+            return "" if rank == 0 else "selftest exited 1: boom"
+        cusolver_batched.available = available
         args = types.SimpleNamespace(out_dir=out, ses_solver="auto")
         got["auto"] = tuple(solver_route.settle(args, torch.device("cpu"), "exp10_periodic_ses"))
         args.ses_solver = "batched32"
@@ -243,8 +248,10 @@ def _rank(rank: int, store: str, out: str):
 def test_torchrun_ranks_take_rank_0s_route_or_all_float32_when_one_rank_cannot_run_it(tmp_path):
     mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["shapes"] == [None] and got[1]["shapes"][0] == [9, 256]  # rank 1 checks the recorded shape
+    got[0].pop("shapes"), got[1].pop("shapes")
     assert got[0] == got[1]  # one route, one source, on every rank
-    route, source = got[0]["auto"]
+    route, source, _ = got[0]["auto"]
     assert route == "float32" and "batched32" in source and "rank 1: selftest exited 1: boom" in source
     message, agreed = got[0]["named"]
     assert agreed and "rank 1: selftest exited 1: boom" in message  # a named route: every rank stops
