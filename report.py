@@ -89,7 +89,7 @@ def figures(args, look: Look, experiments, rows_of) -> str:
     for line in problems:
         print(f"left out: {line}")
     print(f"wrote {len(written)} figure files to {plots} ({', '.join(args.formats)}; {' and '.join(args.widths)} width)")
-    return figures_md(captions, args.widths, args.formats)
+    return figures_md(captions, args.widths, args.formats, look)
 
 
 def main(argv=None) -> int:
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     reference, source = reference_numbers(args.reference)
     paper = {exp: reference[exp] for exp in experiments if isinstance(reference.get(exp), dict)}
     rows_of = {exp: summarize(d, paper.get(exp, {})) for exp, d in experiments.items()}
-    tables = {exp: tables_of(exp, rows, experiments[exp], source, exp in paper) for exp, rows in rows_of.items()}
+    tables = {exp: tables_of(exp, rows, experiments[exp], source, exp in paper, paper.get(exp))
+              for exp, rows in rows_of.items()}
     write_text(args.results_dir / "tables.tex", latex(experiments, tables))
     write_text(args.results_dir / "macros.tex", macros(experiments, rows_of))
     write_text(args.results_dir / "runs.csv", runs_csv(experiments))

@@ -1,14 +1,14 @@
 """runs.csv: one row per run folder, tidy, for pandas (`pandas.read_csv("runs.csv")` as it is).
 
-Columns: experiment, variant, config, seed, status (finished | failed | unfinished | unreadable),
-twin (the variant its Δ is taken against), kind (what the run trained on: smoke | synthetic | empty
-for real data; a finished run of another kind than its experiment's is in the CSV, not in the tables); then
-every metric of a finished run's result.json as recorded (fractions, not percent): acc, rob, gap,
-train_acc, val_acc, overhead, epoch_time_s, images_per_s, peak_mem_bytes, peak_mem_final_bytes,
-device_mem_bytes, ses_steps, total_steps, epochs, one `robustness.<key>` column per perturbation and
-one `entropy.<layer>` column per hooked layer (final H, nats); then how it ran: device, precision
-(result.json's amp), processes, route (the SES eigen-solver route, `ses_solver`). An empty cell is
-a value the run does not have. Header once, comma-separated, RFC 4180 quoting (csv module).
+Columns: experiment, variant, config, seed, status (finished | failed | unfinished | unreadable), twin
+(the variant its Δ is taken against; empty for a config that is its own), kind (what the run trained on:
+smoke | synthetic | empty for real data; a finished run of another kind than its experiment's is in the
+CSV, not in the tables); then every metric of a finished run's result.json as recorded (fractions, not
+percent): acc, rob, gap, train_acc, val_acc, overhead, epoch_time_s, images_per_s, peak_mem_bytes,
+peak_mem_final_bytes, device_mem_bytes, ses_steps, total_steps, epochs, one `robustness.<key>` column
+per perturbation and one `entropy.<layer>` column per hooked layer (final H, nats); then how it ran:
+device, precision (result.json's amp), processes, route (the SES eigen-solver route, `ses_solver`). An
+empty cell is a value the run does not have. Header once, comma-separated, RFC 4180 quoting (csv module).
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def runs_csv(experiments: dict) -> str:
             variant, _, seed = name.rpartition("_seed")
             r = results.get((exp, variant, int(seed)), {})
             twin = e["twin"].get(variant)
+            twin = twin if twin != variant else None  # a baseline is compared with nothing
             kind = e["data"].get(name)
             row = [exp, variant, r.get("config") or variant.split("+")[0], seed, status, twin,
                    None if kind == "real" else kind]

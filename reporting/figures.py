@@ -19,10 +19,10 @@ from reporting.labels import display, experiment_name, styles
 from reporting.plots import attention_figure, curves_figure, entropy_figure, fit_ylabels
 from reporting.questions import final_entropy_figure, gain_figure, interaction_figure, paper_points, robustness_figure
 from reporting.rows import interactions
-from reporting.style import WIDTHS_IN, Look, mark_kind, save
+from reporting.style import Look, mark_kind, save
 
 BAND = ("line: mean over seeds; ± one std over seeds where two or more (a band; with more than three configs, error "
-        "bars)")
+        "bars beside the markers)")
 CI = "error bar: the 95 % Student-t interval (n − 1) of the paired per-seed differences"
 
 
@@ -55,8 +55,8 @@ def jobs(plt, exp: str, data: dict, rows: list[dict]):
              f"without augmentation, paired by seed (right); {CI}.")]
     for run, path in data["attention"].items():
         out.append((f"{exp}_attention_{run}", lambda w, path=path: attention_figure(plt, path, 3 if w == "text" else 1),
-            f"{name} {run}: cross-attention weights of the first cross-attend for four fixed test samples, every "
-            f"map on one colour scale."))
+            f"{name} {display(run.rpartition('_seed')[0])}, seed {run.rpartition('_seed')[2]}: cross-attention "
+            f"weights of the first cross-attend for four fixed test samples, every map on one colour scale."))
     return out
 
 
@@ -92,11 +92,12 @@ def make_figures(plt, experiments: dict, rows_of: dict, out_dir: Path, look: Loo
     return written, captions, problems
 
 
-def figures_md(captions: list[tuple[str, str]], widths, formats) -> str:
+def figures_md(captions: list[tuple[str, str]], widths, formats, look) -> str:
     if not captions:
         return ""
-    sizes = {"text": f"`<name>` at the text width ({WIDTHS_IN['text']} in)",
-             "column": f"`<name>_col` at one column ({WIDTHS_IN['column']} in)"}
+    sizes = {"text": f"`<name>` at the text width ({look.width_in('text'):g} in)",
+             "column": f"`<name>_col` at one column ({look.width_in('column'):g} in)"}
+    style = f", in {look.venue}'s style" if look.venue != "plain" else ""
     lines = ["## Figures", "", f"In `plots/`, each as {' and '.join(f.upper() for f in formats)}: "
-             + " and ".join(sizes[w] for w in widths) + " (with --venue: the venue's widths).", ""]
+             + " and ".join(sizes[w] for w in widths) + f"{style}.", ""]
     return "\n".join(lines + [f"- `{stem}`: {caption}" for stem, caption in captions]) + "\n"

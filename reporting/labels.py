@@ -66,6 +66,16 @@ def config_name(config: str) -> str:
     return config
 
 
+def config_rank(variant: str) -> tuple:
+    """Where a run's config goes when no grid order is recorded: the label table's order (CONFIGS) of
+    its config, then its name with numbers compared by value (ses_k3 before ses_k10)."""
+    config = variant.split("+")[0]
+    config = config if config in CONFIGS else config.removesuffix("_ses")
+    known = list(CONFIGS)
+    return (known.index(config) if config in CONFIGS else len(known),
+            [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", variant)])
+
+
 _SETTING_LABELS: dict[str, str] = {}          # run setting -> its display label ("lam" -> "λ")
 _RUN_LABELS: dict[str, dict[str, str]] = {}   # variant -> the labels its runs' result.json gives
 _INPUT_KINDS: dict[str, str] = {}             # dataset -> "image" | "points"

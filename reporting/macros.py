@@ -16,7 +16,7 @@ import re
 
 from reporting.labels import KIND_NOTE
 from reporting.rows import interactions
-from reporting.tables import seeds_math, signed
+from reporting.tables import percent, seeds_math, signed
 
 _WORDS = ("Zero One Two Three Four Five Six Seven Eight Nine Ten Eleven Twelve Thirteen Fourteen Fifteen "
           "Sixteen Seventeen Eighteen Nineteen Twenty").split()
@@ -54,7 +54,7 @@ def values_of(row: dict, inter: dict | None) -> dict[str, str]:
                 values[key + "Seeds"] = seeds_math(d)
     if row["overhead"] is not None:
         med, lo, hi, _ = row["overhead"]
-        values.update(Overhead=signed(100 * med, 0), OverheadMin=signed(100 * lo, 0), OverheadMax=signed(100 * hi, 0))
+        values.update(Overhead=percent(med), OverheadMin=percent(lo), OverheadMax=percent(hi))
     return values
 
 

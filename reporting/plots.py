@@ -4,7 +4,8 @@
   for every config, unlike the training loss, which is CE + λR for SES) per epoch. Line: the
   mean over the seeds that have the epoch; band: ± one std where at least two do, clipped to what
   the metric allows ([0, 100] %, loss >= 0); with more than three configs, error bars at the
-  markers instead, each config's shifted a little along the epoch axis so that none hides another.
+  markers instead, each config's bars a little to the side of its marker so that none hides another
+  (the lines and markers stay at their epochs).
 - entropy_figure: per-layer spectral entropy per epoch of an SES config beside its twin. Solid:
   the eval-mode probe H (a fixed clean batch), with its ± 1 std band; dotted: the train-mode H that
   SES penalised (mean over the epoch's SES steps; absent on epochs without one, as with periodic
@@ -41,19 +42,23 @@ def series(runs: list[list[dict]], get) -> tuple[list[int], list[float], list[fl
             [NAN if s.std is None else s.std for s in spreads])
 
 
-def band(ax, x, mean, std, lo=None, hi=None, fill=True, **kw):
-    """The mean line and its ± std clipped to [lo, hi]: a band, or (fill=False, where many configs
-    share an axis and bands would blend) error bars at the line's markers."""
+def band(ax, x, mean, std, lo=None, hi=None, fill=True, bar_shift: float = 0.0, **kw):
+    """The mean line at x and its ± std clipped to [lo, hi]: a band, or (fill=False, where many configs
+    share an axis and bands would blend) error bars at every marker, drawn bar_shift epochs to its side
+    (only the bars: the line and its markers stay at their epochs)."""
+    ax.plot(x, mean, **kw)
     if not any(s == s for s in std):  # no finite std
-        return ax.plot(x, mean, **kw)
+        return
     clip = lambda v: min(hi if hi is not None else v, max(lo if lo is not None else v, v))  # noqa: E731
     low, high = [clip(m - s) for m, s in zip(mean, std)], [clip(m + s) for m, s in zip(mean, std)]
     if fill:
-        ax.plot(x, mean, **kw)
-        return ax.fill_between(x, low, high, color=kw.get("color"), alpha=0.15, lw=0)
-    err = [[m - a if m == m and a == a else 0 for m, a in zip(mean, low)],
-           [b - m if m == m and b == b else 0 for m, b in zip(mean, high)]]
-    return ax.errorbar(x, mean, yerr=err, errorevery=kw.get("markevery", 1), capsize=1.5, elinewidth=0.6, **kw)
+        ax.fill_between(x, low, high, color=kw.get("color"), alpha=0.15, lw=0)
+        return
+    # a value outside [lo, hi] (a damaged record) clips its bound past the mean: no bar there, never a negative one
+    err = [[max(0.0, m - a) if m == m and a == a else 0 for m, a in zip(mean, low)],
+           [max(0.0, b - m) if m == m and b == b else 0 for m, b in zip(mean, high)]]
+    ax.errorbar([e + bar_shift for e in x], mean, yerr=err, fmt="none", ecolor=kw.get("color"),
+                errorevery=kw.get("markevery", 1), capsize=1.5, elinewidth=0.6)
 
 
 def integer_epochs(ax):
@@ -68,7 +73,9 @@ def legend_below(fig, handles, labels, ncols: int | None = None):
     if not handles:
         return
     size = fig.get_figwidth() - 0.1
-    entry = max(len(label) for label in labels) * 0.52 * FONT_PT["small"] / 72 + 0.45  # text + handle, inches
+    em = FONT_PT["small"] / 72  # inches
+    entry = max(text_width_in(label, FONT_PT["small"]) for label in labels) + (1.8 + 0.8 + 1.0) * em  # text, handle,
+    # the gap between them and the column spacing
     fits = max(1, int(size // entry))
     fig.legend(handles, labels, loc="outside lower center", ncols=min(fits, ncols or fits, len(labels)),
                columnspacing=1.0, handlelength=1.8)
@@ -83,13 +90,14 @@ def curves_figure(plt, width: str, data: dict, styles: dict):
     fill = len(curves) <= 3  # more bands would blend: error bars, each config's a little to the side
     for i, (v, runs) in enumerate(curves.items()):
         st = styles[v]
-        kw = dict(color=st.colour, ls=st.linestyle, marker=st.marker, markevery=max(1, len(runs[0]) // 6), ms=3,
-                  fill=fill)
-        shift = 0.0 if fill else (i - (len(curves) - 1) / 2) * 0.05 * max(1.0, len(runs[0]) / 6)
+        every = max(1, len(runs[0]) // 6)
+        # the configs' bars at one marker side by side, spread over a third of the gap between markers
+        shift = 0.0 if fill else (i - (len(curves) - 1) / 2) * every / (3 * max(1, len(curves) - 1))
+        kw = dict(color=st.colour, ls=st.linestyle, marker=st.marker, markevery=every, ms=3, fill=fill, bar_shift=shift)
         ep, mu, sd = series(runs, lambda r: None if r.get(f"{split}_acc") is None else 100 * r[f"{split}_acc"])
-        band(ax_acc, [e + shift for e in ep], mu, sd, 0, 100, label=f"{display(v)} (n={len(runs)})", **kw)
+        band(ax_acc, ep, mu, sd, 0, 100, label=f"{display(v)} (n={len(runs)})", **kw)
         ep, mu, sd = series(runs, lambda r: r.get(f"{split}_loss"))
-        band(ax_loss, [e + shift for e in ep], mu, sd, 0, None, **kw)
+        band(ax_loss, ep, mu, sd, 0, None, **kw)
     name = "validation" if split == "val" else "test"
     ax_acc.set_ylabel(f"{name} accuracy (%)")
     ax_loss.set_ylabel(f"{name} loss (CE, nats)")
@@ -132,8 +140,8 @@ def entropy_figure(plt, width: str, data: dict, variant: str):
             ep, mu, sd = series(curves[v], lambda r: r.get("entropy", {}).get(layer))
             band(ax, ep, mu, sd, 0, None, color=colour, lw=1.0, label=" = ".join(group))
             ep, mu, _ = series(curves[v], lambda r: r.get("ses_entropy", {}).get(layer))
-            if finite(mu):
-                ax.plot(ep, mu, color=colour, ls=":", lw=1.0, marker=".", ms=2)
+            if finite(mu):  # a marker every few epochs: the SES epochs show, the probe H stays readable
+                ax.plot(ep, mu, color=colour, ls=":", lw=1.0, marker=".", ms=2, markevery=max(1, len(ep) // 12))
             target = result["entropy_target"].get(layer)
             if target is not None:
                 ax.axhline(target, color=colour, ls="-.", lw=0.7)

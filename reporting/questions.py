@@ -14,12 +14,13 @@
 """
 from __future__ import annotations
 
-from reporting.labels import PALETTE, display, robustness_order
+from reporting.labels import display, robustness_order
 from reporting.plots import legend_below, new_figure
 from reporting.rows import paper_delta
 from reporting.stats import finite, mean_std
 
-METRIC_LOOK = {"acc": ("Δ acc", PALETTE[0], "o"), "rob": ("Δ rob", PALETTE[1], "s")}
+# black and grey: the configs' palette colours name configs, so a metric never borrows one
+METRIC_LOOK = {"acc": ("Δ acc", "0.1", "o"), "rob": ("Δ rob", "0.55", "s")}
 PAPER = dict(color="0.45", mfc="none", ls="none")
 
 
@@ -120,14 +121,13 @@ def robustness_figure(plt, width: str, rows: list[dict], styles: dict):
                 continue
             st = styles[r["variant"]]
             x, mu, sd = zip(*pts)
-            low = [m - max(0.0, m - s) for m, s in zip(mu, sd)]
-            high = [min(100.0, m + s) - m for m, s in zip(mu, sd)]
+            low = [max(0.0, m - max(0.0, m - s)) for m, s in zip(mu, sd)]  # the band within [0, 100] %
+            high = [max(0.0, min(100.0, m + s) - m) for m, s in zip(mu, sd)]
             ax.errorbar(x, mu, yerr=[low, high], color=st.colour, ls=st.linestyle, marker=st.marker, ms=3,
                         capsize=1.5, lw=1.0, label=display(r["variant"]))
         ax.set_xticks(xs, ["clean"] + [level_label(k) for k in levels])
         ax.set_xlabel("Gaussian noise σ" if kind == "gauss" else "FGSM ε")
-        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3)  # the axis spans the data, not 0-100 %: differences of a point stay visible
         ax.set_ylabel("test accuracy (%)")
     legend_below(fig, *axes.flat[0].get_legend_handles_labels())
     return fig
@@ -150,7 +150,7 @@ def interaction_figure(plt, width: str, items: list[dict]):
     if not items:
         return None
     column = width == "column"
-    fig, axes = new_figure(plt, 4.2 if column else 2.4, 2 if column else 1, 1 if column else 2, sharey=True)
+    fig, axes = new_figure(plt, 4.2 if column else 2.4, 2 if column else 1, 1 if column else 2)  # own y scales
     names = ["none"] + [display(it["twin"]) for it in items[1:]]
     for j, m in enumerate(("acc", "rob")):
         label, colour, marker = METRIC_LOOK[m]
@@ -167,7 +167,8 @@ def interaction_figure(plt, width: str, items: list[dict]):
         ax.set_xlim(-0.5, len(ticks) - 0.5)
         ax.axhline(0, color="0.6", lw=0.6)
         ax.grid(alpha=0.3, axis="y")
-    axes.flat[-1].set_xlabel("augmentation")
+    for ax in axes.flat[-1:] if column else axes.flat:  # under the bottom panel, or under each side by side
+        ax.set_xlabel("augmentation")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     legend_below(fig, list(unique.values()), list(unique))
@@ -191,7 +192,7 @@ def final_entropy_figure(plt, width: str, data: dict, styles: dict):
         pts = [(x + shift, s.mean, s.std or 0.0) for x, s in zip(xs, spreads) if s.mean is not None]
         if pts:
             x, mu, sd = zip(*pts)
-            ax.errorbar(x, mu, yerr=[[min(m, s) for m, s in zip(mu, sd)], list(sd)], color=st.colour,
+            ax.errorbar(x, mu, yerr=[[max(0.0, min(m, s)) for m, s in zip(mu, sd)], list(sd)], color=st.colour,
                         ls=st.linestyle, marker=st.marker, ms=3, capsize=1.5, lw=1.0, label=display(v))
     for key, look in (("entropy_target", dict(color="black", ls="-.", label="target β log d")),
                       ("entropy_max", dict(color="0.5", ls=":", label="ceiling log min(n−1, d)"))):

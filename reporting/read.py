@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from reporting.labels import config_rank
 from reporting.stats import number
 
 RESULT_NUMBERS = ("acc", "rob", "gap", "train_acc", "val_acc", "overhead", "epoch_time_s", "images_per_s",
@@ -212,17 +213,19 @@ def read_experiment(exp_dir: Path, skipped: list[str]) -> dict:
 
 
 def config_order(exp_dir: Path, variants: list[str], twin: dict) -> list[str]:
-    """The grid order recorded in summary.json where it is readable; the rest baseline first, then
-    each config without SES followed by its SES configs."""
+    """The grid order recorded in summary.json where it is readable (a killed session may not have
+    written it); the rest baseline first, then each config without SES followed by its SES configs,
+    each in the label table's order (labels.config_rank: k=3 before k=10)."""
     summary, _ = load_json(exp_dir / "summary.json")
     listed = summary.get("runs") if isinstance(summary, dict) and isinstance(summary.get("runs"), list) else []
     names = [r.get("variant") or r.get("config") for r in listed if isinstance(r, dict)]
     ranked = list(dict.fromkeys(n for n in names if n in variants))
     rest = [v for v in variants if v not in ranked]
-    roots = sorted({twin.get(v) if twin.get(v) in rest else v for v in rest}, key=lambda v: (v != "baseline", v))
+    roots = sorted({twin.get(v) if twin.get(v) in rest else v for v in rest},
+                   key=lambda v: (v != "baseline", config_rank(v)))
     for root in roots:
         ranked += [root] if root in rest else []
-        ranked += sorted(v for v in rest if v != root and twin.get(v) == root)
+        ranked += sorted((v for v in rest if v != root and twin.get(v) == root), key=config_rank)
     return ranked + [v for v in rest if v not in ranked]
 
 

@@ -79,6 +79,10 @@ class Look:
                                 f"matplotlib's default font is used"
         return rc
 
+    def width_in(self, width: str) -> float:
+        """The printed width of "text" or "column" figures in this style, in inches."""
+        return self.rc(width, 1.0)["figure.figsize"][0]
+
     def rc(self, width: str, height_in: float) -> dict:
         rc = dict(PLAIN)
         if self.bundle is not None:

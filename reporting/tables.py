@@ -97,12 +97,18 @@ def overhead(o) -> tuple[str, str]:
     range contains 0."""
     if o is None:
         return DASH
-    med, lo, hi = (signed(100 * v, 0) for v in o[:3])
+    med, lo, hi = (percent(v) for v in o[:3])
     if o[3] < 2:
         return f"{med} %", f"${med}\\,\\%$"
     ring = o[1] <= 0 <= o[2]
     return (f"{med} % [{lo}, {hi}]" + (" °" if ring else ""),
             f"${med}\\,\\%$" + ("$^\\circ$" if ring else "") + f"\\newline{{\\scriptsize $[{lo}, {hi}]$}}")
+
+
+def percent(v: float) -> str:
+    """A fraction in signed percent: +7, -12; under half a percent one decimal (-0.4, +0.3), so a sign
+    never contradicts the range it stands in (0 only for 0)."""
+    return signed(100 * v, 1 if 0 < abs(100 * v) < 0.5 else 0)
 
 
 def paper_cell(p: dict | None, key: str) -> tuple[str, str]:
@@ -168,6 +174,20 @@ def twins_phrase(rows: list[dict]) -> str:
     return "; ".join(f"{t} for {', '.join(vs)}" for t, vs in by_twin.items()) or "the config without SES"
 
 
+def with_paper_rows(rows: list[dict], reference: dict) -> list[dict]:
+    """rows, plus a row of the paper's figures alone (n = 0) for each config the paper reports and no run
+    here has, where the paper's order puts it: the brief table keeps the paper's rows."""
+    order = [c for c, v in reference.items() if isinstance(v, dict)]
+    out, have = list(rows), {r["variant"] for r in rows}
+    for i, config in enumerate(order):
+        if config not in have:
+            before = set(order[:i])
+            at = max((j + 1 for j, r in enumerate(out) if r["variant"] in before), default=0)
+            out.insert(at, dict(variant=config, config=config, twin=None, n=0, acc=None, rob=None, overhead=None,
+                                setting="", paper=reference[config]))
+    return out
+
+
 def brief_table(exp: str, rows: list[dict], reference_source: str, in_paper: bool = False) -> Table:
     """in_paper: the paper has figures for this experiment (its title then names it the paper's table)."""
     paper = any(r["paper"] for r in rows)
@@ -187,6 +207,8 @@ def brief_table(exp: str, rows: list[dict], reference_source: str, in_paper: boo
             f"within timing noise).")
     if paper:
         text += f" Paper: the paper's own figures ({reference_source}), not measured here."
+    if any(r["n"] == 0 for r in rows):
+        text += " (n=0): no run of that config in this results folder; the paper's figures only."
     title = "the paper's table" if in_paper else "accuracy, robustness and overhead"
     return Table("", f"{experiment_name(exp)}: {title}", to_tex(experiment_caption(exp) + " " + text), text,
                  header, body, notes_of(rows, settings=True), [(3, "This report"), (3, "Paper")] if paper else None)
@@ -204,17 +226,23 @@ def full_table(exp: str, rows: list[dict]) -> Table:
                 f"{seeds(r['d_acc'])[1]}\\newline{seeds(r['d_rob'])[1]}") if r["d_acc"] or r["d_rob"] else DASH
         body.append([name_cell(r, True), n] + [spread(r[m], n=r["n"]) for m, _ in METRICS]
                     + [delta(r["d_acc"]), delta(r["d_rob"]), need])
-    text = (f"{seeds_phrase(rows)}; gap = train − test accuracy. Δ: the per-seed difference against the config's "
-            f"twin (named after vs.), in percentage points: mean, and the 95 % Student-t interval (n − 1) of the "
-            f"paired differences (± its half-width in LaTeX); ° marks an interval that contains 0, a difference not "
-            f"distinguishable from seed noise. n: runs, and after a slash the seed pairs behind Δ where fewer. "
-            f"Seeds: the number of seeds at which the interval of Δ acc / Δ rob (LaTeX: upper / lower line) would "
-            f"exclude 0 if its mean and paired spread stayed as observed.")
+    def text(md: bool) -> str:  # the caption, in the words of each format's cells
+        return (f"{seeds_phrase(rows)}; gap = train − test accuracy. Δ: the per-seed difference against the "
+                f"config's twin (named after vs.), in percentage points: mean, and "
+                + ("the 95 % Student-t interval (n − 1) of the paired differences" if md else
+                   "± the half-width of the 95 % Student-t interval (n − 1) of the paired differences")
+                + "; ° marks an interval that contains 0, a difference not distinguishable from seed noise. n: runs, "
+                + ("and in brackets (Δ: …) the seed pairs behind Δ where fewer" if md else
+                   "and after a slash the seed pairs behind Δ where fewer")
+                + ". Seeds: the number of seeds at which the interval of "
+                + ("Δ acc / Δ rob" if md else "Δ acc (upper line) and of Δ rob (lower line)")
+                + " would exclude 0 if its mean and paired spread stayed as observed.")
     md_header = ["config", "name", "vs"] + [c[0] for c in header[1:]]
     md_rows = [[r["variant"], cells[0][0], display(r["twin"]) if r["twin"] else "—"] + [c[0] for c in cells[1:]]
                for r, cells in zip(rows, body)]
+    tex = text(md=False)
     return Table("full", f"{experiment_name(exp)}: every config against its twin",
-                 to_tex(experiment_caption(exp) + " " + text[0].upper() + text[1:]), text, header, body,
+                 to_tex(experiment_caption(exp) + " " + tex[0].upper() + tex[1:]), text(md=True), header, body,
                  notes_of(rows), md=(md_header, md_rows))
 
 
@@ -267,10 +295,12 @@ def interaction_table(exp: str, items: list[dict]) -> Table | None:
 
 
 def tables_of(exp: str, rows: list[dict], experiment: dict, reference_source: str,
-              in_paper: bool = False) -> list[Table]:
+              in_paper: bool = False, reference: dict | None = None) -> list[Table]:
+    """reference: the paper's figures of this experiment by config (a real run's brief table keeps each row)."""
     if not rows:
         return []
-    made = [brief_table(exp, rows, reference_source, in_paper), full_table(exp, rows), robustness_table(exp, rows),
+    brief_rows = with_paper_rows(rows, reference or {}) if experiment["kind"] is None else rows
+    made = [brief_table(exp, brief_rows, reference_source, in_paper), full_table(exp, rows), robustness_table(exp, rows),
             interaction_table(exp, interactions(experiment, rows))]
     return [t for t in made if t is not None]
 

@@ -351,6 +351,63 @@ def test_the_gain_figure_tells_each_k_apart_without_overprinting_when_overheads_
         plt.close(fig)
 
 
+def test_without_a_summary_the_rows_keep_the_grids_order_and_the_papers_rows_stay_with_their_figures(tmp_path):
+    """A killed session writes no summary.json: the rows follow the label table (k=3 before k=10, never
+    alphabetical), and a config the paper reports that has no run here keeps its row, with the paper's
+    figures beside n = 0."""
+    exp = tmp_path / "exp10_periodic_ses"
+    for seed in range(2):
+        for config in ("baseline", "ses_k10", "ses_k1", "ses_k5"):  # no ses_k3
+            write_run(exp, config, seed, dict(ses=config != "baseline"), acc=0.7, epoch_time_s=10.0)
+    assert report.main([str(tmp_path), "--no-figures"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    brief = md.split("### Exp 10: the paper's table")[1].split("###")[0]
+    names = [line.split("|")[1].strip() for line in brief.splitlines() if line.startswith("| ")][1:]
+    assert names == ["Baseline", "SES k=1", "SES k=3 (n=0)", "SES k=5", "SES k=10"]
+    reference = json.loads((ROOT / "results" / "paper_reference.json").read_text())["exp10_periodic_ses"]["ses_k3"]
+    assert md_row(brief, "SES k=3 (n=0)") == ["SES k=3 (n=0)", "—", "—", "—", f"{reference['acc']:.2f}",
+                                               f"{reference['rob']:.2f}", f"+{100 * reference['overhead']:.0f} %"]
+    full = md.split("every config against its twin")[1].split("###")[0]
+    assert "ses_k3" not in full  # the other tables hold runs only
+
+
+def test_a_percent_never_contradicts_its_range_and_the_latex_caption_speaks_latex():
+    assert [report_tables.percent(v) for v in (-0.004, 0.003, 0.0, 0.07, -0.12)] == ["-0.4", "+0.3", "+0", "+7", "-12"]
+    assert report_tables.overhead((0.07, -0.004, 0.07, 3))[0] == "+7 % [-0.4, +7] °"
+    rows = [dict(variant="ses_k1", config="ses_k1", twin="baseline", n=3, acc=None, rob=None, gap=None,
+                 d_acc=None, d_rob=None, mixed=None, pair_mixed=None, overhead=None)]
+    t = report_tables.full_table("exp10_periodic_ses", rows)
+    assert "LaTeX" not in t.caption and "upper line" in t.caption and "half-width" in t.caption
+    assert "(Δ: …)" in t.caption_md and "upper line" not in t.caption_md
+
+
+def test_curves_stay_at_their_epochs_and_a_value_out_of_range_costs_no_figure(tmp_path):
+    """With more than three configs the error bars sit beside the markers; the lines themselves are drawn
+    at their epochs. A negative loss (a damaged record) clips its bar away instead of failing the figure."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from reporting.plots import curves_figure
+    from reporting.read import read_results
+    from reporting.style import Look
+    exp = tmp_path / "exp10_periodic_ses"
+    epochs = list(range(1, 13))
+    for seed in range(2):
+        for config in ("baseline", "ses_k1", "ses_k3", "ses_k5"):
+            rows = [dict(epoch=e, test_acc=0.05 * e + 0.01 * seed, test_loss=(-1.0 if e == 5 else 2.0 / e) + seed)
+                    for e in epochs]
+            write_run(exp, config, seed, dict(ses=config != "baseline"), rows, acc=0.6)
+    experiments, _ = read_results(tmp_path)
+    data = experiments["exp10_periodic_ses"]
+    style = labels.styles(list(data["runs"]), data["twin"], data["ses"])
+    with plt.rc_context(Look("plain").rc("text", 2.5)):
+        fig = curves_figure(plt, "text", data, style)
+    for ax in fig.axes:
+        lines = [line for line in ax.get_lines() if line.get_linestyle() not in ("None", "")]
+        assert len(lines) == 4 and all(list(line.get_xdata()) == epochs for line in lines)
+    plt.close(fig)
+
+
 def test_no_results_is_one_line_and_exit_1(tmp_path, capsys):
     (tmp_path / "exp10_periodic_ses").mkdir()
     with pytest.raises(SystemExit) as e:
