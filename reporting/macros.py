@@ -16,7 +16,7 @@ import re
 
 from reporting.labels import KIND_NOTE
 from reporting.rows import interactions
-from reporting.tables import percent, seeds_math, signed
+from reporting.cells import percent, seeds_math, signed
 
 _WORDS = ("Zero One Two Three Four Five Six Seven Eight Nine Ten Eleven Twelve Thirteen Fourteen Fifteen "
           "Sixteen Seventeen Eighteen Nineteen Twenty").split()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import report
-from reporting import labels, latex, stats
+from reporting import cells, labels, latex, stats
 from reporting import tables as report_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,8 +372,8 @@ def test_without_a_summary_the_rows_keep_the_grids_order_and_the_papers_rows_sta
 
 
 def test_a_percent_never_contradicts_its_range_and_the_latex_caption_speaks_latex():
-    assert [report_tables.percent(v) for v in (-0.004, 0.003, 0.0, 0.07, -0.12)] == ["-0.4", "+0.3", "+0", "+7", "-12"]
-    assert report_tables.overhead((0.07, -0.004, 0.07, 3))[0] == "+7 % [-0.4, +7] °"
+    assert [cells.percent(v) for v in (-0.004, 0.003, 0.0, 0.07, -0.12)] == ["-0.4", "+0.3", "+0", "+7", "-12"]
+    assert cells.overhead((0.07, -0.004, 0.07, 3))[0] == "+7 % [-0.4, +7] °"
     rows = [dict(variant="ses_k1", config="ses_k1", twin="baseline", n=3, acc=None, rob=None, gap=None,
                  d_acc=None, d_rob=None, mixed=None, pair_mixed=None, overhead=None)]
     t = report_tables.full_table("exp10_periodic_ses", rows)
