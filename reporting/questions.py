@@ -127,7 +127,10 @@ def robustness_figure(plt, width: str, rows: list[dict], styles: dict):
                         capsize=1.5, lw=1.0, label=display(r["variant"]))
         ax.set_xticks(xs, ["clean"] + [level_label(k) for k in levels])
         ax.set_xlabel("Gaussian noise σ" if kind == "gauss" else "FGSM ε")
-        ax.grid(alpha=0.3)  # the axis spans the data, not 0-100 %: differences of a point stay visible
+        bottom, top = ax.get_ylim()  # the axis spans the data within [0, 100] %, so a point's difference shows
+        bottom, top = max(0.0, bottom), min(100.0, top)
+        ax.set_ylim(bottom, max(top, bottom + 1.0))
+        ax.grid(alpha=0.3)
         ax.set_ylabel("test accuracy (%)")
     legend_below(fig, *axes.flat[0].get_legend_handles_labels())
     return fig
