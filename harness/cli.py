@@ -215,14 +215,18 @@ def run_workers(parser, experiment: str, grid: dict, args, argv, cfgs: list[dict
 
 def check_configs(parser, experiment, grid, setup, args, overrides, reg) -> None:
     """Every selected config's resolved settings: each key a setting of the table, each value one its
-    setting accepts, a baseline_config other than the default one of the grid's configs, and hooked
-    layers that name modules of the config's model (a bad value in a grid is one line, like a bad flag)."""
+    setting accepts, a baseline_config other than the default one of the grid's configs, rob_sigma one
+    of noise_sigmas, and hooked layers that name modules of the config's model (a bad value in a grid
+    is one line, like a bad flag, before any run)."""
     for config in args.configs:
         cfg, _ = resolve_config(experiment, setup, grid, config, 0, args.smoke, overrides, reg.settings)
         problems = reg.settings.problems(cfg, reg, RUN_FACTS)
         twin = cfg["baseline_config"]
         if twin not in grid and twin != reg.settings["baseline_config"].default:
             problems.append(f"baseline_config {twin!r} is no config of this script; use one of {', '.join(grid)}")
+        if not problems and f"{cfg['rob_sigma']:g}" not in {f"{s:g}" for s in cfg["noise_sigmas"]}:  # read at the end
+            problems.append(f"rob_sigma {cfg['rob_sigma']:g} (the headline rob) is none of noise_sigmas "
+                            f"{cfg['noise_sigmas']}; add it there")
         if problems:
             parser.error(f"config {config!r}: {problems[0]}")
         why = layers_problem(cfg, reg)

@@ -3,7 +3,8 @@ against its twin.
 
 summary.json (<out-dir>/<experiment>/): every finished run's result (grid order, then seed), the
 failed runs with their stage and message, and the unfinished ones by name. A result.json or
-failure.json that cannot be read (a copy cut short) is listed with one warning, never fatal.
+failure.json that cannot be read (a copy cut short, or one without the metrics the table prints) is
+listed with one warning, never fatal.
 """
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ def add_overhead(result: dict, exp_dir: Path) -> None:
         result["overhead"] = result["epoch_time_s"] / b["epoch_time_s"] - 1
 
 
+def readable(result) -> bool:
+    """Whether a result.json holds what the summary and its table read (a damaged copy may not)."""
+    numbers = ("acc", "rob", "gap", "epoch_time_s", "images_per_s")
+    return (isinstance(result, dict) and isinstance(result.get("config"), str) and isinstance(result.get("seed"), int)
+            and all(isinstance(result.get(k), (int, float)) and not isinstance(result.get(k), bool) for k in numbers))
+
+
 def summarize(exp_dir: Path, order: list[str]) -> dict:
     """Every finished run of the experiment folder (grid order, then seed), the failed and the unfinished."""
     def key(d: Path):
@@ -42,10 +50,11 @@ def summarize(exp_dir: Path, order: list[str]) -> dict:
     for d in sorted((p for p in exp_dir.iterdir() if p.is_dir() and "_seed" in p.name), key=key):
         if (d / "result.json").is_file():
             result = read_json(d / "result.json")
-            if isinstance(result, dict):
+            if readable(result):
                 runs.append(result)
                 continue
-            print(f"warning: {d / 'result.json'} cannot be read; {d.name} is listed as unfinished", file=sys.stderr)
+            print(f"warning: {d / 'result.json'} cannot be read; {d.name} is listed as unfinished (--force with "
+                  f"its --configs and --seeds trains it again)", file=sys.stderr)
             unfinished.append(d.name)
         elif (d / "failure.json").is_file():
             failure = read_json(d / "failure.json")

@@ -41,7 +41,9 @@ from plumbing.files import read_json, write_json
 # what to change after an out-of-memory error in a stage: the chunk sizes change no result; the batch does
 # (torchrun over several GPUs keeps it, a smaller --batch-size is another setting in its own folder)
 TRAINING_OOM = "split the batch over GPUs with torchrun (the same run) or lower --batch-size (another setting)"
-OOM_HINT = {"final-stage check": "lower --attack-batch-size (FGSM chunk) or --eval-batch-size (no result changes)",
+OOM_HINT = {"build": "the run's model, optimizer and any validation split's copy do not fit beside what this GPU "
+                     "already holds (the dataset; another process?): free it or use a larger GPU",
+            "final-stage check": "lower --attack-batch-size (FGSM chunk) or --eval-batch-size (no result changes)",
             "final metrics": "lower --attack-batch-size (FGSM chunk) or --eval-batch-size (no result changes)"}
 
 

@@ -71,7 +71,7 @@ def number(low: float | None = None, above: float | None = None, below: float | 
 
 def optional(kind: Kind) -> Kind:
     """None (off; a flag's text "none") or a value of `kind`."""
-    return Kind(f"{kind.what} or none", lambda v: v is None or kind.accepts(v), kind.parse, kind.choices)
+    return Kind(f"{kind.what} or none", lambda v: v is None or kind.accepts(v), kind.parse, kind.choices, kind.item)
 
 
 def choice(names: tuple | Callable) -> Kind:
@@ -80,14 +80,14 @@ def choice(names: tuple | Callable) -> Kind:
 
 
 def integers(low: int | None = None) -> Kind:
-    """A list of integers (>= low); as a flag, one or more values (--milestones 25 40 52)."""
+    """A list of integers (>= low); as a flag, one or more values (--name 25 40 52)."""
     item = integer(low)
     return Kind("a list of integers" + item.what[len("an integer"):],
                 lambda v: isinstance(v, list) and all(item.accepts(x) for x in v), item=item)
 
 
 def numbers(low: float | None = None) -> Kind:
-    """A list of finite numbers (>= low); as a flag, one or more values (--noise-sigmas 0.05 0.1)."""
+    """A list of finite numbers (>= low); as a flag, one or more values (--name 0.05 0.1)."""
     item = number(low)
     return Kind("a list of finite numbers" + item.what[len("a finite number"):],
                 lambda v: isinstance(v, list) and all(item.accepts(x) for x in v), item=item)
@@ -114,8 +114,9 @@ class Setting:
 
     def __post_init__(self):
         """A typo in `to` would parse a setting and never pass it on; a flag needs a kind it can parse."""
-        if self.to not in READERS:
-            raise ValueError(f"setting {self.name!r}: to={self.to!r} names no reader; use one of {', '.join(READERS)}")
+        if self.to not in READERS:  # to has no usable default: every setting names its reader
+            raise ValueError(f"setting {self.name!r}: to={self.to!r} names no reader; give to= one of "
+                             f"{', '.join(READERS)}")
         if self.flag and self.kind.parse is None and self.kind.item is None and self.kind is not BOOLEAN:
             raise ValueError(f"setting {self.name!r}: a flag of {self.kind.what} cannot be parsed from the command "
                              f"line; give its Kind a parse")

@@ -78,9 +78,14 @@ def overhead(o) -> tuple[str, str]:
 
 
 def percent(v: float) -> str:
-    """A fraction in signed percent: +7, -12; under half a percent one decimal (-0.4, +0.3), so a sign
-    never contradicts the range it stands in (0 only for 0)."""
-    return signed(100 * v, 1 if 0 < abs(100 * v) < 0.5 else 0)
+    """A fraction in signed percent: +7, -12; where whole percent would round a non-zero value to 0, as
+    many decimals (up to two) as keep it from 0 (-0.4, +0.05), so no sign is rounded away; 0 only for 0."""
+    p = 100 * v
+    for digits in (0, 1, 2):
+        text = signed(p, digits)
+        if p == 0 or float(text) != 0:
+            return text
+    return ("-" if p < 0 else "+") + "0.00"
 
 
 def paper_cell(p: dict | None, key: str) -> tuple[str, str]:

@@ -41,7 +41,7 @@ class Table(NamedTuple):
 # ----------------------------------------------------------------------------- tables
 def seeds_phrase(rows: list[dict], named: bool = False) -> str:
     """How many seeds each mean holds; `named`: a row with fewer says so after its name (n=2)."""
-    ns = sorted({r["n"] for r in rows})
+    ns = sorted({r["n"] for r in rows if r["n"]})  # a row of the paper's figures alone (n = 0) holds no seeds
     if ns == [1]:
         return "one seed (no spread)"
     if len(ns) == 1:

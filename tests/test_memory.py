@@ -49,12 +49,15 @@ def test_state_counts_parameters_gradients_and_the_optimizer_buffers():
     assert two.state == n * 4 * 4 and two.batch == 16  # DDP's gradient buckets; half the batch per process
 
 
-def test_the_estimate_leaves_the_global_random_stream_alone():
+def test_the_estimate_leaves_the_global_random_streams_alone(monkeypatch):
+    """The CPU's stream is as it was, and no GPU's is reseeded (torch.manual_seed would queue that)."""
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     run_estimate(16, False)
-    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.rand(3), expected) and reseeded == []
 
 
 def r50_like(batch=256):
@@ -83,3 +86,22 @@ def test_nothing_fits_says_so_and_a_torchrun_share_is_estimated_per_process():
     assert r50_like().largest_batch(small) == 16 and line.endswith("Nor does any batch of 32 or more on one such GPU.")
     shared = fit_line(r50_like(batch=128), 8 * GiB, "card", cfg, "fp16", "exp11.py", processes=2)
     assert "(128 on each of 2 processes)" in shared and "--nproc_per_node 4" in shared
+
+
+def test_one_estimate_per_model_batch_and_precision_seeds_and_ses_settings_share_it(monkeypatch):
+    """The estimate's key is every setting a model, its input, the batch or the optimizer reads: runs that
+    differ in seed or SES settings share one estimate, another batch size gets its own."""
+    from fake_cuda import PretendGPUs
+    from harness import memory
+    PretendGPUs("l40s").install(monkeypatch.setattr)
+    made = []
+    monkeypatch.setattr(memory, "_ESTIMATES", {})
+    monkeypatch.setattr(memory, "estimate", lambda cfg, *a: made.append(cfg["variant"]) or
+                        Estimate(data=0, state=0, fixed=0, per_sample=1, batch=cfg["batch_size"]))
+    base = dict(DEFAULTS, experiment="exp", config="c", seed=0, ses=False, variant="baseline")
+    cfgs = [base, dict(base, seed=1), dict(base, ses=True, lam=0.05, every=3, ses_target="rank", variant="ses"),
+            dict(base, batch_size=64, variant="small"), dict(base, model="resnet50", variant="r50")]
+    estimates, lines = memory.fit_warnings(cfgs, "exp.py", make_registry(), torch.device("cuda:0"),
+                                           lambda cfg: (10, 10))
+    assert made == ["baseline", "small", "r50"] and lines == []
+    assert estimates["ses"] is estimates["baseline"] and estimates["small"] is not estimates["baseline"]

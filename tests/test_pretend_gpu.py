@@ -70,6 +70,20 @@ def test_the_plain_command_and_the_preflight_reach_the_gpu(script, card, data_di
     assert not (tmp_path / "exp11_resnet50_tinyimagenet" / "baseline_seed0" / "config.json").exists()
 
 
+def test_the_fit_check_names_only_the_runs_still_to_train(data_dir, tmp_path, monkeypatch, capsys):
+    """exp11 on a T4 with its baseline finished: the warning names ses_k1 alone (a rerun that only
+    skips finished runs says nothing)."""
+    PretendGPUs("t4").install(monkeypatch.setattr)
+    done = tmp_path / "exp11_resnet50_tinyimagenet" / "baseline_seed0"
+    done.mkdir(parents=True)
+    (done / "result.json").write_text("{}")  # finished (the sweep skips it), though its result is damaged
+    code, text = run_in_process("exp11_resnet50_tinyimagenet", ["--data-dir", data_dir, "--out-dir", tmp_path], capsys)
+    assert code == 1 and NO_DRIVER in first_error(text) and "Traceback" not in text, text[-3000:]
+    assert "baseline_seed0/result.json cannot be read; baseline_seed0 is listed as unfinished" in text
+    assert "warning: ses_k1: needs about" in text and text.count("does not fit") == 1
+    assert "baseline_seed0: finished earlier, skipped" in text
+
+
 @pytest.mark.parametrize("card", CARDS)
 def test_device_flags_and_synthetic_data_reach_the_gpu_they_name(card, data_dir, tmp_path, monkeypatch, capsys):
     gpus = PretendGPUs(card, count=2).install(monkeypatch.setattr)

@@ -373,6 +373,7 @@ def test_without_a_summary_the_rows_keep_the_grids_order_and_the_papers_rows_sta
 
 def test_a_percent_never_contradicts_its_range_and_the_latex_caption_speaks_latex():
     assert [cells.percent(v) for v in (-0.004, 0.003, 0.0, 0.07, -0.12)] == ["-0.4", "+0.3", "+0", "+7", "-12"]
+    assert [cells.percent(v) for v in (0.005, -0.005, -0.0004, -1e-7)] == ["+0.5", "-0.5", "-0.04", "-0.00"]
     assert cells.overhead((0.07, -0.004, 0.07, 3))[0] == "+7 % [-0.4, +7] °"
     rows = [dict(variant="ses_k1", config="ses_k1", twin="baseline", n=3, acc=None, rob=None, gap=None,
                  d_acc=None, d_rob=None, mixed=None, pair_mixed=None, overhead=None)]

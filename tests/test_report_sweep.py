@@ -94,11 +94,15 @@ def test_exp10_sweep_gives_the_papers_table_and_periodic_epochs_without_ses_step
     assert [r[0] for r in brief] == ["Baseline", "SES k=1", "SES k=3", "SES k=5", "SES k=10"]
     epoch_s = {d.name: json.loads((d / "result.json").read_text())["epoch_time_s"]
                for d in (smoke / "exp10_periodic_ses").glob("*_seed*")}
-    def pct(r):  # signed whole percent; under half a percent one decimal, so no sign is rounded away
-        return f"{r:+.1f}" if 0 < abs(r) < 0.5 else f"{round(r):+d}".replace("-0", "+0")
     for row, k in zip(brief[1:], (1, 3, 5, 10)):  # each seed's epoch time over the same seed's baseline's
         ratios = sorted(100 * (epoch_s[f"ses_k{k}_seed{s}"] / epoch_s[f"baseline_seed{s}"] - 1) for s in range(3))
-        assert row[3].startswith(f"{pct(ratios[1])} % [{pct(ratios[0])}, {pct(ratios[2])}]"), (row, ratios)
+        shown = re.fullmatch(r"(\S+) % \[(\S+), (\S+)\]( °)?", row[3])
+        assert shown, row
+        for text, true in zip(shown.groups()[:3], (ratios[1], ratios[0], ratios[2])):  # median, min, max
+            decimals = len(text.partition(".")[2])
+            assert abs(float(text) - true) <= 0.5 * 10 ** -decimals + 1e-9, (row, ratios)  # rounded, not cut
+            assert true == 0 or text[0] == ("+" if true > 0 else "-"), (row, ratios)  # no sign rounded away
+        assert (shown.group(4) is not None) == (ratios[0] <= 0 <= ratios[2]), (row, ratios)
     assert "Paper" not in md.split("## Exp 11")[0]  # smoke results never stand beside the paper's figures
     assert "Hollow grey" not in md and "`exp10_periodic_ses_gain`" in md  # no paper points drawn, none named
     plots = {p.name for p in (smoke / "plots").iterdir()}

@@ -142,6 +142,7 @@ def test_an_ses_override_is_compared_with_the_baseline_it_left_alone(tmp_path):
     ({"ses": dict(ses=True, model="resnet81")}, "config 'ses': model must be one of"),
     ({"ses": dict(ses=True, layers="alll")}, "config 'ses': unknown layer name 'alll'; presets for resnet18: all"),
     ({"ses": dict(ses=True, baseline_config="baselin")}, "config 'ses': baseline_config 'baselin' is no config"),
+    ({"ses": dict(ses=True, rob_sigma=0.2)}, "config 'ses': rob_sigma 0.2 (the headline rob) is none of noise_sigmas"),
 ])
 def test_a_bad_value_or_an_unknown_key_in_a_grid_is_one_line_and_exit_2(grid, says, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -164,7 +165,7 @@ def test_a_list_setting_is_a_flag_of_one_or_more_values_each_checked():
 
 
 def test_a_setting_is_refused_when_it_names_no_reader_or_its_flag_cannot_be_parsed():
-    with pytest.raises(ValueError, match="to='ses' names no reader; use one of SES, "):
+    with pytest.raises(ValueError, match="to=.ses. names no reader; give to= one of SES, "):
         Setting("margin", 0.0, number(), "dead zone", flag=True, to="ses")
     bare = Kind("a set of layers", lambda v: isinstance(v, set))
     with pytest.raises(ValueError, match="a flag of a set of layers cannot be parsed from the command line"):
