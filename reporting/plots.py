@@ -42,6 +42,20 @@ def series(runs: list[list[dict]], get) -> tuple[list[int], list[float], list[fl
             [NAN if s.std is None else s.std for s in spreads])
 
 
+def clipped(mean, std, lo=None, hi=None) -> tuple[list[float], list[float]]:
+    """The bounds mean ± std, each clipped to [lo, hi] (None: open), per point."""
+    clip = lambda v: min(hi if hi is not None else v, max(lo if lo is not None else v, v))  # noqa: E731
+    return [clip(m - s) for m, s in zip(mean, std)], [clip(m + s) for m, s in zip(mean, std)]
+
+
+def error_sizes(mean, std, lo=None, hi=None) -> list[list[float]]:
+    """yerr for errorbar: the lengths below and above each mean of its ± std clipped to [lo, hi]; never
+    negative (a mean outside [lo, hi], a damaged record, gets no bar), 0 where a value is NaN."""
+    low, high = clipped(mean, std, lo, hi)
+    return [[max(0.0, m - a) if m == m and a == a else 0 for m, a in zip(mean, low)],
+            [max(0.0, b - m) if m == m and b == b else 0 for m, b in zip(mean, high)]]
+
+
 def band(ax, x, mean, std, lo=None, hi=None, fill=True, bar_shift: float = 0.0, **kw):
     """The mean line at x and its ± std clipped to [lo, hi]: a band, or (fill=False, where many configs
     share an axis and bands would blend) error bars at every marker, drawn bar_shift epochs to its side
@@ -49,16 +63,11 @@ def band(ax, x, mean, std, lo=None, hi=None, fill=True, bar_shift: float = 0.0, 
     ax.plot(x, mean, **kw)
     if not any(s == s for s in std):  # no finite std
         return
-    clip = lambda v: min(hi if hi is not None else v, max(lo if lo is not None else v, v))  # noqa: E731
-    low, high = [clip(m - s) for m, s in zip(mean, std)], [clip(m + s) for m, s in zip(mean, std)]
     if fill:
-        ax.fill_between(x, low, high, color=kw.get("color"), alpha=0.15, lw=0)
+        ax.fill_between(x, *clipped(mean, std, lo, hi), color=kw.get("color"), alpha=0.15, lw=0)
         return
-    # a value outside [lo, hi] (a damaged record) clips its bound past the mean: no bar there, never a negative one
-    err = [[max(0.0, m - a) if m == m and a == a else 0 for m, a in zip(mean, low)],
-           [max(0.0, b - m) if m == m and b == b else 0 for m, b in zip(mean, high)]]
-    ax.errorbar([e + bar_shift for e in x], mean, yerr=err, fmt="none", ecolor=kw.get("color"),
-                errorevery=kw.get("markevery", 1), capsize=1.5, elinewidth=0.6)
+    ax.errorbar([e + bar_shift for e in x], mean, yerr=error_sizes(mean, std, lo, hi), fmt="none",
+                ecolor=kw.get("color"), errorevery=kw.get("markevery", 1), capsize=1.5, elinewidth=0.6)
 
 
 def integer_epochs(ax):

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from reporting.labels import display, robustness_order
-from reporting.plots import legend_below, new_figure
+from reporting.plots import error_sizes, legend_below, new_figure
 from reporting.rows import paper_delta
 from reporting.stats import finite, mean_std
 
@@ -121,10 +121,8 @@ def robustness_figure(plt, width: str, rows: list[dict], styles: dict):
                 continue
             st = styles[r["variant"]]
             x, mu, sd = zip(*pts)
-            low = [max(0.0, m - max(0.0, m - s)) for m, s in zip(mu, sd)]  # the band within [0, 100] %
-            high = [max(0.0, min(100.0, m + s) - m) for m, s in zip(mu, sd)]
-            ax.errorbar(x, mu, yerr=[low, high], color=st.colour, ls=st.linestyle, marker=st.marker, ms=3,
-                        capsize=1.5, lw=1.0, label=display(r["variant"]))
+            ax.errorbar(x, mu, yerr=error_sizes(mu, sd, 0.0, 100.0), color=st.colour, ls=st.linestyle,
+                        marker=st.marker, ms=3, capsize=1.5, lw=1.0, label=display(r["variant"]))
         ax.set_xticks(xs, ["clean"] + [level_label(k) for k in levels])
         ax.set_xlabel("Gaussian noise σ" if kind == "gauss" else "FGSM ε")
         bottom, top = ax.get_ylim()  # the axis spans the data within [0, 100] %, so a point's difference shows
@@ -195,7 +193,7 @@ def final_entropy_figure(plt, width: str, data: dict, styles: dict):
         pts = [(x + shift, s.mean, s.std or 0.0) for x, s in zip(xs, spreads) if s.mean is not None]
         if pts:
             x, mu, sd = zip(*pts)
-            ax.errorbar(x, mu, yerr=[[max(0.0, min(m, s)) for m, s in zip(mu, sd)], list(sd)], color=st.colour,
+            ax.errorbar(x, mu, yerr=error_sizes(mu, sd, 0.0), color=st.colour,
                         ls=st.linestyle, marker=st.marker, ms=3, capsize=1.5, lw=1.0, label=display(v))
     for key, look in (("entropy_target", dict(color="black", ls="-.", label="target β log d")),
                       ("entropy_max", dict(color="0.5", ls=":", label="ceiling log min(n−1, d)"))):
